@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`.
+# Each creates (or updates) the virtual environment first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+# torch 2.13.0 first: on these machines pip takes the CPU build from local disk, while an
+# unpinned torch would pull a multi-GB CUDA build. Clusters install their own (deploy/Dockerfile).
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python orchestrator/run.py
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs
