@@ -1,0 +1,112 @@
+"""The scoring actor: holds T and M on its device and maps pool batches to per-row scores.
+
+Ray Data runs it as a callable class (`map_batches(PoolScorer, compute=ActorPoolStrategy(...))`);
+it returns ids and scores only, never volumes, so the scored pool never travels to the driver.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from orchestrator.learning import forward_outputs
+from orchestrator.model import build_model
+from orchestrator.pool import decode_volumes, open_pool
+from orchestrator.strategies import make_strategy
+
+# Written for every row whatever the strategy: the person in the loop sees the prediction, and
+# the paper's deviation, entropy and margin are kept for later analysis.
+REPORTED = {"ema_kl": {"distance": "kl"}, "entropy": {}, "margin": {}}
+
+
+class PoolScorer:
+    def __init__(
+        self,
+        model_path: str,
+        pool_path: str,
+        strategy: str,
+        strategy_options: dict,
+        exclude_rows=None,  # ObjectRef or array of pool rows not to score (the labelled set)
+        threads: int = 1,
+        use_gpu: bool = False,
+        seed: int = 0,
+    ):
+        import ray  # only to resolve the ObjectRef; the rest of this class is plain PyTorch
+
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.info = open_pool(pool_path)
+        saved = torch.load(model_path, map_location=self.device)
+        self.model = _load(saved, "model", self.device)
+        self.mean = _load(saved, "mean", self.device)
+        self.strategy = make_strategy(strategy, **strategy_options)
+        self.reported = {name: make_strategy(name, **opts) for name, opts in REPORTED.items()}
+        needs = set(self.strategy.needs) | {"probs", "mean_probs", "logits", "mean_logits"}
+        self.needs = needs
+        if isinstance(exclude_rows, ray.ObjectRef):
+            exclude_rows = ray.get(exclude_rows)
+        self.exclude = np.sort(np.asarray(exclude_rows if exclude_rows is not None else [], np.int64))
+        self.seed = seed
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = np.asarray(batch["row"], dtype=np.int64)
+        keep = ~_isin_sorted(rows, self.exclude)
+        rows = rows[keep]
+        volumes = decode_volumes(batch["volume"][keep], self.info)
+        outputs = score_volumes(
+            self.model, self.mean, volumes, rows, self.strategy, self.needs, self.seed
+        )
+        result = {"row": rows, "subtomo_id": np.asarray(batch["subtomo_id"])[keep]}
+        result.update(summarise(outputs, self.reported, self.info.num_classes))
+        result.update(strategy_columns(self.strategy, outputs))
+        return result
+
+
+def score_volumes(model, mean, volumes: np.ndarray, rows, strategy, needs, seed: int) -> dict:
+    if len(volumes) == 0:
+        return {}
+    return forward_outputs(
+        model, mean, torch.from_numpy(volumes), needs,
+        mc_passes=getattr(strategy, "mc_passes", 0), seed=seed, row_keys=rows,
+    )
+
+
+def summarise(outputs: dict, reported: dict, num_classes: int) -> dict[str, np.ndarray]:
+    """Prediction, its probability, all probabilities, and the reported scores, per row."""
+    probs = outputs.get("probs")
+    if probs is None:  # every row of the batch was excluded
+        empty = np.zeros(0, np.float32)
+        return {"pred": np.zeros(0, np.int64), "pred_prob": empty,
+                "probs": np.zeros((0, num_classes), np.float32), **{name: empty for name in reported}}
+    return {
+        "pred": probs.argmax(axis=1).astype(np.int64),
+        "pred_prob": probs.max(axis=1).astype(np.float32),
+        "probs": probs.astype(np.float32),
+        **{name: s.score(outputs).astype(np.float32) for name, s in reported.items()},
+    }
+
+
+def strategy_columns(strategy, outputs: dict) -> dict[str, np.ndarray]:
+    """A row-wise strategy's score is computed here, next to the data; a set-based strategy
+    (core-set, BADGE, …) gets the arrays it declared it needs, to select from afterwards."""
+    if hasattr(strategy, "score"):
+        n = len(outputs.get("probs", ()))
+        return {"score": strategy.score(outputs).astype(np.float64) if n else np.zeros(0)}
+    return {key: outputs[key] for key in strategy.needs if key in outputs}
+
+
+def _load(saved: dict, key: str, device) -> torch.nn.Module:
+    cfg = saved["model_config"]
+    model = build_model(
+        cfg["name"], num_classes=saved["num_classes"], width=cfg["width"], stem=cfg["stem"],
+        dropout=cfg["dropout"],
+    )
+    model.load_state_dict(saved[key])
+    return model.to(device).eval()
+
+
+def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), dtype=bool)
+    position = np.searchsorted(sorted_set, values).clip(max=len(sorted_set) - 1)
+    return sorted_set[position] == values

@@ -1,0 +1,175 @@
+"""Campaign configuration: frozen dataclasses, loaded from YAML with `key=value` overrides.
+
+Every field says why it exists. Unknown keys are an error (a typo must not silently fall back
+to a default). The defaults are the CPU-sized embedded run; `tune_configs/paper.yaml` holds the
+paper's full-size settings for GPU clusters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    pool: str | None = None  # an ingested or simulated pool; None = simulate one into the run dir
+    simulate: str = "data_default"  # simulator preset (tune_configs/data_*.yaml) when pool is None
+    simulate_overrides: dict = field(default_factory=dict)  # e.g. {snr: 0.03, per_class: 40}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet10"  # the paper uses resnet18; resnet10 keeps the CPU demo within minutes
+    width: int = 16  # channels of the first stage (64 in the paper's ResNet-18)
+    stem: str = "small"  # "small" suits 32³ boxes; "full" = 7³ stride-2 conv + max-pool
+    dropout: float = 0.0  # before the classifier; >0 is needed by MC-dropout strategies
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 6  # per cycle (paper: 100 on simulated data)
+    batch_size: int = 32
+    lr: float = 0.1  # SGD, as the paper
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_at: float = 0.8  # lr ×0.1 at this fraction of the epochs (paper: epoch 80 of 100)
+    lam: float = 0.03  # λ, weight of the T–M consistency term
+    regulariser: str = "mse_logits"  # D_reg ∈ {mse_logits, kl}
+    ema_alpha: float = 0.999  # θ_M ← α·θ_M + (1−α)·θ_T after every optimiser step
+    semi_supervised: bool = False  # also apply λ·D_reg on unlabelled batches
+    reset_mean_model: bool = False  # re-initialise M each cycle instead of carrying it over
+    num_workers: int = 2  # Ray Train workers (DDP)
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    amp: str = "none"  # mixed precision on GPU: none | bf16 | fp16
+    max_failures: int = 2  # a failed worker group restarts from the last epoch checkpoint
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    batch_size: int = 64  # subtomograms per scoring batch
+    actors: int = 2  # scoring actors (Ray Data ActorPoolStrategy)
+    cpus_per_actor: float = 0.5  # leave headroom: actors taking every CPU deadlock read_parquet
+    gpus_per_actor: float = 0.0  # fractional GPUs are fine for scoring
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    initial: float = 0.1  # random labels before the first cycle, fraction of the train split
+    step: float = 0.05  # labels added per cycle, fraction of the train split
+    final: float = 0.3  # stop when this fraction is labelled (paper: 0.4)
+    counts: tuple[int, ...] = ()  # absolute cumulative counts per cycle; overrides the fractions
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "ema_kl"
+    options: dict = field(default_factory=dict)  # e.g. {distance: js, order: lowest}
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    name: str = "demo"
+    seed: int = 0  # one seed drives the initial labels, every model init and every selection
+    run_root: str = "runs"  # run directories are created under this
+    oracle: str = "simulated"  # simulated (pool ground truth) | file (a person, via files)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, default, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value, default, where: str):
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if isinstance(default, tuple):
+        return tuple(int(v) for v in value)
+    if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.epochs=3` → (["train", "epochs"], 3); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.epochs=3")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(f"config {name_or_path!r}: no such file (nor {candidate})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> CampaignConfig:
+    values: dict = {}
+    if path is not None:
+        config_path = resolve_config_path(path)
+        values = yaml.safe_load(config_path.read_text()) or {}
+        where = str(config_path)
+    else:
+        where = "config"
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return _build(CampaignConfig, values, where)
+
+
+def config_to_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: CampaignConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,364 @@
+"""The campaign: label, train, score, select, repeat until the budget is spent.
+
+Cycle r (0 … R) first brings the labelled set up to the r-th count of the budget schedule
+(cycle 0: a seeded random draw from the train split; later cycles: the strategy's picks from
+the previous model's scores), then trains model r on it. After the last cycle the final model
+predicts every subtomogram of the pool.
+
+Every step is idempotent and recorded in `state.json` only after its outputs are on disk, so a
+campaign killed at any point is finished by running it again with `--resume`: labels are in the
+ledger (atomic writes), scores and selections are files written whole or not at all, and
+training resumes from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from orchestrator.config import BudgetConfig, CampaignConfig, config_to_dict
+from orchestrator.labels import JUNK, LabelLedger
+from orchestrator.oracle import FileOracle, Query, SimulatedOracle, pick_initial
+from orchestrator.pool import PoolInfo, atomic_write_text, open_pool, read_index
+from orchestrator.score import column_array, read_scores, score_pool
+from orchestrator.strategies import Candidates, make_strategy, select, top_k
+from orchestrator.train import CycleJob, model_path, run_training
+
+STATE = "state.json"
+
+
+class CampaignError(RuntimeError):
+    pass
+
+
+def budget_schedule(cfg: BudgetConfig, n_train: int) -> list[int]:
+    """Cumulative labelled counts, one per cycle: the paper's 10% → 40% in 5% steps by default."""
+    if cfg.counts:
+        counts = [int(c) for c in cfg.counts]
+    else:
+        if not 0 < cfg.initial <= cfg.final <= 1 or cfg.step <= 0:
+            raise CampaignError(
+                f"budget: need 0 < initial ≤ final ≤ 1 and step > 0, got {cfg.initial}, "
+                f"{cfg.final}, {cfg.step}"
+            )
+        steps = int(math.floor((cfg.final - cfg.initial) / cfg.step + 1e-9))
+        fractions = [cfg.initial + i * cfg.step for i in range(steps + 1)]
+        counts = [max(1, round(f * n_train)) for f in fractions]
+    if any(b <= a for a, b in zip(counts, counts[1:])):
+        raise CampaignError(f"budget: counts must increase, got {counts}")
+    if counts[-1] > n_train:
+        raise CampaignError(f"budget: {counts[-1]} labels asked but the train split has {n_train}")
+    return counts
+
+
+@dataclass
+class PoolView:
+    """The pool's index, loaded once (no volumes)."""
+
+    info: PoolInfo
+    ids: np.ndarray  # str, by row
+    split: np.ndarray  # str, by row ("train" where the pool has no split)
+    truth: np.ndarray  # int, by row; -1 where unknown
+
+    @classmethod
+    def load(cls, info: PoolInfo) -> "PoolView":
+        index = read_index(info.path, ["row", "subtomo_id", "split", "label"]).sort_by("row")
+        split = np.asarray(index.column("split").fill_null("train").to_pylist())
+        truth = index.column("label").fill_null(-1).to_numpy().astype(np.int64)
+        return cls(info, np.asarray(index.column("subtomo_id").to_pylist()), split, truth)
+
+    def rows_of(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+    def row_of(self) -> dict[str, int]:
+        return {sid: r for r, sid in enumerate(self.ids)}
+
+
+class Campaign:
+    def __init__(self, cfg: CampaignConfig, run_dir: Path, info: PoolInfo):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.view = PoolView.load(info)
+        self.row_of = self.view.row_of()
+        self.train_rows = self.view.rows_of("train")
+        self.schedule = budget_schedule(cfg.budget, len(self.train_rows))
+        self.ledger = LabelLedger(
+            self.run_dir / "labels.csv", known_ids=set(self.row_of), num_classes=info.num_classes
+        )
+        self.oracle = make_oracle(cfg.oracle, self.view)
+        self.state = load_state(self.run_dir) or {
+            "config": config_to_dict(cfg), "schedule": self.schedule, "cycles": [],
+            "done": False, "pool": info.path,
+        }
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        print(f"campaign {self.cfg.name}: {len(self.train_rows)} train subtomograms, "
+              f"{self.view.info.num_classes} classes, budget {self.schedule}", flush=True)
+        for cycle in range(len(self.schedule)):
+            record = self._cycle_record(cycle)
+            if not record.get("labelled"):
+                self._label_up_to(cycle, record)
+            if not record.get("trained"):
+                self._train(cycle, record)
+            print(_cycle_line(record), flush=True)
+        if not self.state["done"]:
+            write_predictions(self)
+            self.state["done"] = True
+            self._save()
+        return self.state
+
+    def _cycle_record(self, cycle: int) -> dict:
+        cycles = self.state["cycles"]
+        while len(cycles) <= cycle:
+            cycles.append({"cycle": len(cycles)})
+        return cycles[cycle]
+
+    def _label_up_to(self, cycle: int, record: dict) -> None:
+        target = self.schedule[cycle]
+        have = len(self.ledger.current())
+        if have < target:
+            started = time.perf_counter()
+            queries = self._queries(cycle, target - have, record)
+            spent = time.perf_counter() - started
+            record["seconds_select"] = spent - record.get("seconds_score", 0.0)
+            self.oracle.answer(queries, cycle, self.ledger, self.run_dir)
+        labelled = len(self.ledger.current())
+        if labelled != target:
+            raise CampaignError(f"cycle {cycle}: {labelled} labelled, expected {target}")
+        record.update(labelled=labelled, labelled_fraction=labelled / len(self.train_rows))
+        self._save()
+
+    def _queries(self, cycle: int, k: int, record: dict) -> list[Query]:
+        selection_file = self.cycle_dir(cycle) / "selection.csv"
+        if selection_file.exists():  # chosen before a crash: ask the same again
+            return read_selection(selection_file)
+        labelled_rows = self._labelled_rows()
+        if cycle == 0:
+            unlabelled = np.setdiff1d(self.train_rows, labelled_rows)
+            picks = pick_initial(unlabelled, k, self.cfg.seed)
+            queries = [Query(int(r), str(self.view.ids[r]), self._source(r)) for r in picks]
+        else:
+            queries = self._strategy_queries(cycle, k, labelled_rows, record)
+        write_selection(selection_file, queries)
+        return queries
+
+    def _strategy_queries(self, cycle: int, k: int, labelled_rows, record: dict) -> list[Query]:
+        strategy = make_strategy(self.cfg.strategy.name, **self.cfg.strategy.options)
+        previous = self.cycle_dir(cycle - 1)
+        not_train = np.setdiff1d(np.arange(len(self.view.ids)), self.train_rows)
+        exclude = not_train if strategy.needs_labelled else np.union1d(not_train, labelled_rows)
+        started = time.perf_counter()
+        scores_dir = score_pool(
+            self.view.info.path, str(model_path(previous)), previous / "scores",
+            strategy=self.cfg.strategy.name, strategy_options=self.cfg.strategy.options,
+            exclude_rows=exclude, cfg=self.cfg.score, seed=self.cfg.seed,
+        )
+        record["seconds_score"] = time.perf_counter() - started
+        table = read_scores(scores_dir)
+        rows = table.column("row").to_numpy()
+        is_labelled = np.isin(rows, labelled_rows)
+        rng = np.random.default_rng([self.cfg.seed, cycle])
+        candidates = rows[~is_labelled]
+        if "score" in table.column_names:
+            positions = top_k(table.column("score").to_numpy()[~is_labelled], k, rng)
+        else:
+            arrays = {key: column_array(table, key) for key in strategy.needs}
+            labelled_arrays = {key: column_array(table, key)[is_labelled] for key in strategy.needs_labelled}
+            positions = select(
+                strategy,
+                Candidates(candidates, {key: a[~is_labelled] for key, a in arrays.items()},
+                           labelled_arrays),
+                k, rng,
+            )
+        pred = table.column("pred").to_numpy()[~is_labelled]
+        prob = table.column("pred_prob").to_numpy()[~is_labelled]
+        return [
+            Query(int(candidates[p]), str(self.view.ids[candidates[p]]),
+                  self._source(candidates[p]), int(pred[p]), float(prob[p]))
+            for p in positions
+        ]
+
+    def _train(self, cycle: int, record: dict) -> None:
+        labels = self.ledger.current()
+        pairs = sorted((self.row_of[sid], lab) for sid, lab in labels.items() if lab != JUNK)
+        val_rows, test_rows = self.view.rows_of("val"), self.view.rows_of("test")
+        previous = model_path(self.cycle_dir(cycle - 1)) if cycle > 0 else None
+        unlabelled = np.setdiff1d(self.train_rows, [r for r, _ in pairs])
+        if self.cfg.train.semi_supervised:
+            rng = np.random.default_rng([self.cfg.seed, cycle, 7])
+            size = min(len(unlabelled), 2 * len(pairs))
+            unlabelled = np.sort(rng.choice(unlabelled, size=size, replace=False))
+        job = CycleJob(
+            pool=self.view.info.path, out_dir=str(self.cycle_dir(cycle).resolve()),
+            num_classes=self.view.info.num_classes,
+            train_rows=[r for r, _ in pairs], train_labels=[int(lab) for _, lab in pairs],
+            val_rows=val_rows.tolist(), val_labels=self.view.truth[val_rows].tolist(),
+            test_rows=test_rows.tolist(), test_labels=self.view.truth[test_rows].tolist(),
+            unlabelled_rows=unlabelled.tolist() if self.cfg.train.semi_supervised else [],
+            mean_model_path=str(previous) if previous else None,
+            seed=self.cfg.seed * 1000 + cycle,
+            model=config_to_dict(self.cfg.model), train=config_to_dict(self.cfg.train),
+        )
+        print(f"cycle {cycle}: training on {len(pairs)} labelled subtomograms", flush=True)
+        started = time.perf_counter()
+        summary = run_training(job, run_name=f"train-c{cycle:02d}")
+        record.update(summary, trained=True, seconds_train=time.perf_counter() - started)
+        self._save()
+
+    # -- files -------------------------------------------------------------------------------
+    def cycle_dir(self, cycle: int) -> Path:
+        return self.run_dir / "cycles" / f"c{cycle:02d}"
+
+    def _labelled_rows(self) -> np.ndarray:
+        return np.sort(np.asarray([self.row_of[s] for s in self.ledger.current()], dtype=np.int64))
+
+    def _source(self, row) -> str:
+        return f"{self.view.info.path}#row{int(row)}"
+
+    def _save(self) -> None:
+        atomic_write_text(self.run_dir / STATE, json.dumps(self.state, indent=2, default=_json))
+        write_metrics(self.run_dir, self.state["cycles"], self.view.info.class_names)
+
+
+def make_oracle(kind: str, view: PoolView):
+    if kind == "simulated":
+        return SimulatedOracle({sid: int(t) for sid, t in zip(view.ids, view.truth) if t >= 0})
+    if kind == "file":
+        return FileOracle(view.info)
+    raise CampaignError(f"oracle {kind!r}: valid are 'simulated' and 'file'")
+
+
+def load_state(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / STATE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_selection(path: Path, queries: list[Query]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["row", "subtomo_id", "source", "pred", "pred_prob"])
+    for q in queries:
+        writer.writerow([q.row, q.subtomo_id, q.source, q.pred, q.pred_prob])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_selection(path: Path) -> list[Query]:
+    with open(path, newline="") as f:
+        return [
+            Query(int(r["row"]), r["subtomo_id"], r["source"], int(r["pred"]), float(r["pred_prob"]))
+            for r in csv.DictReader(f)
+        ]
+
+
+METRIC_COLUMNS = [
+    "cycle", "labelled", "labelled_fraction", "val_accuracy", "test_accuracy",
+    "seconds_train", "seconds_score", "seconds_select", "best_epoch",
+]
+
+
+def write_metrics(run_dir: Path, cycles: list[dict], class_names) -> None:
+    """metrics.csv (one row per trained cycle) and learning_curve.png, rebuilt from the state."""
+    trained = [c for c in cycles if c.get("trained")]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(METRIC_COLUMNS + [f"accuracy_{name}" for name in class_names])
+    for c in trained:
+        per_class = list(c.get("per_class_accuracy") or []) + [float("nan")] * len(class_names)
+        writer.writerow([_fmt(c.get(k, "")) for k in METRIC_COLUMNS]
+                        + [_fmt(a) for a in per_class[:len(class_names)]])
+    atomic_write_text(Path(run_dir) / "metrics.csv", buffer.getvalue())
+    if trained:
+        plot_learning_curve(trained, Path(run_dir) / "learning_curve.png")
+
+
+def plot_learning_curve(cycles: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [100 * c["labelled_fraction"] for c in cycles]
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for key, label in (("test_accuracy", "test"), ("val_accuracy", "validation")):
+        axis.plot(x, [c.get(key, float("nan")) for c in cycles], marker="o", label=label)
+    axis.set_xlabel("labelled (% of the train split)")
+    axis.set_ylabel("accuracy")
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_predictions(campaign: Campaign) -> Path:
+    """The final model's class and probability for every subtomogram of the pool."""
+    final = campaign.cycle_dir(len(campaign.schedule) - 1)
+    scores_dir = score_pool(
+        campaign.view.info.path, str(model_path(final)), final / "predictions",
+        strategy="entropy", strategy_options={}, exclude_rows=(), cfg=campaign.cfg.score,
+        seed=campaign.cfg.seed,
+    )
+    labels = campaign.ledger.current()
+    names = campaign.view.info.class_names
+    out = campaign.run_dir / "predictions.parquet"
+    tmp = out.with_name(".predictions.parquet.tmp")
+    writer = None
+    for part in sorted(Path(scores_dir).glob("*.parquet")):
+        table = pq.read_table(part, columns=["row", "subtomo_id", "pred", "pred_prob", "entropy"])
+        if not table.num_rows:
+            continue
+        ids = table.column("subtomo_id").to_pylist()
+        pred = table.column("pred").to_numpy()
+        table = table.append_column("pred_class", pa.array([names[p] for p in pred]))
+        table = table.append_column(
+            "label", pa.array([labels.get(s) for s in ids], type=pa.int32())
+        )
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table)
+    if writer is not None:
+        writer.close()
+        tmp.replace(out)
+    return out
+
+
+def _cycle_line(c: dict) -> str:
+    return (
+        f"cycle {c['cycle']}: {c['labelled']} labelled ({100 * c['labelled_fraction']:.1f}%)  "
+        f"val {c.get('val_accuracy', float('nan')):.3f}  test {c.get('test_accuracy', float('nan')):.3f}"
+        f"  (train {c.get('seconds_train', 0):.0f} s, score {c.get('seconds_score', 0):.0f} s)"
+    )
+
+
+def accuracy_table(cycles: list[dict]) -> str:
+    lines = ["| cycle | labelled | fraction | val acc | test acc |", "|---|---|---|---|---|"]
+    for c in cycles:
+        lines.append(
+            f"| {c['cycle']} | {c['labelled']} | {100 * c['labelled_fraction']:.1f}% | "
+            f"{c.get('val_accuracy', float('nan')):.3f} | {c.get('test_accuracy', float('nan')):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _json(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

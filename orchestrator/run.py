@@ -1,0 +1,121 @@
+"""Run an active-learning campaign.
+
+    python orchestrator/run.py                              # embedded default: simulate, then EMA-KL
+    python orchestrator/run.py --config paper --set train.epochs=50
+    python orchestrator/run.py --resume runs/demo-20261122-101500
+    ray job submit --working-dir . -- python orchestrator/run.py --set train.num_workers=4
+
+Connects to the Ray of `ray job submit` (RAY_ADDRESS) or `--address`; otherwise starts a local
+Ray for the duration of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from orchestrator.config import CampaignConfig, ConfigError, load_config, save_config  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Ray Train's defaults poll slowly and watch for preemption; on one machine both only add
+# seconds to every cycle's start and stop.
+RAY_ENV_DEFAULTS = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="orchestrator/run.py", description="Deep active learning campaign for cryo-ET subtomograms."
+    )
+    parser.add_argument("--config", help="a YAML file or a name in tune_configs/ (default: built-in CPU demo)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted or waiting campaign")
+    parser.add_argument("--run-dir", help="where to write the run (default: RUN_ROOT/NAME-TIMESTAMP)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, run_dir = prepare_run(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    import ray
+
+    from orchestrator.loop import Campaign, accuracy_table
+    from orchestrator.oracle import AwaitingLabels
+
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    ray.init(
+        address=args.address,
+        runtime_env={"env_vars": {**RAY_ENV_DEFAULTS, "PYTHONPATH": _pythonpath()}}
+        if not (args.address or os.environ.get("RAY_ADDRESS")) else None,
+        logging_config=ray.LoggingConfig(log_level="WARNING"),
+    )
+    started = time.perf_counter()
+    try:
+        info = prepare_pool(cfg, run_dir)
+        state = Campaign(cfg, run_dir, info).run()
+    except AwaitingLabels as waiting:
+        print(str(waiting))
+        return 0
+    finally:
+        ray.shutdown()
+    print(f"\n{accuracy_table(state['cycles'])}\n")
+    print(f"finished in {time.perf_counter() - started:.0f} s; run directory: {run_dir}")
+    return 0
+
+
+def prepare_run(args) -> tuple[CampaignConfig, Path]:
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        return load_config(run_dir / "config.yaml", args.set), run_dir
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(args.run_dir or Path(cfg.run_root) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    print(f"run directory: {run_dir}")
+    return cfg, run_dir
+
+
+def prepare_pool(cfg: CampaignConfig, run_dir: Path):
+    """The configured pool, or one simulated into the run directory (kept across resumes)."""
+    from orchestrator.pool import PoolError, open_pool
+
+    if cfg.data.pool:
+        return open_pool(cfg.data.pool)
+    pool_dir = run_dir / "pool"
+    try:
+        return open_pool(pool_dir)
+    except PoolError:
+        pass
+    from orchestrator.simulate import simulate_from_preset
+
+    print(f"simulating a pool from preset {cfg.data.simulate!r} into {pool_dir}", flush=True)
+    return simulate_from_preset(cfg.data.simulate, cfg.data.simulate_overrides, pool_dir, seed=cfg.seed)
+
+
+def _pythonpath() -> str:
+    existing = os.environ.get("PYTHONPATH")
+    return f"{PROJECT_ROOT}{os.pathsep}{existing}" if existing else str(PROJECT_ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,572 @@
+"""Query strategies: given the scoring pass's outputs for N unlabelled candidates, choose k.
+
+One direction everywhere: **a higher score means label first**. Every strategy answers
+``select(candidates, k, rng) -> positions``: positions ``0..N-1`` into ``candidates.rows``,
+unique, most wanted first. The loop calls the module-level :func:`select`, which checks the
+inputs, warns when k exceeds N, and checks what the strategy returns.
+
+Two kinds of strategy:
+
+- Row-wise (:class:`RowwiseStrategy`): ``score(outputs) -> [N]`` is pure and row-wise (no RNG,
+  a row's score depends only on that row), so Ray Data may score in any batches and the result
+  is the same. ``order="lowest"`` (the paper's ablation) is already in the score: subclasses
+  write ``utility``, and ``score`` negates it. Ranking is shared: :func:`top_k` puts NaN
+  scores last (silently: a NaN row is still returned when k needs it), breaks exact ties by a
+  random permutation drawn from the given ``rng``, and finds the top k with a partition
+  rather than a full sort.
+- Set-wise (``coreset``, ``badge``): greedy over the whole candidate set, O(N·k) time and O(N)
+  memory (a vector of minimum distances; candidate distances are computed in row chunks, never
+  an N×N matrix). They also put rows with non-finite embeddings last.
+
+All randomness comes from the explicit ``np.random.Generator``; nothing reads global state.
+
+The scoring pass produces only what a strategy declares in ``needs`` (for the candidates) and
+``needs_labelled`` (for the labelled set), from :data:`OUTPUT_KEYS`. A strategy that needs a
+model (noise stability, LL4AL, VAAL, ...) plugs in the same way: the scoring pass learns to
+produce a new key (add it to ``OUTPUT_KEYS``), and the strategy is a row-wise scorer of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+from scipy.special import log_softmax
+
+__all__ = [
+    "OUTPUT_KEYS",
+    "Candidates",
+    "Strategy",
+    "RowwiseStrategy",
+    "RandomSampling",
+    "Entropy",
+    "Margin",
+    "LeastConfidence",
+    "EmaKL",
+    "BALD",
+    "MCEntropy",
+    "CoreSet",
+    "Badge",
+    "STRATEGIES",
+    "make_strategy",
+    "select",
+    "top_k",
+    "unlabelled_positions",
+]
+
+# Everything the scoring pass can produce, per subtomogram (float32, first axis = rows):
+# probs/mean_probs/logits/mean_logits [N, C] for T and M (M = EMA of T), embeddings [N, E]
+# (T's penultimate features), grad_embeddings [N, E*C] (BADGE), mc_probs [N, C, K].
+OUTPUT_KEYS = frozenset(
+    {"probs", "mean_probs", "logits", "mean_logits", "embeddings", "grad_embeddings", "mc_probs"}
+)
+
+# Probabilities are clipped here before a log, so a zero probability costs nothing.
+PROB_FLOOR = 1e-12
+# Rows per distance chunk in coreset/BADGE: bounds temporaries whatever N is.
+CHUNK_ROWS = 8192
+# Centres per distance block when the labelled set seeds coreset: a chunk × block matrix.
+CENTRE_BLOCK = 128
+
+
+@dataclass(frozen=True, eq=False)  # eq on dicts of arrays would be ambiguous
+class Candidates:
+    """The unlabelled candidates of one cycle and the scoring pass's arrays for them.
+
+    ``outputs[key][i]`` belongs to pool row ``rows[i]``. ``labelled`` holds the same keys for
+    the labelled set (core-set needs its embeddings); its arrays share their own row count.
+    """
+
+    rows: np.ndarray
+    outputs: dict[str, np.ndarray]
+    labelled: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        rows = np.asarray(self.rows)
+        if rows.ndim != 1 or not (rows.size == 0 or np.issubdtype(rows.dtype, np.integer)):
+            raise ValueError(f"rows must be a 1-D integer array, got {rows.dtype} {rows.shape}")
+        rows = rows.astype(np.int64, copy=False)
+        if np.unique(rows).size != rows.size:
+            raise ValueError("rows has duplicates: a candidate could be chosen twice")
+        object.__setattr__(self, "rows", rows)
+        _check_arrays("outputs", self.outputs, rows.size)
+        if self.labelled:
+            n_labelled = len(next(iter(self.labelled.values())))
+            _check_arrays("labelled", self.labelled, n_labelled)
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+
+def _check_arrays(what: str, arrays: Mapping[str, np.ndarray], n: int) -> None:
+    unknown = sorted(set(arrays) - OUTPUT_KEYS)
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {unknown}; known: {sorted(OUTPUT_KEYS)}")
+    for key, array in arrays.items():
+        if np.ndim(array) == 0 or len(array) != n:
+            raise ValueError(
+                f"{what}[{key!r}] has shape {np.shape(array)}; expected {n} rows"
+            )
+
+
+def unlabelled_positions(all_rows: np.ndarray, labelled_rows: np.ndarray) -> np.ndarray:
+    """Positions into ``all_rows`` of the rows not in ``labelled_rows``: the candidates."""
+    return np.flatnonzero(~np.isin(all_rows, labelled_rows))
+
+
+# --- the shared selector ----------------------------------------------------------------------
+
+
+def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of the k highest scores, highest first; NaN last; ties in a random order.
+
+    Ties (equal scores) are ordered by a permutation drawn from ``rng``, so the same seed gives
+    the same answer and no position is favoured. k is clipped to [0, N] silently (the loop's
+    :func:`select` warns). Memory O(N); time O(N + k log k) unless many scores tie.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be 1-D, got shape {scores.shape}")
+    n = scores.size
+    k = min(max(operator.index(k), 0), n)
+    tiebreak = rng.permutation(n)  # lower = first among equal scores
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+
+    is_nan = np.isnan(scores)
+    valid = np.flatnonzero(~is_nan)
+    if valid.size <= k:  # every non-NaN row, then the NaN rows that k still needs
+        chosen = valid[_rank(scores[valid], tiebreak[valid])]
+        nan_rows = np.flatnonzero(is_nan)
+        nan_rows = nan_rows[np.argsort(tiebreak[nan_rows], kind="stable")]
+        return np.concatenate([chosen, nan_rows[: k - valid.size]]).astype(np.int64)
+
+    values = scores[valid]
+    kth = -np.partition(-values, k - 1)[k - 1]  # the k-th highest value
+    above = np.flatnonzero(values > kth)
+    tied = np.flatnonzero(values == kth)
+    tied = tied[np.argsort(tiebreak[valid[tied]], kind="stable")[: k - above.size]]
+    chosen = valid[np.concatenate([above, tied])]
+    return chosen[_rank(scores[chosen], tiebreak[chosen])].astype(np.int64)
+
+
+def _rank(values: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Order of ``values`` highest first, equal values by ascending ``tiebreak``."""
+    return np.lexsort((tiebreak, -values))
+
+
+def select(
+    strategy: Strategy, candidates: Candidates, k: int, rng: np.random.Generator
+) -> np.ndarray:
+    """What the loop calls: positions (into ``candidates.rows``) of the k to label, best first.
+
+    k <= 0 returns nothing; k > N warns and returns all N in priority order.
+    """
+    k = operator.index(k)
+    n = len(candidates)
+    missing = sorted(strategy.needs - set(candidates.outputs))
+    if missing:
+        raise ValueError(f"{strategy.name} needs outputs {missing} for the candidates")
+    missing = sorted(strategy.needs_labelled - set(candidates.labelled))
+    if missing:
+        raise ValueError(
+            f"{strategy.name} needs outputs {missing} for the labelled set (may have 0 rows)"
+        )
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    if k > n:
+        warnings.warn(
+            f"asked for k={k} but only N={n} candidates are left; selecting all {n}",
+            UserWarning,
+            stacklevel=2,
+        )
+        k = n
+    positions = np.asarray(strategy.select(candidates, k, rng), dtype=np.int64)
+    if (
+        positions.shape != (k,)
+        or np.unique(positions).size != k
+        or (k and (positions.min() < 0 or positions.max() >= n))
+    ):
+        raise RuntimeError(
+            f"{strategy.name} returned positions of shape {positions.shape} for k={k}, N={n}: "
+            "they must be k unique positions in [0, N)"
+        )
+    return positions
+
+
+# --- base classes -----------------------------------------------------------------------------
+
+
+class Strategy:
+    """A query strategy. Subclasses set ``name`` and ``needs`` and implement ``select``."""
+
+    name: str = ""
+    needs: frozenset[str] = frozenset()  # what the scoring pass must produce for candidates
+    needs_labelled: frozenset[str] = frozenset()  # ... and for the labelled set
+    mc_passes: int = 0  # MC-dropout passes the scoring pass must run for "mc_probs"
+
+    def select(self, candidates: Candidates, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Positions (0..N-1) into candidates.rows, length min(k, N), unique, best first."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{p}={getattr(self, p)!r}" for p in _options(type(self)))
+        return f"{type(self).__name__}({options})"
+
+
+class RowwiseStrategy(Strategy):
+    """A strategy that is a per-row score; ranking is :func:`top_k`'s.
+
+    Subclasses implement ``utility`` (the measure itself: entropy, KL, ...). ``score`` is the
+    utility with ``order`` applied, so ``top_k(score(outputs), k, rng)`` (e.g. scores written
+    by the Ray scoring pass, ranked later on the driver) is exactly ``select``.
+    """
+
+    ORDERS = ("highest", "lowest")
+
+    def __init__(self, order: str = "highest"):
+        if order not in self.ORDERS:
+            raise ValueError(f"order must be one of {list(self.ORDERS)}, got {order!r}")
+        self.order = order
+
+    def utility(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """[N] float64, pure and row-wise: the measure, higher = more informative."""
+        raise NotImplementedError
+
+    def score(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """[N] float64, pure and row-wise: higher = label first (``order="lowest"`` negates)."""
+        utility = np.asarray(self.utility(outputs), dtype=np.float64)
+        return -utility if self.order == "lowest" else utility
+
+    def select(self, candidates: Candidates, k: int, rng: np.random.Generator) -> np.ndarray:
+        scores = self.score(candidates.outputs)
+        if scores.shape != (len(candidates),):
+            raise RuntimeError(
+                f"{self.name}.score returned shape {scores.shape} for {len(candidates)} rows"
+            )
+        return top_k(scores, k, rng)
+
+
+# --- row-wise scores --------------------------------------------------------------------------
+
+
+def _get(outputs: Mapping[str, np.ndarray], key: str, ndim: int) -> np.ndarray:
+    if key not in outputs:
+        raise ValueError(f"outputs has no {key!r} (has {sorted(outputs)})")
+    array = np.asarray(outputs[key], dtype=np.float64)
+    if array.ndim != ndim:
+        raise ValueError(f"outputs[{key!r}] must be {ndim}-D, got shape {array.shape}")
+    return array
+
+
+def _entropy(p: np.ndarray, axis: int = 1) -> np.ndarray:
+    return -np.sum(p * np.log(np.clip(p, PROB_FLOOR, None)), axis=axis)
+
+
+class Entropy(RowwiseStrategy):
+    """Predictive entropy of T: −Σ p log p."""
+
+    name = "entropy"
+    needs = frozenset({"probs"})
+
+    def utility(self, outputs):
+        return _entropy(_get(outputs, "probs", 2))
+
+
+class Margin(RowwiseStrategy):
+    """−(p1 − p2), the top two class probabilities of T: a small margin is labelled first."""
+
+    name = "margin"
+    needs = frozenset({"probs"})
+
+    def utility(self, outputs):
+        p = _get(outputs, "probs", 2)
+        if p.shape[1] < 2:
+            raise ValueError("margin needs at least 2 classes")
+        top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
+        return top2[:, 0] - top2[:, 1]
+
+
+class LeastConfidence(RowwiseStrategy):
+    """1 − max p of T."""
+
+    name = "least_confidence"
+    needs = frozenset({"probs"})
+
+    def utility(self, outputs):
+        return 1.0 - np.max(_get(outputs, "probs", 2), axis=1)
+
+
+class EmaKL(RowwiseStrategy):
+    """The paper's Eq. 3: disagreement between T and its mean model M (EMA of T).
+
+    distance: "kl" = KL(T‖M) = Σ p_T (log p_T − log p_M); "reverse_kl" = KL(M‖T);
+    "js" = Jensen–Shannon; "mse_logits" = mean over classes of (logit_T − logit_M)².
+    Log-probabilities come from log-softmax of the logits (declared in ``needs``); an outputs
+    dict with only "probs"/"mean_probs" is also scored, from the probabilities clipped at
+    1e-12. Divergences are clipped at 0 (rounding can make KL(p‖p) a hair negative).
+    """
+
+    name = "ema_kl"
+    needs = frozenset({"logits", "mean_logits"})
+    DISTANCES = ("kl", "reverse_kl", "js", "mse_logits")
+
+    def __init__(self, distance: str = "kl", order: str = "highest"):
+        super().__init__(order=order)
+        if distance not in self.DISTANCES:
+            raise ValueError(f"distance must be one of {list(self.DISTANCES)}, got {distance!r}")
+        self.distance = distance
+
+    def utility(self, outputs):
+        if self.distance == "mse_logits":
+            diff = _get(outputs, "logits", 2) - _get(outputs, "mean_logits", 2)
+            return np.mean(diff * diff, axis=1)
+        log_t = _log_probs(outputs, "logits", "probs")
+        log_m = _log_probs(outputs, "mean_logits", "mean_probs")
+        if self.distance == "kl":
+            d = _kl(log_t, log_m)
+        elif self.distance == "reverse_kl":
+            d = _kl(log_m, log_t)
+        else:
+            log_mix = np.logaddexp(log_t, log_m) - math.log(2.0)
+            d = 0.5 * _kl(log_t, log_mix) + 0.5 * _kl(log_m, log_mix)
+        return np.maximum(d, 0.0)
+
+
+def _log_probs(outputs: Mapping[str, np.ndarray], logits_key: str, probs_key: str) -> np.ndarray:
+    if logits_key in outputs:
+        return log_softmax(_get(outputs, logits_key, 2), axis=1)
+    return np.log(np.clip(_get(outputs, probs_key, 2), PROB_FLOOR, None))
+
+
+def _kl(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+    return np.sum(np.exp(log_p) * (log_p - log_q), axis=1)
+
+
+class _MCStrategy(RowwiseStrategy):
+    """Base for scores over K MC-dropout passes, "mc_probs" [N, C, K]."""
+
+    needs = frozenset({"mc_probs"})
+    min_passes = 1
+
+    def __init__(self, mc_passes: int = 10, order: str = "highest"):
+        super().__init__(order=order)
+        if operator.index(mc_passes) < self.min_passes:
+            raise ValueError(f"{self.name} needs mc_passes >= {self.min_passes}, got {mc_passes}")
+        self.mc_passes = int(mc_passes)
+
+
+class BALD(_MCStrategy):
+    """Mutual information between prediction and weights: H(mean p) − mean H(p)."""
+
+    name = "bald"
+    min_passes = 2  # with one pass the mutual information is 0 for every row
+
+    def utility(self, outputs):
+        p = _get(outputs, "mc_probs", 3)
+        mi = _entropy(p.mean(axis=2)) - _entropy(p, axis=1).mean(axis=1)
+        return np.maximum(mi, 0.0)
+
+
+class MCEntropy(_MCStrategy):
+    """Entropy of the mean prediction over MC-dropout passes: H(mean p)."""
+
+    name = "mc_entropy"
+
+    def utility(self, outputs):
+        return _entropy(_get(outputs, "mc_probs", 3).mean(axis=2))
+
+
+# --- set-wise strategies ----------------------------------------------------------------------
+
+
+class RandomSampling(Strategy):
+    """k candidates uniformly at random, without replacement."""
+
+    name = "random"
+
+    def select(self, candidates, k, rng):
+        n = len(candidates)
+        return rng.choice(n, size=min(k, n), replace=False).astype(np.int64)
+
+
+def _positive_int(name: str, value: int) -> int:
+    if operator.index(value) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+class _Geometric(Strategy):
+    """Shared machinery of coreset and BADGE: squared distances in row chunks."""
+
+    def __init__(self, chunk_rows: int = CHUNK_ROWS):
+        self.chunk_rows = _positive_int("chunk_rows", chunk_rows)
+
+    def _prepare(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(x as float, its squared row norms as float64; NaN/inf norm = non-finite row)."""
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise ValueError(f"{self.name} needs 2-D embeddings, got shape {x.shape}")
+        if x.dtype not in (np.float32, np.float64):
+            x = x.astype(np.float64)
+        sq = np.empty(len(x), dtype=np.float64)
+        for start in range(0, len(x), self.chunk_rows):
+            chunk = x[start : start + self.chunk_rows]
+            with np.errstate(over="ignore", invalid="ignore"):  # huge rows: inf, non-finite
+                sq[start : start + len(chunk)] = np.einsum("ij,ij->i", chunk, chunk)
+        sq[~np.isfinite(sq)] = np.nan
+        return x, sq
+
+    def _fold_in(
+        self, min_dist: np.ndarray, x: np.ndarray, x_sq: np.ndarray, centres: np.ndarray
+    ) -> None:
+        """min_dist ← min(min_dist, squared distance to each centre); NaN distances ignored.
+
+        ||x − c||² = ||x||² − 2 x·c + ||c||², one row chunk at a time: temporaries are
+        chunk_rows × len(centres), independent of N.
+        """
+        centres = np.asarray(centres, dtype=x.dtype)
+        c_sq = np.einsum("ij,ij->i", centres, centres)
+        for start in range(0, len(x), self.chunk_rows):
+            stop = min(start + self.chunk_rows, len(x))
+            with np.errstate(invalid="ignore", over="ignore"):
+                # In place, in x's dtype: one chunk × centres temporary. float32 rounding
+                # here is the dot product's own; it only reorders near-ties.
+                d = x[start:stop] @ centres.T
+                d *= -2.0
+                d += x_sq[start:stop, None]
+                d += c_sq
+                d = np.maximum(np.fmin.reduce(d, axis=1), 0.0)  # rounding can go below 0
+            np.fmin(min_dist[start:stop], d, out=min_dist[start:stop])
+
+
+def _argmax_tiebreak(values: np.ndarray, tiebreak: np.ndarray) -> int:
+    """Position of the largest value (no NaN); equal values by ascending tiebreak."""
+    ties = np.flatnonzero(values == values.max())
+    return int(ties[np.argmin(tiebreak[ties])])
+
+
+class CoreSet(_Geometric):
+    """k-center greedy on T's embeddings (Sener & Savarese): each pick is the candidate farthest
+    from every labelled item and every earlier pick.
+
+    The labelled embeddings are the initial centres; with none, the first pick is a random
+    candidate (from ``rng``). Ties go by a random permutation from ``rng``. Rows with
+    non-finite embeddings come last. O(N·k·E) time, O(N) memory.
+    """
+
+    name = "coreset"
+    needs = frozenset({"embeddings"})
+    needs_labelled = frozenset({"embeddings"})  # 0 rows is fine (the first cycle)
+
+    def select(self, candidates, k, rng):
+        x, x_sq = self._prepare(candidates.outputs["embeddings"])
+        n = len(x)
+        k = min(k, n)
+        tiebreak = rng.permutation(n)
+        # +inf: not yet near anything; -1: non-finite row (after every finite one);
+        # -inf: chosen. Distances are >= 0.
+        min_dist = np.where(np.isnan(x_sq), -1.0, np.inf)
+        labelled = np.asarray(candidates.labelled["embeddings"])
+        if labelled.size and labelled.shape[1:] != x.shape[1:]:
+            raise ValueError(
+                f"labelled embeddings have shape {labelled.shape}, candidates {x.shape}"
+            )
+        for start in range(0, len(labelled), CENTRE_BLOCK):
+            self._fold_in(min_dist, x, x_sq, labelled[start : start + CENTRE_BLOCK])
+        chosen = np.empty(k, dtype=np.int64)
+        for i in range(k):
+            pick = _argmax_tiebreak(min_dist, tiebreak)
+            chosen[i] = pick
+            min_dist[pick] = -np.inf
+            if i + 1 < k:
+                self._fold_in(min_dist, x, x_sq, x[pick : pick + 1])
+        return chosen
+
+
+class Badge(_Geometric):
+    """BADGE (Ash et al. 2020): k-means++ seeding on gradient embeddings.
+
+    The first pick is the largest gradient embedding (as in the authors' code); each next pick
+    is drawn with probability ∝ squared distance to the nearest pick (D² sampling, ``rng``).
+    When every remaining candidate sits on a pick (all distances 0) the rest come in a random
+    order. Rows with non-finite embeddings come last. O(N·k·E) time, O(N) memory.
+    """
+
+    name = "badge"
+    needs = frozenset({"grad_embeddings"})
+
+    def select(self, candidates, k, rng):
+        x, x_sq = self._prepare(candidates.outputs["grad_embeddings"])
+        n = len(x)
+        k = min(k, n)
+        tiebreak = rng.permutation(n)
+        finite = ~np.isnan(x_sq)
+        # Sampling weights: 0 for chosen and non-finite rows (np.fmin keeps them at 0).
+        min_dist = np.where(finite, np.inf, 0.0)
+        chosen = np.empty(k, dtype=np.int64)
+        if k == 0:
+            return chosen
+        pick = _argmax_tiebreak(np.where(finite, x_sq, -np.inf), tiebreak)
+        for i in range(k):
+            chosen[i] = pick
+            min_dist[pick] = 0.0
+            if i + 1 == k:
+                break
+            self._fold_in(min_dist, x, x_sq, x[pick : pick + 1])
+            cumulative = np.cumsum(min_dist)
+            total = cumulative[-1]
+            if not (np.isfinite(total) and total > 0):
+                return self._fill_at_random(chosen, i + 1, finite, tiebreak)
+            pick = int(np.searchsorted(cumulative, rng.random() * total, side="right"))
+            if pick == n:  # rng.random() * total rounded up to total
+                pick = int(np.flatnonzero(min_dist)[-1])
+        return chosen
+
+    @staticmethod
+    def _fill_at_random(chosen, filled, finite, tiebreak):
+        """Complete ``chosen`` with unchosen rows: finite ones first, each in tiebreak order."""
+        taken = np.zeros(len(finite), dtype=bool)
+        taken[chosen[:filled]] = True
+        rest = np.flatnonzero(~taken)
+        rest = rest[np.lexsort((tiebreak[rest], ~finite[rest]))]
+        chosen[filled:] = rest[: len(chosen) - filled]
+        return chosen
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "random": RandomSampling,
+    "entropy": Entropy,
+    "margin": Margin,
+    "least_confidence": LeastConfidence,
+    "ema_kl": EmaKL,
+    "bald": BALD,
+    "mc_entropy": MCEntropy,
+    "coreset": CoreSet,
+    "badge": Badge,
+}
+
+
+def _options(cls: type[Strategy]) -> list[str]:
+    return [p for p in inspect.signature(cls).parameters if p not in ("self",)]
+
+
+def make_strategy(name: str, **options) -> Strategy:
+    """The strategy registered as ``name``, built with ``options`` (e.g. distance="js")."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; valid: {sorted(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    valid = _options(cls)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"strategy {name!r} has no option(s) {unknown}; its options: {valid or 'none'}"
+        )
+    return cls(**options)

@@ -1,0 +1,72 @@
+"""Shared fixtures: a local Ray for the tests that need one, and tiny synthetic pools."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator.pool import PoolWriter
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Ray Train polls slowly and watches for preemption by default: both only slow tests down.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test saying why."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path}: the shared data folder beside the project is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+    from ray.data import DataContext
+
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False,
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
+        runtime_env={"env_vars": {
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        }},
+    )
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def shape_volume(kind: int, box: int, rng: np.random.Generator, noise: float = 0.3) -> np.ndarray:
+    """Three easily told apart shapes (ball, slab, rod) with a random shift and noise."""
+    z, y, x = np.mgrid[:box, :box, :box] - box / 2 + rng.uniform(-1.5, 1.5, size=3)[:, None, None, None]
+    if kind == 0:
+        volume = (x**2 + y**2 + z**2 < (box / 4) ** 2)
+    elif kind == 1:
+        volume = (np.abs(z) < box / 8) & (np.abs(x) < box / 3) & (np.abs(y) < box / 3)
+    else:
+        volume = (x**2 + y**2 < (box / 8) ** 2) & (np.abs(z) < box / 2.5)
+    return volume.astype(np.float32) + noise * rng.normal(size=(box, box, box)).astype(np.float32)
+
+
+def make_shape_pool(path: Path, *, n_train=60, n_val=12, n_test=12, box=16, seed=0, shard_mb=0.05):
+    rng = np.random.default_rng(seed)
+    with PoolWriter(path, box, class_names=["ball", "slab", "rod"], shard_mb=shard_mb) as writer:
+        for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
+            for i in range(count):
+                label = i % 3
+                writer.add(f"{split}-{i:04d}", shape_volume(label, box, rng), source="synthetic",
+                           label=label, split=split)
+    return writer.close()
+
+
+@pytest.fixture(scope="session")
+def shape_pool(tmp_path_factory):
+    return make_shape_pool(tmp_path_factory.mktemp("pools") / "shapes")

@@ -1,0 +1,149 @@
+"""The EMA-KL campaign end to end on a local Ray: Train with 2 workers, Data with 2 actors."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from orchestrator.config import ModelConfig, TrainConfig, config_to_dict, load_config
+from orchestrator.labels import LabelLedger
+from orchestrator.loop import Campaign
+from orchestrator.model import build_model
+from orchestrator.pool import read_volumes
+from orchestrator.score import column_array, read_scores
+from orchestrator.train import CycleJob, run_training
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TINY = [
+    "model.width=4", "train.epochs=2", "train.batch_size=8", "train.num_workers=2",
+    "score.batch_size=16", "score.actors=2", "budget.counts=[12, 18]",
+]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def finished_campaign(ray_local, shape_pool, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("campaign")
+    cfg = load_config(None, TINY + [f"data.pool={shape_pool.path}"])
+    state = Campaign(cfg, run_dir, shape_pool).run()
+    return run_dir, state
+
+
+def test_the_labelled_set_grows_by_exactly_each_cycles_budget(finished_campaign):
+    run_dir, state = finished_campaign
+    assert [c["labelled"] for c in state["cycles"]] == [12, 18]
+    cycles = [int(r["cycle"]) for r in read_csv(run_dir / "labels.csv")]
+    assert [cycles.count(0), cycles.count(1)] == [12, 6]
+
+
+def test_no_subtomogram_is_queried_twice(finished_campaign):
+    run_dir, _ = finished_campaign
+    ids = [r["subtomo_id"] for r in read_csv(run_dir / "labels.csv")]
+    assert len(ids) == len(set(ids))
+
+
+def test_only_train_split_subtomograms_are_queried(finished_campaign):
+    run_dir, _ = finished_campaign
+    ids = [r["subtomo_id"] for r in read_csv(run_dir / "labels.csv")]
+    assert all(i.startswith("train-") for i in ids)
+
+
+def test_the_scoring_pass_skips_labelled_and_held_out_subtomograms(finished_campaign, shape_pool):
+    run_dir, _ = finished_campaign
+    scored = set(read_scores(run_dir / "cycles/c00/scores", ["row"]).column("row").to_pylist())
+    initial = [r for r in read_csv(run_dir / "labels.csv") if r["cycle"] == "0"]
+    initial_rows = {int(r["subtomo_id"].split("-")[1]) for r in initial}  # train rows come first
+    assert scored == set(range(60)) - initial_rows
+
+
+def test_kl_scores_match_a_plain_torch_computation_with_the_same_weights(finished_campaign, shape_pool):
+    run_dir, _ = finished_campaign
+    table = read_scores(run_dir / "cycles/c00/scores")
+    rows = table.column("row").to_numpy()
+    saved = torch.load(run_dir / "cycles/c00/model.pt")
+    nets = {}
+    for key in ("model", "mean"):
+        nets[key] = build_model("resnet10", num_classes=3, width=4, stem="small")
+        nets[key].load_state_dict(saved[key])
+        nets[key].eval()
+    x = torch.from_numpy(read_volumes(shape_pool.path, rows))[:, None]
+    with torch.no_grad():
+        log_p = torch.log_softmax(nets["model"](x), dim=1)
+        log_q = torch.log_softmax(nets["mean"](x), dim=1)
+    expected = (log_p.exp() * (log_p - log_q)).sum(dim=1).numpy()
+    np.testing.assert_allclose(column_array(table, "ema_kl"), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_run_directory_holds_every_promised_file(finished_campaign):
+    run_dir, _ = finished_campaign
+    for name in ("state.json", "labels.csv", "metrics.csv", "learning_curve.png", "predictions.parquet"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "cycles/c01/model.pt").is_file()
+
+
+def test_metrics_have_a_row_per_cycle_with_test_accuracy(finished_campaign):
+    run_dir, _ = finished_campaign
+    rows = read_csv(run_dir / "metrics.csv")
+    assert [r["cycle"] for r in rows] == ["0", "1"]
+    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
+
+
+def test_predictions_cover_every_subtomogram_of_the_pool(finished_campaign, shape_pool):
+    run_dir, _ = finished_campaign
+    predictions = pq.read_table(run_dir / "predictions.parquet")
+    assert sorted(predictions.column("row").to_pylist()) == list(range(shape_pool.n_rows))
+    assert set(predictions.column("pred_class").to_pylist()) <= set(shape_pool.class_names)
+
+
+def test_running_a_finished_campaign_again_changes_nothing(finished_campaign, shape_pool):
+    run_dir, state = finished_campaign
+    before = (run_dir / "labels.csv").read_bytes()
+    cfg = load_config(None, TINY + [f"data.pool={shape_pool.path}"])
+    again = Campaign(cfg, run_dir, shape_pool).run()
+    assert (run_dir / "labels.csv").read_bytes() == before
+    assert again["cycles"] == state["cycles"]
+
+
+def test_the_mean_model_is_the_ema_of_the_task_models_trajectory_on_every_rank(
+    ray_local, shape_pool, tmp_path
+):
+    alpha = 0.9  # large enough steps that a wrong update would show
+    job = CycleJob(
+        pool=shape_pool.path, out_dir=str(tmp_path), num_classes=3,
+        train_rows=list(range(24)), train_labels=[r % 3 for r in range(24)],
+        model=config_to_dict(ModelConfig(width=4)),
+        train=config_to_dict(TrainConfig(epochs=1, batch_size=4, num_workers=2, ema_alpha=alpha)),
+        record_trajectory=True,
+    )
+    run_training(job, run_name="ema-trajectory")
+    trajectory = tmp_path / "trajectory"
+    steps = torch.load(trajectory / "t_steps_epoch0.pt")
+    expected = torch.load(trajectory / "mean_initial.pt")
+    for state in steps:
+        for key, value in state.items():
+            if value.is_floating_point():
+                expected[key] = alpha * expected[key] + (1 - alpha) * value
+            else:
+                expected[key] = value.clone()
+    rank0 = torch.load(trajectory / "mean_rank0.pt")
+    rank1 = torch.load(trajectory / "mean_rank1.pt")
+    assert len(steps) == 3  # 24 volumes, 2 ranks, batches of 4
+    for key in expected:
+        torch.testing.assert_close(rank0[key], expected[key], rtol=1e-5, atol=1e-6)
+        assert torch.equal(rank0[key], rank1[key]), key
+
+
+def test_a_ledger_survives_a_campaign_unchanged_when_reopened(finished_campaign, shape_pool):
+    run_dir, state = finished_campaign
+    ledger = LabelLedger(run_dir / "labels.csv", known_ids=None, num_classes=3)
+    assert len(ledger.current()) == state["cycles"][-1]["labelled"]

@@ -1,0 +1,39 @@
+import pytest
+
+from orchestrator.config import CampaignConfig, ConfigError, load_config, parse_override
+
+
+def test_no_config_gives_the_cpu_sized_defaults():
+    assert load_config() == CampaignConfig()
+
+
+def test_overrides_reach_nested_sections_and_are_parsed_as_yaml():
+    cfg = load_config(None, ["train.epochs=3", "strategy.options={distance: js}", "budget.counts=[5, 9]"])
+    assert (cfg.train.epochs, cfg.strategy.options, cfg.budget.counts) == (3, {"distance": "js"}, (5, 9))
+
+
+def test_an_unknown_key_is_an_error_listing_the_valid_ones(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['epoch'\].*epochs"):
+        load_config(path)
+
+
+def test_a_wrongly_typed_value_is_an_error():
+    with pytest.raises(ConfigError, match="train.epochs: expected a number"):
+        load_config(None, ["train.epochs=many"])
+
+
+def test_an_override_without_equals_sign_is_an_error():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_override("train.epochs")
+
+
+def test_a_missing_config_file_names_the_path():
+    with pytest.raises(ConfigError, match="no-such-config"):
+        load_config("no-such-config")
+
+
+@pytest.mark.parametrize("name", ["default", "paper", "smoke"])
+def test_every_shipped_campaign_config_loads(name):
+    assert isinstance(load_config(name), CampaignConfig)

@@ -1,0 +1,153 @@
+"""The Parquet pool: round trips, normalisation, sharding, streaming, refusals."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from orchestrator.pool import (
+    MANIFEST,
+    DuplicateIdError,
+    PoolError,
+    PoolWriter,
+    iter_volumes,
+    open_pool,
+    read_index,
+    read_volumes,
+    zscore,
+)
+
+BOX = 4
+VOXEL_BYTES_F16 = BOX**3 * 2
+
+
+def volumes(n, seed=0, offset=0.0):
+    return np.random.default_rng(seed).normal(loc=offset, scale=3.0, size=(n, BOX, BOX, BOX)).astype(np.float32)
+
+
+def write_pool(path, vols, **kwargs):
+    labels = kwargs.pop("labels", None)
+    with PoolWriter(path, BOX, **kwargs) as writer:
+        for i, vol in enumerate(vols):
+            writer.add(f"s{i:03d}", vol, source=f"file{i}.mrc", label=None if labels is None else labels[i],
+                       voxel_size_A=10.0, tomogram="TS_01", xyz=(i, 2 * i, 3 * i))
+    return open_pool(path)
+
+
+def read_all(path, batch_rows=256):
+    ids, vols = [], []
+    for batch_ids, batch_vols, _ in iter_volumes(path, batch_rows=batch_rows):
+        ids.extend(batch_ids.tolist())
+        vols.append(batch_vols)
+    return ids, np.concatenate(vols)
+
+
+def test_ids_volumes_and_labels_round_trip(tmp_path):
+    vols = volumes(7)
+    labels = [0, 1, 2, 0, 1, 2, 0]
+    info = write_pool(tmp_path / "pool", vols, labels=labels, class_names=("a", "b", "c"), dtype="float32")
+    ids, back = read_all(tmp_path / "pool")
+    index = read_index(tmp_path / "pool")
+    assert ids == [f"s{i:03d}" for i in range(7)]
+    np.testing.assert_allclose(back, np.stack([zscore(v) for v in vols]), atol=1e-6)
+    assert index.column("label").to_pylist() == labels
+    assert index.column("row").to_pylist() == list(range(7))
+    assert index.column("x").to_pylist() == [float(i) for i in range(7)]
+    assert (info.n_rows, info.class_names) == (7, ("a", "b", "c"))
+
+
+def test_zscoring_is_recorded_and_applied_to_each_volume(tmp_path):
+    info = write_pool(tmp_path / "pool", volumes(5, offset=50.0))
+    _, back = read_all(tmp_path / "pool")
+    assert info.normalisation == "zscore"
+    assert json.loads((tmp_path / "pool" / MANIFEST).read_text())["normalisation"] == "zscore"
+    np.testing.assert_allclose(back.mean(axis=(1, 2, 3)), 0.0, atol=1e-2)
+    np.testing.assert_allclose(back.std(axis=(1, 2, 3)), 1.0, atol=1e-2)
+
+
+def test_normalisation_none_keeps_the_voxels(tmp_path):
+    vols = volumes(3, offset=50.0)
+    write_pool(tmp_path / "pool", vols, normalisation="none", dtype="float32")
+    np.testing.assert_array_equal(read_all(tmp_path / "pool")[1], vols)
+
+
+def test_shards_split_at_the_shard_size(tmp_path):
+    rows_per_shard = 10
+    info = write_pool(tmp_path / "pool", volumes(25), shard_mb=rows_per_shard * VOXEL_BYTES_F16 / 2**20)
+    assert len(info.shards) == math.ceil(25 / rows_per_shard)
+    assert all((tmp_path / "pool" / shard).is_file() for shard in info.shards)
+
+
+def test_iter_volumes_yields_batches_of_the_asked_size_across_shards(tmp_path):
+    write_pool(tmp_path / "pool", volumes(25), shard_mb=10 * VOXEL_BYTES_F16 / 2**20, rows_per_group=3)
+    sizes = [len(ids) for ids, _, _ in iter_volumes(tmp_path / "pool", batch_rows=4)]
+    assert sizes == [4, 4, 4, 4, 4, 4, 1]
+
+
+def test_iter_volumes_streams_without_reading_later_shards_first(tmp_path):
+    write_pool(tmp_path / "pool", volumes(30), shard_mb=10 * VOXEL_BYTES_F16 / 2**20)
+    (tmp_path / "pool" / "shards" / "part-00002.parquet").write_bytes(b"damaged")
+    batches = iter_volumes(tmp_path / "pool", batch_rows=5)
+    first_ids, first_vols, _ = next(batches)  # served although the last shard is unreadable
+    assert first_ids.tolist() == [f"s{i:03d}" for i in range(5)]
+    assert first_vols.shape == (5, BOX, BOX, BOX)
+
+
+def test_read_volumes_returns_the_asked_rows_in_that_order(tmp_path):
+    vols = volumes(12)
+    write_pool(tmp_path / "pool", vols, shard_mb=5 * VOXEL_BYTES_F16 / 2**20, dtype="float32")
+    rows = [11, 0, 7, 3]
+    np.testing.assert_allclose(read_volumes(tmp_path / "pool", rows), np.stack([zscore(vols[r]) for r in rows]), atol=1e-6)
+
+
+def test_read_volumes_refuses_rows_not_in_the_pool(tmp_path):
+    write_pool(tmp_path / "pool", volumes(3))
+    with pytest.raises(PoolError, match="not in"):
+        read_volumes(tmp_path / "pool", [1, 99])
+
+
+def test_duplicate_id_is_refused(tmp_path):
+    writer = PoolWriter(tmp_path / "pool", BOX)
+    writer.add("a", volumes(1)[0], source="x")
+    with pytest.raises(DuplicateIdError, match="'a'"):
+        writer.add("a", volumes(1, seed=1)[0], source="y")
+    assert writer.close().n_rows == 1
+
+
+def test_volume_of_the_wrong_box_is_refused(tmp_path):
+    writer = PoolWriter(tmp_path / "pool", BOX)
+    with pytest.raises(PoolError, match="differs from the pool's box"):
+        writer.add("a", np.ones((BOX + 1,) * 3), source="x")
+
+
+@pytest.mark.parametrize("bad, reason", [(np.nan, "NaN or Inf"), (np.inf, "NaN or Inf")])
+def test_non_finite_volume_is_refused(tmp_path, bad, reason):
+    vol = volumes(1)[0]
+    vol[1, 2, 3] = bad
+    writer = PoolWriter(tmp_path / "pool", BOX)
+    with pytest.raises(PoolError, match=reason):
+        writer.add("a", vol, source="x")
+
+
+def test_constant_volume_is_refused(tmp_path):
+    writer = PoolWriter(tmp_path / "pool", BOX)
+    with pytest.raises(PoolError, match="constant"):
+        writer.add("a", np.full((BOX,) * 3, 7.0), source="x")
+
+
+def test_interrupted_writer_leaves_no_manifest_so_the_pool_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="power cut"):
+        with PoolWriter(tmp_path / "pool", BOX, rows_per_group=2) as writer:
+            for i, vol in enumerate(volumes(5)):
+                writer.add(f"s{i}", vol, source="x")
+            raise RuntimeError("power cut")
+    assert not (tmp_path / "pool" / MANIFEST).exists()
+    with pytest.raises(PoolError, match="interrupted"):
+        open_pool(tmp_path / "pool")
+
+
+def test_existing_pool_is_not_overwritten_by_accident(tmp_path):
+    write_pool(tmp_path / "pool", volumes(2))
+    with pytest.raises(PoolError, match="already exists"):
+        PoolWriter(tmp_path / "pool", BOX)

@@ -1,0 +1,496 @@
+"""Query strategies: one contract for all, then known answers for each."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from orchestrator.strategies import (
+    OUTPUT_KEYS,
+    STRATEGIES,
+    Candidates,
+    RowwiseStrategy,
+    make_strategy,
+    select,
+    top_k,
+    unlabelled_positions,
+)
+
+N_POOL, N_LABELLED, C, E, K = 260, 60, 5, 16, 4  # 200 candidates
+
+# Every registered strategy with its defaults, plus the option values worth their own run.
+CONFIGS = [(name, {}) for name in STRATEGIES] + [
+    ("ema_kl", {"distance": "reverse_kl"}),
+    ("ema_kl", {"distance": "js"}),
+    ("ema_kl", {"distance": "mse_logits"}),
+    ("ema_kl", {"order": "lowest"}),
+    ("bald", {"mc_passes": K}),
+    ("coreset", {"chunk_rows": 64}),
+    ("badge", {"chunk_rows": 64}),
+]
+CONFIG_IDS = [name + "".join(f"-{v}" for v in opts.values()) for name, opts in CONFIGS]
+
+
+def softmax(x, axis=1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def pool_outputs(n, seed=0):
+    """Plausible scoring-pass outputs for every key, float32 like the real pass."""
+    rng = np.random.default_rng(seed)
+    logits = 2.0 * rng.standard_normal((n, C))
+    mean_logits = logits + 0.5 * rng.standard_normal((n, C))
+    mc_logits = logits[:, :, None] + rng.standard_normal((n, C, K))
+    outputs = {
+        "logits": logits,
+        "mean_logits": mean_logits,
+        "probs": softmax(logits),
+        "mean_probs": softmax(mean_logits),
+        "embeddings": rng.standard_normal((n, E)),
+        "grad_embeddings": rng.standard_normal((n, E * C)),
+        "mc_probs": softmax(mc_logits, axis=1),
+    }
+    assert set(outputs) == OUTPUT_KEYS
+    return {key: value.astype(np.float32) for key, value in outputs.items()}
+
+
+def pool_candidates(strategy, seed=0):
+    """(candidates, labelled pool rows): a pool whose first rows are labelled, in shuffled
+    order; outputs hold only the keys the strategy declares, so reading others fails."""
+    rng = np.random.default_rng(seed)
+    all_rows = rng.permutation(np.arange(1000, 1000 + N_POOL))
+    labelled_rows = all_rows[rng.permutation(N_POOL)[:N_LABELLED]]
+    outputs = pool_outputs(N_POOL, seed)
+    unlabelled = unlabelled_positions(all_rows, labelled_rows)
+    labelled = np.flatnonzero(np.isin(all_rows, labelled_rows))
+    candidates = Candidates(
+        rows=all_rows[unlabelled],
+        outputs={key: outputs[key][unlabelled] for key in strategy.needs},
+        labelled={key: outputs[key][labelled] for key in strategy.needs_labelled},
+    )
+    return candidates, labelled_rows
+
+
+def choose(name, candidates, k, seed=0, **options):
+    return select(make_strategy(name, **options), candidates, k, np.random.default_rng(seed))
+
+
+def probs_candidates(probs):
+    probs = np.asarray(probs, dtype=np.float32)
+    return Candidates(rows=np.arange(len(probs)), outputs={"probs": probs})
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=CONFIG_IDS)
+class TestEveryStrategy:
+    def test_declares_only_outputs_the_scoring_pass_can_produce(self, name, options):
+        strategy = make_strategy(name, **options)
+        assert strategy.needs | strategy.needs_labelled <= OUTPUT_KEYS
+
+    def test_returns_k_unique_positions_in_range(self, name, options):
+        strategy = make_strategy(name, **options)
+        candidates, _ = pool_candidates(strategy)
+        positions = select(strategy, candidates, 17, np.random.default_rng(0))
+        assert positions.dtype == np.int64
+        assert len(positions) == 17
+        assert len(set(positions.tolist())) == 17
+        assert 0 <= positions.min() and positions.max() < len(candidates)
+
+    def test_same_seed_gives_the_same_selection(self, name, options):
+        strategy = make_strategy(name, **options)
+        candidates, _ = pool_candidates(strategy)
+        first = select(strategy, candidates, 30, np.random.default_rng(7))
+        second = select(strategy, candidates, 30, np.random.default_rng(7))
+        np.testing.assert_array_equal(first, second)
+
+    def test_never_chooses_a_labelled_row(self, name, options):
+        strategy = make_strategy(name, **options)
+        candidates, labelled_rows = pool_candidates(strategy)
+        n = len(candidates)
+        chosen_rows = candidates.rows[select(strategy, candidates, n, np.random.default_rng(1))]
+        assert set(chosen_rows.tolist()) == set(range(1000, 1000 + N_POOL)) - set(labelled_rows)
+
+    def test_asking_for_more_than_the_pool_warns_and_returns_everything(self, name, options):
+        strategy = make_strategy(name, **options)
+        candidates, _ = pool_candidates(strategy)
+        with pytest.warns(UserWarning, match=r"k=250.*N=200"):
+            positions = select(strategy, candidates, 250, np.random.default_rng(0))
+        np.testing.assert_array_equal(np.sort(positions), np.arange(200))
+
+    def test_asking_for_nothing_returns_nothing(self, name, options):
+        strategy = make_strategy(name, **options)
+        candidates, _ = pool_candidates(strategy)
+        for k in (0, -3):
+            assert select(strategy, candidates, k, np.random.default_rng(0)).shape == (0,)
+
+
+ROWWISE = [(n, o) for n, o in CONFIGS if issubclass(STRATEGIES[n], RowwiseStrategy)]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"), ROWWISE, ids=[CONFIG_IDS[CONFIGS.index(c)] for c in ROWWISE]
+)
+def test_scoring_in_uneven_chunks_matches_scoring_at_once(name, options):
+    strategy = make_strategy(name, **options)
+    outputs = pool_candidates(strategy)[0].outputs
+    bounds = [(0, 7), (7, 120), (120, 200)]
+    chunked = np.concatenate(
+        [strategy.score({k: v[a:b] for k, v in outputs.items()}) for a, b in bounds]
+    )
+    at_once = strategy.score(outputs)
+    assert at_once.dtype == np.float64
+    np.testing.assert_array_equal(chunked, at_once)
+
+
+def test_random_with_different_seeds_chooses_differently():
+    strategy = make_strategy("random")
+    candidates, _ = pool_candidates(strategy)
+    first = select(strategy, candidates, 10, np.random.default_rng(0))
+    second = select(strategy, candidates, 10, np.random.default_rng(1))
+    assert first.tolist() != second.tolist()
+
+
+# --- registry and inputs ----------------------------------------------------------------------
+
+
+def test_unknown_strategy_lists_the_valid_names():
+    with pytest.raises(ValueError, match=r"'entorpy'.*'bald'.*'coreset'.*'entropy'"):
+        make_strategy("entorpy")
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(TypeError, match=r"'entropy'.*\['distance'\].*order"):
+        make_strategy("entropy", distance="kl")
+
+
+def test_unknown_distance_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"\['kl', 'reverse_kl', 'js', 'mse_logits'\], got 'kld'"):
+        make_strategy("ema_kl", distance="kld")
+
+
+def test_bald_refuses_a_single_mc_pass():
+    with pytest.raises(ValueError, match="mc_passes >= 2"):
+        make_strategy("bald", mc_passes=1)
+
+
+def test_mc_strategies_tell_the_scoring_pass_how_many_passes():
+    assert make_strategy("bald").mc_passes == 10
+    assert make_strategy("mc_entropy", mc_passes=4).mc_passes == 4
+    assert make_strategy("entropy").mc_passes == 0
+
+
+def test_select_names_a_missing_output():
+    candidates = Candidates(rows=np.arange(3), outputs={"probs": np.full((3, 2), 0.5)})
+    with pytest.raises(ValueError, match=r"ema_kl needs outputs \['logits', 'mean_logits'\]"):
+        choose("ema_kl", candidates, 1)
+
+
+def test_coreset_needs_labelled_embeddings_even_if_there_are_none_yet():
+    candidates = Candidates(rows=np.arange(3), outputs={"embeddings": np.zeros((3, 2))})
+    with pytest.raises(ValueError, match=r"\['embeddings'\] for the labelled set"):
+        choose("coreset", candidates, 1)
+
+
+def test_candidates_refuse_misaligned_outputs():
+    with pytest.raises(ValueError, match=r"outputs\['probs'\] has shape \(4, 2\); expected 3"):
+        Candidates(rows=np.arange(3), outputs={"probs": np.full((4, 2), 0.5)})
+
+
+def test_candidates_refuse_unknown_keys():
+    with pytest.raises(ValueError, match=r"unknown keys \['prob'\]"):
+        Candidates(rows=np.arange(3), outputs={"prob": np.full((3, 2), 0.5)})
+
+
+def test_candidates_refuse_duplicate_rows():
+    with pytest.raises(ValueError, match="duplicates"):
+        Candidates(rows=np.array([4, 5, 4]), outputs={})
+
+
+def test_unlabelled_positions_are_the_positions_of_rows_not_labelled():
+    positions = unlabelled_positions(np.array([10, 11, 12, 13, 14]), np.array([14, 11]))
+    np.testing.assert_array_equal(positions, [0, 2, 3])
+
+
+# --- the shared selector ----------------------------------------------------------------------
+
+
+def test_top_k_returns_highest_first():
+    positions = top_k(np.array([0.2, 0.9, 0.1, 0.5]), 3, np.random.default_rng(0))
+    np.testing.assert_array_equal(positions, [1, 3, 0])
+
+
+def test_nan_scores_go_last_even_below_minus_infinity():
+    scores = np.array([np.nan, -np.inf, 0.3, np.nan, 0.1])
+    positions = top_k(scores, 5, np.random.default_rng(0))
+    np.testing.assert_array_equal(positions[:3], [2, 4, 1])
+    assert set(positions[3:].tolist()) == {0, 3}
+    np.testing.assert_array_equal(top_k(scores, 3, np.random.default_rng(0)), [2, 4, 1])
+
+
+def test_ties_are_broken_by_the_seed_not_by_position():
+    scores = np.zeros(50)
+    first = top_k(scores, 5, np.random.default_rng(0))
+    np.testing.assert_array_equal(first, top_k(scores, 5, np.random.default_rng(0)))
+    assert first.tolist() != top_k(scores, 5, np.random.default_rng(1)).tolist()
+    assert first.tolist() != [0, 1, 2, 3, 4]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.sampled_from([0.0, 1.0, 2.0, 2.5, -np.inf, np.inf, np.nan]), max_size=30),
+    st.integers(0, 35),
+    st.integers(0, 2**32 - 1),
+)
+def test_top_k_takes_the_best_k_in_order_with_nan_last(values, k, seed):
+    scores = np.array(values, dtype=np.float64)
+    positions = top_k(scores, k, np.random.default_rng(seed))
+    assert len(positions) == min(k, len(scores))
+    assert len(set(positions.tolist())) == len(positions)
+    # Ranked by score, NaN as the lowest possible value.
+    key = np.where(np.isnan(scores), -np.inf, scores)
+    nan_rank = np.isnan(scores).astype(int)
+    ranked = list(zip(-key[positions], nan_rank[positions]))
+    by_nan_then_score = [(n, s) for s, n in ranked]
+    assert by_nan_then_score == sorted(by_nan_then_score)
+    # Nothing left out beats anything taken.
+    left_out = np.setdiff1d(np.arange(len(scores)), positions)
+    if len(positions) and len(left_out):
+        worst_taken = max((nan_rank[p], -key[p]) for p in positions)
+        best_left = min((nan_rank[p], -key[p]) for p in left_out)
+        assert worst_taken <= best_left
+
+
+# --- uncertainty: known rankings --------------------------------------------------------------
+
+# Rows in shuffled order: confident [1, 0, 0], in between [0.6, 0.4, 0], uniform.
+THREE = [[0.6, 0.4, 0.0], [1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("name", ["entropy", "margin", "least_confidence"])
+def test_uncertainty_ranks_uniform_then_split_then_confident(name):
+    positions = choose(name, probs_candidates(THREE), 3)
+    np.testing.assert_array_equal(positions, [1, 0, 2])
+
+
+def test_entropy_values():
+    scores = make_strategy("entropy").score({"probs": np.array(THREE)})
+    expected = [-(0.6 * math.log(0.6) + 0.4 * math.log(0.4)), math.log(3), 0.0]
+    np.testing.assert_allclose(scores, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_margin_is_minus_the_gap_between_the_top_two():
+    scores = make_strategy("margin").score({"probs": np.array([[0.1, 0.5, 0.4], [0.9, 0.0, 0.1]])})
+    np.testing.assert_allclose(scores, [-0.1, -0.8], rtol=1e-12)
+
+
+def test_least_confidence_is_one_minus_the_top_probability():
+    scores = make_strategy("least_confidence").score({"probs": np.array([[0.1, 0.7, 0.2]])})
+    np.testing.assert_allclose(scores, [0.3], rtol=1e-12)
+
+
+def test_lowest_order_ranks_confident_first_and_nan_still_last():
+    probs = THREE + [[np.nan, np.nan, np.nan]]
+    positions = choose("entropy", probs_candidates(probs), 4, order="lowest")
+    np.testing.assert_array_equal(positions, [2, 0, 1, 3])
+
+
+def test_a_nan_row_is_left_out_when_k_does_not_reach_it():
+    probs = THREE + [[np.nan, np.nan, np.nan]]
+    positions = choose("entropy", probs_candidates(probs), 3)
+    np.testing.assert_array_equal(positions, [1, 0, 2])
+
+
+# --- BALD and MC entropy ----------------------------------------------------------------------
+
+CONFIDENT_A = [0.98, 0.01, 0.01]
+CONFIDENT_B = [0.01, 0.98, 0.01]
+UNIFORM = [1 / 3, 1 / 3, 1 / 3]
+
+
+def mc(*passes):
+    """[C, K] from K per-pass probability vectors."""
+    return np.array(passes).T
+
+
+MC_ROWS = np.stack(
+    [
+        mc(CONFIDENT_A, CONFIDENT_A, CONFIDENT_A, CONFIDENT_A),  # agree, confident
+        mc(CONFIDENT_A, CONFIDENT_B, CONFIDENT_A, CONFIDENT_B),  # disagree, each confident
+        mc(UNIFORM, UNIFORM, UNIFORM, UNIFORM),  # agree, each unsure
+    ]
+)
+
+
+def entropy_of(p):
+    return -sum(x * math.log(x) for x in p if x > 0)
+
+
+def test_bald_is_zero_when_passes_agree_and_high_when_confident_passes_disagree():
+    scores = make_strategy("bald", mc_passes=4).score({"mc_probs": MC_ROWS})
+    mean = [(a + b) / 2 for a, b in zip(CONFIDENT_A, CONFIDENT_B)]
+    disagreement = entropy_of(mean) - entropy_of(CONFIDENT_A)
+    np.testing.assert_allclose(scores, [0.0, disagreement, 0.0], atol=1e-12)
+    assert disagreement > 0.5
+
+
+def test_mc_entropy_ranks_the_unsure_but_agreeing_row_first():
+    scores = make_strategy("mc_entropy", mc_passes=4).score({"mc_probs": MC_ROWS})
+    mean = [(a + b) / 2 for a, b in zip(CONFIDENT_A, CONFIDENT_B)]
+    expected = [entropy_of(CONFIDENT_A), entropy_of(mean), math.log(3)]
+    np.testing.assert_allclose(scores, expected, rtol=1e-12)
+    assert np.argmax(scores) == 2
+
+
+# --- EMA disagreement (the paper) -------------------------------------------------------------
+
+P_T, P_M = [0.5, 0.5], [0.9, 0.1]
+KL_TM = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+KL_MT = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+MIX = [0.7, 0.3]
+JS = 0.5 * (0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3)) + 0.5 * (
+    0.9 * math.log(0.9 / 0.7) + 0.1 * math.log(0.1 / 0.3)
+)
+
+
+@pytest.mark.parametrize(
+    ("distance", "expected"), [("kl", KL_TM), ("reverse_kl", KL_MT), ("js", JS)]
+)
+@pytest.mark.parametrize("source", ["logits", "probs"])
+def test_ema_divergences_match_hand_computed_values(distance, expected, source):
+    if source == "logits":  # log p plus a per-row shift: softmax gives p back
+        outputs = {"logits": np.log([P_T]) + 3.0, "mean_logits": np.log([P_M]) - 1.0}
+    else:
+        outputs = {"probs": np.array([P_T]), "mean_probs": np.array([P_M])}
+    score = make_strategy("ema_kl", distance=distance).score(outputs)
+    np.testing.assert_allclose(score, [expected], rtol=1e-12)
+
+
+def test_ema_kl_prefers_logits_when_probabilities_are_also_present():
+    outputs = {
+        "logits": np.log([P_T]),
+        "mean_logits": np.log([P_M]),
+        "probs": np.array([[0.1, 0.9]]),  # would give a different KL
+        "mean_probs": np.array([[0.1, 0.9]]),
+    }
+    np.testing.assert_allclose(make_strategy("ema_kl").score(outputs), [KL_TM], rtol=1e-12)
+
+
+def test_ema_kl_is_finite_for_saturated_logits():
+    outputs = {"logits": np.array([[800.0, -800.0]]), "mean_logits": np.array([[-800.0, 800.0]])}
+    score = make_strategy("ema_kl").score(outputs)
+    np.testing.assert_allclose(score, [1600.0], rtol=1e-12)
+
+
+def test_ema_mse_logits_is_the_mean_squared_logit_difference():
+    outputs = {"logits": np.array([[1.0, 2.0, 3.0]]), "mean_logits": np.array([[1.0, 0.0, 3.0]])}
+    score = make_strategy("ema_kl", distance="mse_logits").score(outputs)
+    np.testing.assert_allclose(score, [4 / 3], rtol=1e-12)
+
+
+def test_ema_kl_of_identical_models_is_exactly_zero():
+    logits = np.random.default_rng(0).standard_normal((20, 5))
+    score = make_strategy("ema_kl").score({"logits": logits, "mean_logits": logits})
+    np.testing.assert_array_equal(score, np.zeros(20))
+
+
+def test_ema_kl_lowest_order_reverses_the_ranking():
+    mean = np.log([[0.5, 0.5]] * 3)
+    logits = np.log([[0.6, 0.4], [0.99, 0.01], [0.8, 0.2]])  # KL small, large, medium
+    candidates = Candidates(rows=np.arange(3), outputs={"logits": logits, "mean_logits": mean})
+    np.testing.assert_array_equal(choose("ema_kl", candidates, 3), [1, 2, 0])
+    np.testing.assert_array_equal(choose("ema_kl", candidates, 3, order="lowest"), [0, 2, 1])
+
+
+def test_lowest_order_is_in_the_score_so_ranking_stored_scores_agrees_with_select():
+    # The loop may rank scores the Ray pass wrote with top_k instead of calling select.
+    strategy = make_strategy("ema_kl", order="lowest")
+    candidates, _ = pool_candidates(strategy)
+    stored = strategy.score(candidates.outputs)
+    np.testing.assert_array_equal(stored, -strategy.utility(candidates.outputs))
+    ranked = top_k(stored, 20, np.random.default_rng(3))
+    np.testing.assert_array_equal(ranked, choose("ema_kl", candidates, 20, seed=3, order="lowest"))
+
+
+# --- core-set ---------------------------------------------------------------------------------
+
+# A labelled item at the origin; candidates at distance 1, 5 and 10 along x, and a cluster
+# far up the y axis (distances 50, 51 and ~50.01).
+LINE_AND_CLUSTER = np.array(
+    [[1.0, 0.0], [0.0, 50.0], [5.0, 0.0], [0.0, 51.0], [10.0, 0.0], [1.0, 50.0]], np.float32
+)
+
+
+def coreset_candidates(points, labelled):
+    return Candidates(
+        rows=np.arange(len(points)),
+        outputs={"embeddings": points},
+        labelled={"embeddings": np.asarray(labelled, np.float32).reshape(-1, points.shape[1])},
+    )
+
+
+@pytest.mark.parametrize("chunk_rows", [8192, 2])
+def test_coreset_takes_the_farthest_then_the_farthest_from_both(chunk_rows):
+    candidates = coreset_candidates(LINE_AND_CLUSTER, [[0.0, 0.0]])
+    strategy = make_strategy("coreset", chunk_rows=chunk_rows)
+    positions = select(strategy, candidates, 4, np.random.default_rng(0))
+    # (0, 51); then (10, 0), 10 from the origin; then (5, 0), 5 from both; then (1, 50),
+    # √2 from (0, 51), beating (1, 0) and (0, 50) at 1.
+    np.testing.assert_array_equal(positions, [3, 4, 2, 5])
+
+
+def test_coreset_without_labelled_items_starts_at_random_then_goes_farthest():
+    points = np.stack([np.arange(11.0), np.zeros(11)], axis=1).astype(np.float32)
+    candidates = coreset_candidates(points, np.zeros((0, 2)))
+    firsts = set()
+    for seed in range(6):
+        first, second = choose("coreset", candidates, 2, seed=seed)
+        firsts.add(int(first))
+        farthest = np.abs(points[:, 0] - points[first, 0]).max()
+        assert abs(points[second, 0] - points[first, 0]) == farthest
+    assert len(firsts) > 1
+
+
+def test_coreset_takes_a_non_finite_embedding_last():
+    points = LINE_AND_CLUSTER.copy()
+    points[3] = [np.nan, 0.0]
+    candidates = coreset_candidates(points, [[0.0, 0.0]])
+    positions = choose("coreset", candidates, 6)
+    assert positions[-1] == 3
+
+
+# --- BADGE ------------------------------------------------------------------------------------
+
+
+def clusters(n_clusters=4, per_cluster=50, dim=16, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = 100.0 * rng.standard_normal((n_clusters, dim))
+    noise = rng.standard_normal((n_clusters * per_cluster, dim))
+    points = centres.repeat(per_cluster, axis=0) + noise
+    return points.astype(np.float32), np.arange(n_clusters).repeat(per_cluster)
+
+
+def badge_candidates(points):
+    return Candidates(rows=np.arange(len(points)), outputs={"grad_embeddings": points})
+
+
+def test_badge_takes_one_candidate_from_each_well_separated_cluster():
+    points, cluster = clusters()
+    positions = choose("badge", badge_candidates(points), 4)
+    assert sorted(cluster[positions].tolist()) == [0, 1, 2, 3]
+
+
+def test_badge_starts_from_the_largest_gradient():
+    points, _ = clusters()
+    points[17] *= 3.0
+    positions = choose("badge", badge_candidates(points), 1)
+    np.testing.assert_array_equal(positions, [17])
+
+
+def test_badge_fills_up_at_random_once_every_candidate_sits_on_a_pick():
+    points = np.ones((6, 3), np.float32)  # all the same point
+    first = choose("badge", badge_candidates(points), 6)
+    second = choose("badge", badge_candidates(points), 6, seed=1)
+    assert sorted(first.tolist()) == list(range(6))
+    assert first.tolist() != second.tolist()

@@ -1,0 +1,108 @@
+"""MRC reading and writing: real maps, unknown voxel size, damaged files, volume stacks."""
+
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+from orchestrator.volumes import VolumeError, read_sections, read_volume, write_volume
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"shared test data not found at {SHARED_DATA} (only beside the project checkout)"
+)
+
+# Box of each structures_10A map, from shared/data/README.md.
+STRUCTURE_BOXES = {
+    "1bxn": 52, "1qvr": 56, "1s3x": 46, "1u6g": 56, "2cg9": 52, "3cf3": 54, "3d2f": 62,
+    "3gl1": 48, "3h84": 50, "3qm1": 46, "4cr2": 66, "4v94": 72, "5mrc": 72,
+}
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", sorted(STRUCTURE_BOXES))
+def test_structure_maps_read_as_cubes_with_voxel_size_10(name):
+    volume, voxel = read_volume(SHARED_DATA / "structures_10A" / f"{name}.mrc")
+    assert volume.shape == (STRUCTURE_BOXES[name],) * 3
+    assert volume.dtype == np.float32
+    assert voxel == pytest.approx(10.0)
+
+
+@needs_shared_data
+def test_header_voxel_size_0_reads_as_unknown():
+    volume, voxel = read_volume(SHARED_DATA / "real" / "tomotwin_model_0_1BXN_1.mrc")
+    assert volume.shape == (37, 37, 37)
+    assert voxel is None
+
+
+def good_bytes(tmp_path) -> bytes:
+    write_volume(tmp_path / "good.mrc", np.arange(512, dtype=np.float32).reshape(8, 8, 8), 5.0)
+    return (tmp_path / "good.mrc").read_bytes()
+
+
+def test_truncated_file_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "cut.mrc"
+    path.write_bytes(good_bytes(tmp_path)[:1024 + 700])
+    with pytest.raises(VolumeError, match=r"cut\.mrc: truncated MRC file"):
+        read_sections(path)
+
+
+def test_file_cut_inside_the_header_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "stub.mrc"
+    path.write_bytes(good_bytes(tmp_path)[:300])
+    with pytest.raises(VolumeError, match=r"stub\.mrc: not a readable MRC file"):
+        read_sections(path)
+
+
+def test_non_mrc_file_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "notes.mrc"
+    path.write_text("these are not voxels\n" * 100)
+    with pytest.raises(VolumeError, match=r"notes\.mrc: not a readable MRC file"):
+        read_sections(path)
+
+
+def test_missing_file_is_refused_naming_the_file(tmp_path):
+    with pytest.raises(VolumeError, match=r"absent\.mrc: no such file"):
+        read_sections(tmp_path / "absent.mrc")
+
+
+def test_2d_image_is_refused_where_a_volume_is_expected(tmp_path):
+    path = tmp_path / "image.mrc"
+    write_volume(path, np.ones((16, 16)))
+    with pytest.raises(VolumeError, match=r"image\.mrc: a 2-D image"):
+        read_volume(path)
+
+
+def test_single_volume_round_trips_with_its_voxel_size(tmp_path):
+    volume = np.random.default_rng(0).normal(size=(6, 7, 8)).astype(np.float32)
+    write_volume(tmp_path / "v.mrc", volume, 4.5)
+    back, voxel = read_volume(tmp_path / "v.mrc")
+    np.testing.assert_array_equal(back, volume)
+    assert voxel == pytest.approx(4.5)
+
+
+def test_volume_written_without_voxel_size_reads_as_unknown(tmp_path):
+    write_volume(tmp_path / "v.mrc", np.ones((4, 4, 4)))
+    assert read_volume(tmp_path / "v.mrc")[1] is None
+
+
+def test_volume_stack_round_trips_section_by_section(tmp_path):
+    stack = np.random.default_rng(1).normal(size=(3, 5, 5, 5)).astype(np.float32)
+    write_volume(tmp_path / "s.mrcs", stack, 2.0)
+    contents = read_sections(tmp_path / "s.mrcs")
+    np.testing.assert_array_equal(contents.sections, stack)
+    assert contents.voxel_size_A == pytest.approx(2.0)
+
+
+def test_mrcs_of_cubes_stacked_along_z_reads_as_sections(tmp_path):
+    cubes = np.random.default_rng(2).normal(size=(4, 6, 6, 6)).astype(np.float32)
+    with mrcfile.new(str(tmp_path / "z.mrcs")) as mrc:  # how several tools write subtomogram stacks
+        mrc.set_data(cubes.reshape(24, 6, 6))
+    np.testing.assert_array_equal(read_sections(tmp_path / "z.mrcs").sections, cubes)
+
+
+def test_read_volume_refuses_a_stack_of_several_volumes(tmp_path):
+    write_volume(tmp_path / "s.mrcs", np.ones((2, 4, 4, 4)))
+    with pytest.raises(VolumeError, match=r"s\.mrcs: holds 2 volumes"):
+        read_volume(tmp_path / "s.mrcs")
