@@ -46,6 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["annotate"]:  # the labelling page: `run.py annotate RUN_DIR` (no Ray)
+        from orchestrator.annotate import main as annotate_main
+
+        return annotate_main(argv[1:])
     args = parse_args(argv)
     try:
         cfg, run_dir = prepare_run(args)
@@ -106,10 +111,11 @@ def prepare_pool(cfg: CampaignConfig, run_dir: Path):
         return open_pool(pool_dir)
     except PoolError:
         pass
-    from orchestrator.simulate import simulate_from_preset
+    from orchestrator.simulate import load_simulation_config, simulate_pool
 
+    sim_cfg = load_simulation_config(cfg.data.simulate, {"seed": cfg.seed, **cfg.data.simulate_overrides})
     print(f"simulating a pool from preset {cfg.data.simulate!r} into {pool_dir}", flush=True)
-    return simulate_from_preset(cfg.data.simulate, cfg.data.simulate_overrides, pool_dir, seed=cfg.seed)
+    return simulate_pool(None, sim_cfg, pool_dir, workers=2, overwrite=True)
 
 
 def _pythonpath() -> str:
