@@ -142,7 +142,24 @@ class LabelLedger:
         summary = f"cannot import labels from {csv_path}; nothing was written"
         return self._append(records, where, override, summary, problems)
 
+    def check(self, records: Iterable[LabelRecord], *, override: bool = False) -> list[str]:
+        """The problems for which `append` would refuse these records (none: it would accept
+        them); nothing is written. For callers that must report a refusal before writing."""
+        records = list(records)
+        return self._sort(records, [f"record {i + 1}" for i in range(len(records))], override)[1]
+
     def _append(self, records, where, override, summary, problems=()) -> int:
+        new, problems = self._sort(records, where, override, problems)
+        if problems:
+            raise LedgerError(f"{summary} ({len(problems)} problem(s)):", problems)
+        if new:
+            self._write(self._history + new)
+            self._history.extend(new)
+            self._current.update((r.subtomo_id, r.label) for r in new)
+        return len(new)
+
+    def _sort(self, records, where, override, problems=()) -> tuple[list[LabelRecord], list[str]]:
+        """The records that would be new, and every reason to refuse the batch."""
         self._refresh()
         problems = list(problems)
         new: list[LabelRecord] = []
@@ -171,13 +188,7 @@ class LabelLedger:
                 )
                 continue
             new.append(record)
-        if problems:
-            raise LedgerError(f"{summary} ({len(problems)} problem(s)):", problems)
-        if new:
-            self._write(self._history + new)
-            self._history.extend(new)
-            self._current.update((r.subtomo_id, r.label) for r in new)
-        return len(new)
+        return new, problems
 
     def _check(self, record: LabelRecord) -> list[str]:
         bad = []
@@ -282,7 +293,7 @@ class LabelLedger:
 
 def _parse_import(csv_path: Path, cycle, source, annotator, class_names):
     """Rows of an import file as records, with their line numbers and any malformed-row problems."""
-    names = {} if class_names is None else {str(n).strip().lower(): i for i, n in enumerate(class_names)}
+    names = _name_index(class_names)
     records, where, problems = [], [], []
     try:
         text = csv_path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets often add a BOM
@@ -326,6 +337,16 @@ def _parse_import(csv_path: Path, cycle, source, annotator, class_names):
     except csv.Error as err:
         problems.append(f"{csv_path} line {reader.line_num}: {err}")
     return records, where, problems
+
+
+def parse_label(text: str, class_names: Sequence[str] | None = None) -> int | None:
+    """The label an import file's cell states (class index, -1/"junk", or a class name), as
+    `import_labels` reads it; None if it states none of these."""
+    return _label_value(text.strip(), _name_index(class_names))
+
+
+def _name_index(class_names: Sequence[str] | None) -> dict[str, int]:
+    return {} if class_names is None else {str(n).strip().lower(): i for i, n in enumerate(class_names)}
 
 
 def _label_value(raw: str, names: dict[str, int]) -> int | None:

@@ -25,9 +25,10 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from orchestrator.ema import init_mean_model, unwrap, update_mean_model  # noqa: F401
+from orchestrator.ema import init_mean_model, unwrap
 from orchestrator.learning import (
     evaluate,
+    recalibrated,
     get_rng_state,
     make_optimizer,
     make_scheduler,
@@ -154,12 +155,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
             unlabelled_batches=unlabelled, amp_dtype=amp_dtype, device=device, scaler=scaler,
         )
         scheduler.step()
-        val_accuracy = _accuracy(unwrap(model), x_val, y_val, job, amp_dtype)
+        calibration = list(_batches(x_train, y_train, np.arange(len(x_train)), tcfg["batch_size"]))
+        task_eval = recalibrated(model, calibration)
+        val_accuracy = _accuracy(task_eval, x_val, y_val, job, amp_dtype)
         improved = x_val is None or val_accuracy > progress["best_val"]
         if improved:
             progress.update(best_val=val_accuracy, best_epoch=epoch)
             if rank == 0:
-                _save_model(job, model, mean, epoch, val_accuracy)
+                _save_model(job, task_eval, recalibrated(mean, calibration), epoch, val_accuracy)
         progress["epoch"] = epoch + 1
         metrics = {
             "epoch": epoch, "loss": stats["loss"], "ce": stats["ce"], "reg": stats["reg"],

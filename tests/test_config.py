@@ -37,3 +37,7 @@ def test_a_missing_config_file_names_the_path():
 @pytest.mark.parametrize("name", ["default", "paper", "smoke"])
 def test_every_shipped_campaign_config_loads(name):
     assert isinstance(load_config(name), CampaignConfig)
+
+
+def test_the_shipped_default_config_is_what_no_config_means():
+    assert load_config("default") == CampaignConfig()

@@ -1,0 +1,442 @@
+"""Training, evaluation and the scoring forward pass of T and M: plain PyTorch, no Ray.
+
+Ray Train's ``train_loop_per_worker`` calls ``train_epoch``/``evaluate``; Ray Data's scoring
+actor calls ``forward_outputs``. Everything here runs as-is in a unit test.
+
+Shape conventions: volumes ``[B, 1, D, H, W]`` (``[B, D, H, W]`` gets its channel axis added),
+labels int64 ``[B]``, logits/probs ``[N, C]``, MC-dropout probs ``[N, C, K]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from copy import deepcopy
+import hashlib
+import math
+import random
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orchestrator.ema import unwrap, update_mean_model
+
+__all__ = [
+    "DISTANCES",
+    "OUTPUTS",
+    "regulariser",
+    "objective",
+    "make_optimizer",
+    "make_scheduler",
+    "train_epoch",
+    "evaluate",
+    "forward_outputs",
+    "seed_everything",
+    "get_rng_state",
+    "set_rng_state",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def _mse_logits(logits_t: torch.Tensor, logits_m: torch.Tensor) -> torch.Tensor:
+    # Mean over batch and classes (F.mse_loss's default), so λ does not scale with C.
+    return F.mse_loss(logits_t, logits_m)
+
+
+def _kl(logits_t: torch.Tensor, logits_m: torch.Tensor) -> torch.Tensor:
+    # KL(softmax T ‖ softmax M), summed over classes, averaged over the batch ("batchmean").
+    log_p_t = F.log_softmax(logits_t, dim=1)
+    log_p_m = F.log_softmax(logits_m, dim=1)
+    return (log_p_t.exp() * (log_p_t - log_p_m)).sum(dim=1).mean()
+
+
+DISTANCES = {"mse_logits": _mse_logits, "kl": _kl}
+
+
+def regulariser(
+    logits_t: torch.Tensor, logits_m: torch.Tensor, distance: str = "mse_logits"
+) -> torch.Tensor:
+    """D_reg(T(x), M(x)): a scalar; M's logits are detached, so only T gets gradients."""
+    try:
+        fn = DISTANCES[distance]
+    except KeyError:
+        raise ValueError(f"unknown distance {distance!r}; valid: {sorted(DISTANCES)}") from None
+    return fn(logits_t.float(), logits_m.detach().float())
+
+
+def objective(
+    logits_t: torch.Tensor,
+    logits_m: torch.Tensor,
+    y: torch.Tensor,
+    lam: float,
+    distance: str = "mse_logits",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CE(T(x), y) + lam · D_reg(T(x), M(x)); the parts come back detached (no host sync)."""
+    ce = F.cross_entropy(logits_t.float(), y)
+    reg = regulariser(logits_t, logits_m, distance)
+    return ce + lam * reg, {"ce": ce.detach(), "reg": reg.detach()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser
+
+
+def make_optimizer(
+    model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4
+) -> torch.optim.SGD:
+    """The paper's SGD: lr 0.1, momentum 0.9, weight decay 5e-4."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, epochs: int, decay_at: float | None = 0.8, gamma: float = 0.1
+) -> torch.optim.lr_scheduler.MultiStepLR:
+    """lr × gamma once, after ``decay_at`` of the epochs (epoch 80 of 100). Step once per epoch.
+
+    ``decay_at=None`` keeps the lr constant (the paper's real-data runs: 5 epochs, no decay).
+    """
+    milestones = [] if decay_at is None else [max(1, round(decay_at * epochs))]
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _volumes(x, device: torch.device) -> torch.Tensor:
+    """float32 ``[B, 1, D, H, W]`` on ``device`` from a tensor or array (float16 storage ok)."""
+    x = torch.as_tensor(x).to(device=device, dtype=torch.float32, non_blocking=True)
+    if x.dim() == 4:
+        x = x.unsqueeze(1)
+    if x.dim() != 5:
+        raise ValueError(f"volumes must be [B, 1, D, H, W] or [B, D, H, W], got {tuple(x.shape)}")
+    return x
+
+
+def _paired(batches: Iterable, unlabelled: Iterable | None):
+    """(labelled batch, unlabelled x or None), one unlabelled batch per labelled step.
+
+    A re-iterable unlabelled source (list, DataLoader) restarts when it runs out; a spent
+    iterator leaves the remaining steps without an unlabelled batch.
+    """
+    if unlabelled is None:
+        for b in batches:
+            yield b, None
+        return
+    end = object()
+    it = iter(unlabelled)
+    for b in batches:
+        u = next(it, end)
+        if u is end:
+            it = iter(unlabelled)
+            u = next(it, None)
+        if isinstance(u, (tuple, list)):  # (x, y) or (x,): the labels of the pool are not used
+            u = u[0]
+        yield b, u
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def train_epoch(
+    model: nn.Module,
+    mean_model: nn.Module,
+    batches: Iterable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lam: float,
+    distance: str = "mse_logits",
+    alpha: float = 0.999,
+    unlabelled_batches: Iterable | None = None,
+    amp_dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, float]:
+    """One pass over ``batches`` of (x, y): step T on CE + lam·D_reg(T, M), then EMA-update M.
+
+    ``model`` may be DDP-wrapped; ``mean_model`` is the bare M (see ``orchestrator.ema``). With
+    ``unlabelled_batches`` (semi-supervised), each step also adds lam·D_reg on one unlabelled
+    batch; it shares T's forward with the labelled batch (so BatchNorm sees both). M runs in eval
+    mode, as when it scores. ``lam == 0`` skips M's forward (the reg metric is then 0).
+    fp16 on CUDA uses a GradScaler: pass one to keep its scale across epochs.
+
+    Returns sample-weighted means over the labelled samples: loss, ce, reg (+ reg_unlabelled),
+    and n (labelled samples) and steps.
+    """
+    device = torch.device(device)
+    if scaler is None and amp_dtype == torch.float16 and device.type == "cuda":
+        scaler = torch.amp.GradScaler("cuda")
+    model.train()
+    mean_model.eval()
+    sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "reg", "reg_unlabelled")}
+    n = steps = 0
+    for (x, y), xu in _paired(batches, unlabelled_batches):
+        x = _volumes(x, device)
+        y = torch.as_tensor(y).to(device=device, dtype=torch.long, non_blocking=True)
+        b = len(x)
+        if xu is not None:
+            x = torch.cat([x, _volumes(xu, device)])
+        with _autocast(device, amp_dtype):
+            logits_t = model(x)
+            if lam:
+                with torch.no_grad():
+                    logits_m = mean_model(x)
+            else:
+                logits_m = logits_t.detach()
+            loss, parts = objective(logits_t[:b], logits_m[:b], y, lam, distance)
+            if xu is not None:
+                reg_u = regulariser(logits_t[b:], logits_m[b:], distance)
+                loss = loss + lam * reg_u
+                sums["reg_unlabelled"] += reg_u.detach() * b
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        update_mean_model(mean_model, model, alpha)
+
+        sums["loss"] += loss.detach() * b
+        sums["ce"] += parts["ce"] * b
+        sums["reg"] += parts["reg"] * b
+        n += b
+        steps += 1
+    if unlabelled_batches is None:
+        del sums["reg_unlabelled"]
+    out = {k: (v.item() / n if n else math.nan) for k, v in sums.items()}
+    return {**out, "n": n, "steps": steps}
+
+
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module | None):
+    """Every submodule in eval mode inside the block; each module's own flag restored after."""
+    modules = [m for model in models if model is not None for m in model.modules()]
+    flags = [m.training for m in modules]
+    try:
+        for model in models:
+            if model is not None:
+                model.eval()
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.training = flag
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    num_classes: int,
+    *,
+    amp_dtype: torch.dtype | None = None,
+) -> dict:
+    """Accuracy, per-class accuracy (NaN for classes absent from ``batches``), mean CE, n.
+
+    Runs in eval mode under inference_mode on the model's device; the model's mode is restored.
+    Also returns ``confusion`` (rows: true class, columns: predicted), as nested lists.
+    """
+    device = _device_of(model)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum = 0.0
+    with torch.inference_mode(), _eval_mode(model):
+        for x, y in batches:
+            x = _volumes(x, device)
+            y = torch.as_tensor(y).to(device=device, dtype=torch.long)
+            with _autocast(device, amp_dtype):
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            pairs = (y * num_classes + logits.argmax(dim=1)).cpu()
+            confusion += torch.bincount(pairs, minlength=num_classes**2).view(
+                num_classes, num_classes
+            )
+    n = int(confusion.sum())
+    per_class_n = confusion.sum(dim=1)
+    correct = confusion.diagonal()
+    per_class = [
+        (int(c) / int(k)) if k > 0 else math.nan for c, k in zip(correct, per_class_n)
+    ]
+    return {
+        "accuracy": int(correct.sum()) / n if n else math.nan,
+        "per_class_accuracy": per_class,
+        "n": n,
+        "loss": loss_sum / n if n else math.nan,
+        "confusion": confusion.tolist(),
+    }
+
+
+def recalibrated(model: nn.Module, batches: Iterable) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm statistics are the exact averages over ``batches``.
+
+    A cycle on a small labelled set takes few optimiser steps, and BatchNorm's running averages
+    (momentum 0.1, starting at mean 0 / variance 1) are then still far from the statistics of
+    the trained weights, so the model is much worse in eval mode than in training ("precise
+    BN"). Validation, test and scoring use such a copy; the live model and the EMA are untouched.
+    """
+    copy = deepcopy(unwrap(model))
+    norms = [m for m in copy.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return copy
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over every batch below
+    device = _device_of(copy)
+    copy.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            copy(_volumes(x, device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return copy.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring forward pass
+
+_T_OUTPUTS = {"logits", "probs", "embeddings", "grad_embeddings", "mc_probs"}
+_M_OUTPUTS = {"mean_logits", "mean_probs"}
+OUTPUTS = frozenset(_T_OUTPUTS | _M_OUTPUTS)
+
+
+def _row_generators(x: torch.Tensor, seed: int, row_keys) -> list[torch.Generator]:
+    """One generator per row, seeded from (seed, the row's key or its bytes): batch-independent.
+    ``x`` must be on the CPU when ``row_keys`` is None."""
+    gens = []
+    for i in range(len(x)):
+        h = hashlib.blake2b(str(int(seed)).encode(), digest_size=8)
+        if row_keys is None:
+            h.update(x[i].numpy().tobytes())
+        else:
+            h.update(b"key:" + str(row_keys[i]).encode())
+        gens.append(torch.Generator().manual_seed(int.from_bytes(h.digest(), "little") >> 1))
+    return gens
+
+
+def forward_outputs(
+    model: nn.Module,
+    mean_model: nn.Module | None,
+    x,
+    needs: Iterable[str],
+    mc_passes: int = 0,
+    *,
+    seed: int = 0,
+    row_keys=None,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, np.ndarray]:
+    """What the scorers need for a batch of volumes, as float32 numpy; the one scoring forward.
+
+    ``needs`` ⊆ OUTPUTS: "logits", "probs" [N, C] (T); "mean_logits", "mean_probs" [N, C] (M);
+    "embeddings" [N, E] (T's penultimate features); "grad_embeddings" [N, C*E] (BADGE:
+    (onehot(argmax p) − p) ⊗ embedding, class-major like ``fc.weight``, i.e. minus the gradient
+    of CE at the predicted label w.r.t. ``fc.weight``); "mc_probs" [N, C, K], K = ``mc_passes``.
+
+    Pure and row-wise: both models run in eval mode (BatchNorm on running statistics), so a
+    row's outputs do not depend on the rest of its batch. MC dropout is applied where the
+    model's only dropout is, before ``fc``: features are computed once and K dropout masks
+    applied to them (K× cheaper than K full passes, same distribution). Each row's masks come
+    from a generator seeded by (``seed``, ``row_keys[i]``) — pass stable ids such as pool ids —
+    or, without keys, by the row's float32 bytes; so MC outputs are reproducible and
+    independent of batching too. Models are left in the mode they came in.
+    """
+    needs = set(needs)
+    if unknown := needs - OUTPUTS:
+        raise ValueError(f"unknown outputs {sorted(unknown)}; valid: {sorted(OUTPUTS)}")
+    if needs & _M_OUTPUTS and mean_model is None:
+        raise ValueError(f"{sorted(needs & _M_OUTPUTS)} need a mean model, got None")
+    if "mc_probs" in needs and mc_passes < 1:
+        raise ValueError(f"mc_probs needs mc_passes >= 1, got {mc_passes}")
+    net = unwrap(model)
+    device = _device_of(net)
+    x = _volumes(x, device)
+    out: dict[str, torch.Tensor] = {}
+
+    with torch.inference_mode(), _eval_mode(net, mean_model):
+        if needs & _T_OUTPUTS:
+            with _autocast(device, amp_dtype):
+                feats = net.features(x)
+            feats = feats.float()  # the head runs in float32 whatever the autocast
+            logits = net.classify(feats)
+            probs = logits.softmax(dim=1)
+            out.update(logits=logits, probs=probs, embeddings=feats)
+            if "grad_embeddings" in needs:
+                onehot = F.one_hot(probs.argmax(dim=1), probs.shape[1]).to(probs.dtype)
+                outer = (onehot - probs)[:, :, None] * feats[:, None, :]  # [N, C, E]
+                out["grad_embeddings"] = outer.flatten(1)
+            if "mc_probs" in needs:
+                gens = _row_generators(x if row_keys is not None else x.cpu(), seed, row_keys)
+                out["mc_probs"] = _mc_probs(net, feats, mc_passes, gens)
+        if needs & _M_OUTPUTS:
+            with _autocast(device, amp_dtype):
+                mean_logits = unwrap(mean_model)(x)
+            mean_logits = mean_logits.float()
+            out.update(mean_logits=mean_logits, mean_probs=mean_logits.softmax(dim=1))
+    return {k: out[k].cpu().numpy().astype(np.float32, copy=False) for k in needs}
+
+
+def _mc_probs(
+    net: nn.Module, feats: torch.Tensor, k: int, gens: list[torch.Generator]
+) -> torch.Tensor:
+    dropout = getattr(net, "dropout", None)
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    if p <= 0.0:
+        raise ValueError("mc_probs needs a model built with dropout > 0 (all passes would agree)")
+    u = torch.stack([torch.rand(k, feats.shape[1], generator=g) for g in gens])  # [N, K, E]
+    keep = (u >= p).to(device=feats.device, dtype=feats.dtype) / (1.0 - p)
+    logits = net.fc(feats[:, None, :] * keep)  # [N, K, C]
+    return logits.softmax(dim=2).permute(0, 2, 1).contiguous()  # [N, C, K]
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy's global and torch's (CPU and CUDA) RNGs; return a fresh torch
+    Generator seeded the same, for DataLoader shuffling and anything that takes one."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def get_rng_state() -> dict:
+    """The python, numpy and torch RNG states, as tuples/ints/tensors only, so a checkpoint
+    holding them loads with ``torch.load(weights_only=True)``."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (
+            name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+        ),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what ``get_rng_state`` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
