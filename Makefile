@@ -11,10 +11,16 @@ $(BIN)/activate:
 
 # torch 2.13.0 first: on these machines pip takes the CPU build from local disk, while an
 # unpinned torch would pull a multi-GB CUDA build. Clusters install their own (deploy/Dockerfile).
+# The labelling page's browser test drives Debian's chromium through Playwright (which cannot
+# download browsers of its own here); installing it needs root, elsewhere that test skips.
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: 'apt-get install chromium' (as root) for the browser test of the labelling page"; fi; }
 	touch $@
 
 demo: $(VENV)/.installed
