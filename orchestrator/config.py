@@ -51,7 +51,7 @@ class TrainConfig:
     #                          100-epoch cycles, a few hundred CPU steps barely move M at 0.999
     semi_supervised: bool = False  # also apply λ·D_reg on unlabelled batches
     reset_mean_model: bool = False  # re-initialise M each cycle instead of carrying it over
-    num_workers: int = 2  # Ray Train workers (DDP)
+    num_workers: int = 2  # Ray Train workers (DDP); 0 = in the calling process (tests, local sweeps)
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     amp: str = "none"  # mixed precision on GPU: none | bf16 | fp16
