@@ -1,0 +1,144 @@
+"""Scoring throughput: the Ray Data path against a plain single-process PyTorch loop.
+
+Both score the same Parquet pool with the same T and M (the EMA-KL pass: two forwards a
+volume) using the same number of threads in all; the machine's fp32 matmul rate is measured in
+the same run, so the achieved GFLOP/s can be read against it. Prints a Markdown table.
+
+    python bench/throughput.py --rows 20000                # default model: resnet10 w16 full
+    python bench/throughput.py --rows 5000 --width 64 --name resnet18
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from orchestrator.config import ScoreConfig  # noqa: E402
+from orchestrator.ema import init_mean_model  # noqa: E402
+from orchestrator.learning import forward_outputs  # noqa: E402
+from orchestrator.model import build_model  # noqa: E402
+from orchestrator.pool import PoolWriter, iter_volumes  # noqa: E402
+from orchestrator.strategies import make_strategy  # noqa: E402
+
+
+def make_pool(path: Path, rows: int, box: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    with PoolWriter(path, box, class_names=[f"c{i}" for i in range(10)]) as writer:
+        for i in range(rows):
+            writer.add(f"s{i:07d}", rng.standard_normal((box,) * 3, dtype=np.float32),
+                       source="bench", label=i % 10, split="train")
+    return writer.close()
+
+
+def save_models(path: Path, name: str, width: int, stem: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, width=width, stem=stem)
+    mean = init_mean_model(model)
+    with torch.no_grad():  # M a little different from T, as after training
+        for p in mean.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    torch.save({"model": model.state_dict(), "mean": mean.state_dict(), "num_classes": 10,
+                "model_config": {"name": name, "width": width, "stem": stem, "dropout": 0.0}}, path)
+    return model
+
+
+def plain_loop(pool: str, model_path: Path, batch: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    saved = torch.load(model_path)
+    cfg = saved["model_config"]
+    nets = []
+    for key in ("model", "mean"):
+        net = build_model(cfg["name"], num_classes=10, width=cfg["width"], stem=cfg["stem"])
+        net.load_state_dict(saved[key])
+        nets.append(net.eval())
+    strategy = make_strategy("ema_kl")
+    started, n = time.perf_counter(), 0
+    for ids, volumes, _ in iter_volumes(pool, batch_rows=batch):
+        outputs = forward_outputs(nets[0], nets[1], torch.from_numpy(volumes), strategy.needs)
+        strategy.score(outputs)
+        n += len(ids)
+    return n / (time.perf_counter() - started)
+
+
+def ray_path(pool: str, model_path: Path, out: Path, batch: int, actors: int) -> float:
+    """Seconds for the whole scoring pass, the actors' start included (Ray's own start not)."""
+    import ray
+    from ray.data import DataContext
+
+    from orchestrator.score import score_pool
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="ERROR"),
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    DataContext.get_current().enable_progress_bars = False
+    cfg = ScoreConfig(batch_size=batch, actors=actors, cpus_per_actor=0.5)
+    try:
+        started = time.perf_counter()
+        score_pool(pool, str(model_path), out / "scores", strategy="ema_kl", strategy_options={}, cfg=cfg)
+        return time.perf_counter() - started
+    finally:
+        ray.shutdown()
+
+
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def forward_gflop(model: torch.nn.Module, box: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 1, box, box, box))
+    return counter.get_total_flops() / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=20000)
+    parser.add_argument("--box", type=int, default=32)
+    parser.add_argument("--name", default="resnet10")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--stem", default="full")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--actors", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        info = make_pool(tmp / "pool", args.rows, args.box)
+        print(f"pool of {args.rows} × {args.box}³ written in {time.perf_counter() - t0:.0f} s", flush=True)
+        model = save_models(tmp / "model.pt", args.name, args.width, args.stem)
+        gflop = 2 * forward_gflop(model, args.box)  # T and M
+        matmul = matmul_gflops(threads=args.actors)
+        plain = plain_loop(info.path, tmp / "model.pt", args.batch, threads=args.actors)
+        seconds = ray_path(info.path, tmp / "model.pt", tmp, args.batch, args.actors)
+    ray_rate = args.rows / seconds
+    print(f"\n{args.name} width {args.width} stem {args.stem}, {args.box}³, batch {args.batch}, "
+          f"{args.actors} threads / actors, {os.cpu_count()} cores\n")
+    print("| path | subtomograms/s | GFLOP/s (T+M forward) | vs plain | vs fp32 matmul |")
+    print("| --- | --- | --- | --- | --- |")
+    print(f"| plain PyTorch loop | {plain:.0f} | {plain * gflop:.1f} | 1.00 | {plain * gflop / matmul:.0%} |")
+    print(f"| Ray Data (actors' start included) | {ray_rate:.0f} | {ray_rate * gflop:.1f} | "
+          f"{ray_rate / plain:.2f} | {ray_rate * gflop / matmul:.0%} |")
+    print(f"\nfp32 matmul (2048², {args.actors} threads): {matmul:.1f} GFLOP/s; "
+          f"T+M forward: {gflop:.3f} GFLOP per subtomogram; "
+          f"driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
