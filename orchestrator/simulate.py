@@ -1131,8 +1131,11 @@ def simulate_pool(
 
         if workers <= 1:
             _init_worker(prepared, cfg)
-            for chunk in chunks:
-                write(_simulate_chunk(chunk))
+            try:
+                for chunk in chunks:
+                    write(_simulate_chunk(chunk))
+            finally:
+                _WORKER.clear()
         else:
             # spawn: safe whatever threads the parent holds (Ray, torch); a bounded window of
             # chunks in flight keeps memory flat for pools of any size.

@@ -1,0 +1,346 @@
+"""The subtomogram simulator: the physics checks of docs/SIMULATOR.md, determinism, inputs, CLI."""
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orchestrator import simulate as sim
+from orchestrator.pool import iter_volumes, open_pool, read_index
+from orchestrator.volumes import write_volume
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+STRUCTURES_10A = SHARED_DATA / "structures_10A"
+
+
+def pool_digest(path: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*")) if f.is_file()
+    }
+
+
+def wedge_mask(box: int, tilt_deg: float = 60.0) -> np.ndarray:
+    """True where the missing wedge is on a full box³ FFT grid (beam z, tilt axis y)."""
+    k = np.fft.fftfreq(box)
+    kz, _, kx = np.meshgrid(k, k, k, indexing="ij")
+    return np.abs(kz) > np.abs(kx) * math.tan(math.radians(tilt_deg)) + 1e-9
+
+
+def sphere(size: int, diameter: float) -> np.ndarray:
+    c = (size - 1) / 2
+    z, y, x = np.indices((size,) * 3)
+    return (((z - c) ** 2 + (y - c) ** 2 + (x - c) ** 2) <= (diameter / 2) ** 2).astype(np.float32)
+
+
+def simulate(structure, cfg, seed: int, index: int):
+    """One subtomogram with its parts (clean signal, noise, pose) kept apart."""
+    return sim.simulate_subtomogram(structure, cfg, sim.sample_rng(seed, index), return_parts=True)
+
+
+RING7 = sim.BUILTIN_CLASS_NAMES.index("ring7")
+
+
+@pytest.fixture(scope="module")
+def ring7():
+    return sim.prepare_structure(sim.builtin_structure(RING7), 32, "ring7")
+
+
+# ----------------------------------------------------------------------------- physics
+
+
+@pytest.mark.parametrize("snr", [0.1, 0.05, 0.03])
+def test_measured_snr_is_within_10_percent_of_the_asked_value(ring7, snr):
+    cfg = sim.SimulationConfig(snr=snr)
+    parts = [simulate(ring7, cfg, 1, i) for i in range(6)]
+    signal_var = np.mean([p.signal.var() for p in parts])
+    noise_var = np.mean([p.noise.var() for p in parts])
+    assert signal_var / noise_var == pytest.approx(snr, rel=0.10)
+
+
+def test_noise_free_output_is_the_signal_alone(ring7):
+    parts = simulate(ring7, sim.SimulationConfig(snr=math.inf), 0, 0)
+    assert float(np.abs(parts.noise).max()) == 0.0
+    correlation = np.corrcoef(parts.volume.ravel(), parts.signal.ravel())[0, 1]
+    assert correlation == pytest.approx(1.0, abs=1e-5)
+
+
+def test_fourier_power_inside_the_missing_wedge_is_below_1_percent_before_noise(ring7):
+    cfg = sim.SimulationConfig(snr=0.05)
+    inside = wedge_mask(cfg.box)
+    for i in range(3):
+        signal = simulate(ring7, cfg, 2, i).signal
+        power = np.abs(np.fft.fftn(signal)) ** 2
+        assert power[inside].sum() / power[~inside].sum() < 0.01
+
+
+def test_the_ctf_starts_at_minus_amplitude_contrast_and_has_its_first_zero_where_chi_says():
+    cfg = sim.SimulationConfig()
+    lam = sim.electron_wavelength_A(300)
+    assert lam == pytest.approx(0.01969, abs=1e-5)
+    k = np.linspace(0, 0.1, 20001, dtype=np.float32)
+    values = sim.ctf(k**2, 40000.0, cfg)
+    assert values[0] == pytest.approx(-cfg.amplitude_contrast, abs=1e-6)
+    first_zero = k[np.argmax(values > 0)]
+    # χ + asin(A) = π, with the small Cs term dropped: k² = (π − asin A) / (π·λ·Δf)
+    expected = math.sqrt((math.pi - math.asin(cfg.amplitude_contrast)) / (math.pi * lam * 40000.0))
+    assert first_zero == pytest.approx(expected, rel=0.01)
+
+
+def test_two_samples_of_one_class_differ_in_orientation(ring7):
+    cfg = sim.SimulationConfig(snr=math.inf, max_shift_fraction=0.0)
+    a, b = simulate(ring7, cfg, 3, 0), simulate(ring7, cfg, 3, 1)
+    relative = a.rotation.T @ b.rotation
+    angle_deg = math.degrees(math.acos(np.clip((np.trace(relative) - 1) / 2, -1, 1)))
+    assert angle_deg > 10
+    assert np.corrcoef(a.signal.ravel(), b.signal.ravel())[0, 1] < 0.9
+
+
+def test_the_same_generator_seed_gives_the_same_subtomogram(ring7):
+    cfg = sim.SimulationConfig(snr=0.05)
+    a = sim.simulate_subtomogram(ring7, cfg, sim.sample_rng(4, 7))
+    b = sim.simulate_subtomogram(ring7, cfg, sim.sample_rng(4, 7))
+    assert a.tobytes() == b.tobytes()
+
+
+def test_shifts_keep_a_structure_that_nearly_fills_the_box_inside_it():
+    big = sim.prepare_structure(sphere(40, 30), 32)
+    cfg = sim.SimulationConfig(max_shift_fraction=0.25)
+    shifts = [simulate(big, cfg, 5, i).shift for i in range(5)]
+    assert np.abs(shifts).max() <= (32 - big.extent) / 2
+
+
+def test_crowding_adds_neighbours_around_the_target(ring7):
+    alone = sim.SimulationConfig(snr=math.inf)
+    crowded = sim.SimulationConfig(snr=math.inf, crowding_neighbours=3)
+    a = simulate(ring7, alone, 6, 0).signal
+    b = simulate(ring7, crowded, 6, 0).signal
+    assert np.var(b - a) > 0.1 * np.var(a)
+
+
+def test_weighted_back_projection_keeps_the_snr_and_agrees_with_the_fourier_signal(ring7):
+    wbp = sim.SimulationConfig(snr=0.05, reconstruction="wbp")
+    parts = simulate(ring7, wbp, 7, 0)
+    fourier = simulate(ring7, sim.SimulationConfig(snr=0.05), 7, 0)
+    assert parts.signal.var() / parts.noise.var() == pytest.approx(0.05, rel=0.01)
+    assert np.corrcoef(parts.signal.ravel(), fourier.signal.ravel())[0, 1] > 0.9
+
+
+# ----------------------------------------------------------------------------- built-in classes
+
+
+def test_there_are_at_least_50_uniquely_named_builtin_classes():
+    assert sim.BUILTIN_CLASS_COUNT >= 50
+    assert len(set(sim.BUILTIN_CLASS_NAMES)) == sim.BUILTIN_CLASS_COUNT
+
+
+def test_a_builtin_class_is_deterministic_protein_bright_on_a_zero_background():
+    a, b = sim.builtin_structure(3), sim.builtin_structure(3)
+    assert a.tobytes() == b.tobytes()
+    assert float(a.max()) == 1.0
+    assert float(a.min()) == 0.0
+    assert float(np.abs(a[0]).max()) == 0.0  # the border face is background
+
+
+def test_builtin_classes_are_pairwise_distinct():
+    densities = [sim.builtin_structure(i) for i in range(sim.BUILTIN_CLASS_COUNT)]
+    size = max(d.shape[0] for d in densities)
+    rows = []
+    for d in densities:
+        before = (size - d.shape[0]) // 2
+        x = np.pad(d, [(before, size - d.shape[0] - before)] * 3).ravel()
+        rows.append((x - x.mean()) / x.std())
+    rows = np.array(rows)
+    corr = rows @ rows.T / rows.shape[1]
+    np.fill_diagonal(corr, 0)
+    assert corr.max() < 0.95
+
+
+def test_builtin_classes_span_8_to_30_nm_and_all_fit_a_32_box_at_1_nm():
+    extents = [
+        sim.structure_extent(sim.builtin_structure(i))[1] for i in range(sim.BUILTIN_CLASS_COUNT)
+    ]
+    assert min(extents) < 10
+    assert max(extents) > 26
+    assert max(extents) <= 30
+
+
+def test_builtin_classes_can_be_chosen_by_name():
+    names, densities = sim.load_structures("builtin:disc,ring7")
+    assert names == ["disc", "ring7"]
+    assert densities[1].tobytes() == sim.builtin_structure(RING7).tobytes()
+
+
+# ----------------------------------------------------------------------------- pools
+
+
+def test_same_seed_gives_byte_identical_pool_files_whatever_the_worker_count(tmp_path):
+    cfg = sim.SimulationConfig(structures="builtin:3", per_class=4, seed=11)
+    one = sim.simulate_pool(None, cfg, tmp_path / "one", workers=1, progress=False)
+    two = sim.simulate_pool(None, cfg, tmp_path / "two", workers=2, progress=False, chunk_size=3)
+    reseeded = sim.SimulationConfig(structures="builtin:3", per_class=4, seed=12)
+    other = sim.simulate_pool(None, reseeded, tmp_path / "other", workers=1, progress=False)
+    assert one.n_rows == two.n_rows == 12
+    assert pool_digest(Path(one.path)) == pool_digest(Path(two.path))
+    assert pool_digest(Path(one.path)) != pool_digest(Path(other.path))
+
+
+def test_a_pool_has_labels_class_names_and_stratified_splits(tmp_path):
+    cfg = sim.SimulationConfig(
+        structures="builtin:2", per_class=10, val_fraction=0.2, test_fraction=0.1
+    )
+    info = sim.simulate_pool(None, cfg, tmp_path / "pool", workers=1, progress=False)
+    assert open_pool(info.path).class_names == ("ring7", "barrel7x2")
+    index = read_index(info.path).to_pydict()
+    counts = {(label, split): 0 for label in (0, 1) for split in sim.SPLITS}
+    for label, split in zip(index["label"], index["split"]):
+        counts[label, split] += 1
+    assert counts == {(c, s): n for c in (0, 1) for s, n in (("train", 7), ("val", 2), ("test", 1))}
+    _, volumes, _ = next(iter_volumes(info.path, batch_rows=20))
+    assert volumes.shape == (20, 32, 32, 32)
+    assert np.abs(volumes.mean(axis=(1, 2, 3))).max() < 1e-2
+
+
+def test_the_paper_preset_gives_24000_train_and_1000_test_over_50_classes():
+    cfg = sim.load_simulation_config("paper")
+    classes = len(sim.load_structures(cfg.structures)[0])
+    sizes = cfg.split_sizes()
+    totals = (classes, sizes["train"] * classes, sizes["test"] * classes, cfg.snr)
+    assert totals == (50, 24000, 1000, 0.05)
+
+
+def test_the_default_preset_is_cpu_sized():
+    cfg = sim.load_simulation_config("data_default")
+    classes = len(sim.load_structures(cfg.structures)[0])
+    assert classes * cfg.per_class <= 1000
+    assert cfg.box == 32
+
+
+# ----------------------------------------------------------------------------- structure sources
+
+
+def test_a_folder_of_maps_is_read_in_name_order_and_resampled_to_the_voxel_size(tmp_path):
+    write_volume(tmp_path / "b_big.mrc", sphere(24, 12), voxel_size_A=5.0)
+    write_volume(tmp_path / "a_small.map", sphere(12, 6), voxel_size_A=10.0)
+    (tmp_path / "LICENSE").write_text("not a structure")
+    names, densities = sim.load_structures(tmp_path, voxel_size_A=10.0)
+    assert names == ["a_small", "b_big"]
+    assert densities[1].shape == (12, 12, 12)
+    small, big = (sim.structure_extent(d)[1] for d in densities)
+    assert big == pytest.approx(small, abs=1.5)  # the same sphere, sampled at 5 Å and at 10 Å
+
+
+def test_a_map_without_a_voxel_size_needs_one_from_the_user(tmp_path):
+    write_volume(tmp_path / "nosize.mrc", sphere(12, 6), voxel_size_A=None)
+    with pytest.raises(sim.SimulationError, match="nosize.mrc.*no voxel size"):
+        sim.load_structures(tmp_path / "nosize.mrc")
+    names, _ = sim.load_structures(tmp_path / "nosize.mrc", input_voxel_size_A=10.0)
+    assert names == ["nosize"]
+
+
+def test_an_atomic_model_becomes_a_density_centred_on_its_atoms(tmp_path):
+    atoms = [(0.0, 0.0, 0.0), (30.0, 0.0, 0.0), (0.0, 30.0, 0.0), (0.0, 0.0, 30.0)]
+    lines = [
+        f"ATOM  {i + 1:5d}  CA  ALA A{i + 1:4d}    {x:8.3f}{y:8.3f}{z:8.3f}  1.00  0.00           C"
+        for i, (x, y, z) in enumerate(atoms)
+    ]
+    (tmp_path / "tiny.pdb").write_text("\n".join(lines + ["END", ""]))
+    names, (density,) = sim.load_structures(tmp_path / "tiny.pdb", voxel_size_A=10.0)
+    centre, extent = sim.structure_extent(density)
+    assert names == ["tiny"]
+    assert np.allclose(centre, (np.array(density.shape) - 1) / 2, atol=0.5)
+    assert 3 < extent < 12  # atoms up to 3 nm apart, blurred at 2 nm resolution
+
+
+@pytest.mark.skipif(
+    not STRUCTURES_10A.is_dir(), reason=f"shared data absent: {STRUCTURES_10A} (not in the project)"
+)
+def test_the_13_shared_maps_fit_the_shrec21_preset_and_simulate():
+    cfg = sim.load_simulation_config("shrec21")
+    names, densities = sim.load_structures(cfg.structures, voxel_size_A=cfg.voxel_size_A)
+    assert len(names) == 13
+    for name, density in zip(names, densities):
+        prepared = sim.prepare_structure(density, cfg.box, name)
+        volume = sim.simulate_subtomogram(prepared, cfg, sim.sample_rng(0, 0))
+        assert volume.shape == (cfg.box,) * 3
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_an_unreadable_structure_file_is_a_clear_error(tmp_path):
+    (tmp_path / "broken.mrc").write_bytes(b"not an MRC file")
+    with pytest.raises(sim.SimulationError, match="broken.mrc.*not a readable MRC"):
+        sim.load_structures(tmp_path)
+    (tmp_path / "broken.mrc").unlink()
+    (tmp_path / "broken.pdb").write_text("HEADER    nothing here\nEND\n")
+    with pytest.raises(sim.SimulationError, match="broken.pdb.*no atoms"):
+        sim.load_structures(tmp_path)
+
+
+def test_an_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "README.txt").write_text("no maps here")
+    with pytest.raises(sim.SimulationError, match="no structure files"):
+        sim.load_structures(tmp_path)
+
+
+def test_a_box_smaller_than_a_structure_is_a_clear_error():
+    too_big = "big_sphere spans 3[0-9].*larger than the box of 32"
+    with pytest.raises(sim.SimulationError, match=too_big):
+        sim.prepare_structure(sphere(40, 34), 32, "big_sphere")
+
+
+@pytest.mark.parametrize("snr", [0.0, -0.05, float("nan")])
+def test_an_snr_that_is_not_positive_is_a_clear_error(snr):
+    with pytest.raises(sim.SimulationError, match="snr must be > 0"):
+        sim.SimulationConfig(snr=snr)
+
+
+def test_an_unknown_setting_or_preset_is_an_error_that_lists_the_valid_ones(tmp_path):
+    with pytest.raises(sim.SimulationError, match="unknown simulation setting.*snrr.*valid:.*snr"):
+        sim.load_simulation_config("default", {"snrr": 0.1})
+    (tmp_path / "typo.yaml").write_text("per_clas: 3\n")
+    with pytest.raises(sim.SimulationError, match="per_clas"):
+        sim.load_simulation_config(tmp_path / "typo.yaml")
+    with pytest.raises(sim.SimulationError, match="presets: default, paper, shrec21"):
+        sim.load_simulation_config("papr")
+
+
+def test_snr_inf_is_accepted_from_yaml(tmp_path):
+    (tmp_path / "clean.yaml").write_text("snr: .inf\ndefocus_um: [2, 4]\n")
+    cfg = sim.load_simulation_config(tmp_path / "clean.yaml")
+    assert (cfg.snr, cfg.defocus_um) == (math.inf, (2.0, 4.0))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_the_cli_writes_a_pool_and_a_preview(tmp_path):
+    rc = sim.main([
+        "--structures", "builtin:2", "--snr", "0.05", "--per-class", "3", "--workers", "1",
+        "--out", str(tmp_path / "pool"), "--preview", str(tmp_path / "preview.png"),
+    ])
+    assert rc == 0
+    assert open_pool(tmp_path / "pool").n_rows == 6
+    assert (tmp_path / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cli_grows_an_unchosen_box_but_refuses_a_chosen_one_too_small(tmp_path, capsys):
+    (tmp_path / "maps").mkdir()
+    write_volume(tmp_path / "maps" / "large.mrc", sphere(44, 36), voxel_size_A=10.0)
+    common = ["--structures", str(tmp_path / "maps"), "--per-class", "1", "--workers", "1"]
+    assert sim.main(common + ["--out", str(tmp_path / "grown")]) == 0
+    assert open_pool(tmp_path / "grown").box == (40, 40, 40)
+    assert sim.main(common + ["--box", "32", "--out", str(tmp_path / "refused")]) == 2
+    assert "structure large spans" in capsys.readouterr().err
+
+
+def test_the_cli_names_the_bad_file_and_exits_non_zero(tmp_path, capsys):
+    (tmp_path / "bad.map").write_bytes(b"\x00" * 10)
+    out = ["--out", str(tmp_path / "pool")]
+    assert sim.main(["--structures", str(tmp_path / "bad.map")] + out) == 2
+    assert "bad.map" in capsys.readouterr().err
+    assert sim.main(["--structures", "builtin:2", "--snr", "-1"] + out) == 2
+    assert "snr must be > 0" in capsys.readouterr().err
