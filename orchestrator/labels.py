@@ -25,6 +25,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Collection, Iterable, Sequence
 
+from orchestrator.pool import fsync_dir
+
 JUNK = -1
 LEDGER_FILE = "labels.csv"
 FIELDS = ("subtomo_id", "label", "cycle", "source", "annotator", "time")
@@ -232,7 +234,7 @@ class LabelLedger:
             except OSError:
                 pass
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self._stamp = _stamp(self.path)
 
     # -- loading
@@ -379,14 +381,3 @@ def _stamp(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_mtime_ns, st.st_size
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -25,6 +25,17 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors on a shared, loaded CPU: OpenMP barriers cost more than the work (3x)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

@@ -7,13 +7,7 @@ from torch import nn
 from orchestrator.ema import init_mean_model, reset_mean_model, unwrap, update_mean_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors on a shared, loaded CPU: OpenMP barriers cost more than the work (3x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_net() -> nn.Module:

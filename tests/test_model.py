@@ -6,13 +6,7 @@ import torch
 from orchestrator.model import MODEL_PARAMS, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors on a shared, loaded CPU: OpenMP barriers cost more than the work (3x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # (name, stem, input shape, expected logits shape); width 4 keeps every row fast.
 SHAPE_ROWS = [
