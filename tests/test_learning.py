@@ -27,13 +27,7 @@ from orchestrator.learning import (
 from orchestrator.model import build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors on a shared, loaded CPU: OpenMP barriers cost more than the work (3x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(num_classes=3, dropout=0.5, seed=0):
