@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from orchestrator.learning import forward_outputs
+from orchestrator.learning import OUTPUTS, forward_outputs
 from orchestrator.model import build_model
 from orchestrator.pool import decode_volumes, open_pool
 from orchestrator.strategies import make_strategy
@@ -43,6 +43,7 @@ class PoolScorer:
         self.reported = {name: make_strategy(name, **opts) for name, opts in REPORTED.items()}
         needs = set(self.strategy.needs) | {"probs", "mean_probs", "logits", "mean_logits"}
         self.needs = needs
+        self.aux = load_auxiliary(self.strategy, saved, self.model, self.device)
         if isinstance(exclude_rows, ray.ObjectRef):
             exclude_rows = ray.get(exclude_rows)
         self.exclude = np.sort(np.asarray(exclude_rows if exclude_rows is not None else [], np.int64))
@@ -54,7 +55,7 @@ class PoolScorer:
         rows = rows[keep]
         volumes = decode_volumes(batch["volume"][keep], self.info)
         outputs = score_volumes(
-            self.model, self.mean, volumes, rows, self.strategy, self.needs, self.seed
+            self.model, self.mean, volumes, rows, self.strategy, self.needs, self.seed, self.aux
         )
         result = {"row": rows, "subtomo_id": np.asarray(batch["subtomo_id"])[keep]}
         result.update(summarise(outputs, self.reported, self.info.num_classes))
@@ -62,13 +63,42 @@ class PoolScorer:
         return result
 
 
-def score_volumes(model, mean, volumes: np.ndarray, rows, strategy, needs, seed: int) -> dict:
+def score_volumes(
+    model, mean, volumes: np.ndarray, rows, strategy, needs, seed: int, aux=None
+) -> dict:
+    """T's and M's outputs (``forward_outputs``), plus the keys beyond those that the
+    strategy's auxiliary provides (``auxiliary.outputs``, with ``aux`` its loaded module)."""
     if len(volumes) == 0:
         return {}
-    return forward_outputs(
-        model, mean, torch.from_numpy(volumes), needs,
+    x = torch.from_numpy(volumes)
+    outputs = forward_outputs(
+        model, mean, x, set(needs) & OUTPUTS,
         mc_passes=getattr(strategy, "mc_passes", 0), seed=seed, row_keys=rows,
     )
+    extra = set(needs) - OUTPUTS
+    if extra:
+        auxiliary = getattr(strategy, "auxiliary", None)
+        produced = {} if auxiliary is None else auxiliary.outputs(
+            aux, model, x, seed=seed, row_keys=rows
+        )
+        if missing := extra - set(produced):
+            raise ValueError(f"{strategy.name} needs {sorted(missing)}: no auxiliary provides them")
+        outputs.update({key: produced[key] for key in extra})
+    return outputs
+
+
+def load_auxiliary(strategy, saved: dict, model, device) -> torch.nn.Module | None:
+    """The strategy's auxiliary module with the weights training saved in model.pt, or None."""
+    auxiliary = getattr(strategy, "auxiliary", None)
+    if auxiliary is None:
+        return None
+    aux = auxiliary.build(model, saved["num_classes"])
+    if aux is None:
+        return None
+    if "auxiliary" not in saved:
+        raise ValueError(f"{strategy.name}: model.pt has no 'auxiliary' (trained without it?)")
+    aux.load_state_dict(saved["auxiliary"])
+    return aux.to(device).eval()
 
 
 def summarise(outputs: dict, reported: dict, num_classes: int) -> dict[str, np.ndarray]:

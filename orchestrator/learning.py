@@ -14,7 +14,7 @@ from copy import deepcopy
 import hashlib
 import math
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -165,6 +165,7 @@ def train_epoch(
     amp_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     scaler: torch.amp.GradScaler | None = None,
+    extra_loss: Callable | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` of (x, y): step T on CE + lam·D_reg(T, M), then EMA-update M.
 
@@ -174,15 +175,21 @@ def train_epoch(
     mode, as when it scores. ``lam == 0`` skips M's forward (the reg metric is then 0).
     fp16 on CUDA uses a GradScaler: pass one to keep its scale across epochs.
 
-    Returns sample-weighted means over the labelled samples: loss, ce, reg (+ reg_unlabelled),
-    and n (labelled samples) and steps.
+    ``extra_loss(x, y, logits, stages)`` (a strategy's auxiliary module trained jointly with T,
+    e.g. LL4AL's loss predictor) gets the labelled part of the step: volumes, labels, T's logits
+    and T's stage outputs (``model(x, return_stages=True)``, the same forward); a tensor it
+    returns is added to the loss, None adds nothing.
+
+    Returns sample-weighted means over the labelled samples: loss, ce, reg (+ reg_unlabelled,
+    + extra), and n (labelled samples) and steps.
     """
     device = torch.device(device)
     if scaler is None and amp_dtype == torch.float16 and device.type == "cuda":
         scaler = torch.amp.GradScaler("cuda")
     model.train()
     mean_model.eval()
-    sums = {k: torch.zeros((), device=device) for k in ("loss", "ce", "reg", "reg_unlabelled")}
+    sums = {k: torch.zeros((), device=device)
+            for k in ("loss", "ce", "reg", "reg_unlabelled", "extra")}
     n = steps = 0
     for (x, y), xu in _paired(batches, unlabelled_batches):
         x = _volumes(x, device)
@@ -191,7 +198,10 @@ def train_epoch(
         if xu is not None:
             x = torch.cat([x, _volumes(xu, device)])
         with _autocast(device, amp_dtype):
-            logits_t = model(x)
+            if extra_loss is None:
+                logits_t = model(x)
+            else:
+                logits_t, stages = model(x, return_stages=True)
             if lam:
                 with torch.no_grad():
                     logits_m = mean_model(x)
@@ -202,6 +212,11 @@ def train_epoch(
                 reg_u = regulariser(logits_t[b:], logits_m[b:], distance)
                 loss = loss + lam * reg_u
                 sums["reg_unlabelled"] += reg_u.detach() * b
+            if extra_loss is not None:
+                extra = extra_loss(x[:b], y, logits_t[:b], [h[:b] for h in stages])
+                if extra is not None:
+                    loss = loss + extra
+                    sums["extra"] += extra.detach() * b
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -219,6 +234,8 @@ def train_epoch(
         steps += 1
     if unlabelled_batches is None:
         del sums["reg_unlabelled"]
+    if extra_loss is None:
+        del sums["extra"]
     out = {k: (v.item() / n if n else math.nan) for k, v in sums.items()}
     return {**out, "n": n, "steps": steps}
 

@@ -20,6 +20,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -84,8 +85,12 @@ class PoolView:
 
 
 class Campaign:
-    def __init__(self, cfg: CampaignConfig, run_dir: Path, info: PoolInfo):
+    def __init__(self, cfg: CampaignConfig, run_dir: Path, info: PoolInfo,
+                 on_cycle: Callable[[dict], None] | None = None):
+        """on_cycle: called with each cycle's record once it is trained, in cycle order, also for
+        cycles a resumed campaign finds already trained (a sweep reports progress with it)."""
         self.cfg = cfg
+        self.on_cycle = on_cycle
         self.run_dir = Path(run_dir)
         self.view = PoolView.load(info)
         self.row_of = self.view.row_of()
@@ -111,6 +116,8 @@ class Campaign:
             if not record.get("trained"):
                 self._train(cycle, record)
             print(_cycle_line(record), flush=True)
+            if self.on_cycle is not None:
+                self.on_cycle(dict(record))
         if not self.state["done"]:
             write_predictions(self)
             self.state["done"] = True
@@ -194,9 +201,15 @@ class Campaign:
         val_rows, test_rows = self.view.rows_of("val"), self.view.rows_of("test")
         previous = model_path(self.cycle_dir(cycle - 1)) if cycle > 0 else None
         unlabelled = np.setdiff1d(self.train_rows, [r for r, _ in pairs])
-        if self.cfg.train.semi_supervised:
+        # Unlabelled volumes training may read: semi-supervised batches, and the sample the
+        # strategy's auxiliary model is fitted on (both declared by the strategy).
+        strategy = make_strategy(self.cfg.strategy.name, **self.cfg.strategy.options)
+        wanted = 2 * len(pairs) if (self.cfg.train.semi_supervised or strategy.semi_supervised) else 0
+        if strategy.auxiliary is not None:
+            wanted = max(wanted, strategy.auxiliary.unlabelled_sample)
+        if wanted:
             rng = np.random.default_rng([self.cfg.seed, cycle, 7])
-            size = min(len(unlabelled), 2 * len(pairs))
+            size = min(len(unlabelled), wanted)
             unlabelled = np.sort(rng.choice(unlabelled, size=size, replace=False))
         job = CycleJob(
             pool=self.view.info.path, out_dir=str(self.cycle_dir(cycle).resolve()),
@@ -204,10 +217,11 @@ class Campaign:
             train_rows=[r for r, _ in pairs], train_labels=[int(lab) for _, lab in pairs],
             val_rows=val_rows.tolist(), val_labels=self.view.truth[val_rows].tolist(),
             test_rows=test_rows.tolist(), test_labels=self.view.truth[test_rows].tolist(),
-            unlabelled_rows=unlabelled.tolist() if self.cfg.train.semi_supervised else [],
+            unlabelled_rows=unlabelled.tolist() if wanted else [],
             mean_model_path=str(previous) if previous else None,
             seed=self.cfg.seed * 1000 + cycle,
             model=config_to_dict(self.cfg.model), train=config_to_dict(self.cfg.train),
+            strategy=self.cfg.strategy.name, strategy_options=dict(self.cfg.strategy.options),
         )
         print(f"cycle {cycle}: training on {len(pairs)} labelled subtomograms", flush=True)
         started = time.perf_counter()

@@ -5,7 +5,10 @@ Every model also exposes the two halves of ``forward`` that selection strategies
 
 - ``model.features(x) -> [B, E]``: penultimate features after global average pooling
   (core-set embeddings; BADGE's gradient embeddings are built from these and ``model.fc``);
-- ``model.classify(features) -> [B, C]``: dropout, then the final Linear ``model.fc``.
+- ``model.classify(features) -> [B, C]``: dropout, then the final Linear ``model.fc``;
+- ``model.stage_outputs(x) -> [stage 1 output, …]``: intermediate features for auxiliary
+  modules (``orchestrator/auxiliary.py``); ``model(x, return_stages=True)`` gives logits and
+  these from one forward.
 
 ``forward(x) == classify(features(x))``. Dropout sits only before ``fc``, so in eval mode the
 model is deterministic and BatchNorm uses its running statistics: outputs of a row do not
@@ -130,12 +133,26 @@ class ResNet3d(nn.Module):
         """Penultimate features ``[B, E]`` (after global pooling, before dropout)."""
         return torch.flatten(self.pool(self.stages(self.stem(x))), 1)
 
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each stage's output ``[B, width·2^i, d, h, w]``, first to last: the intermediate
+        features that auxiliary modules (learning loss, HAL's discriminator) read."""
+        out, h = [], self.stem(x)
+        for stage in self.stages:
+            h = stage(h)
+            out.append(h)
+        return out
+
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from features: dropout (train mode only) then ``fc``."""
         return self.fc(self.dropout(features))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(x))
+    def forward(self, x: torch.Tensor, return_stages: bool = False):
+        """Logits; with ``return_stages`` also ``stage_outputs(x)`` from the same forward (a
+        training step that feeds an auxiliary module goes through DDP's wrapper this way)."""
+        if not return_stages:
+            return self.classify(self.features(x))
+        stages = self.stage_outputs(x)
+        return self.classify(torch.flatten(self.pool(stages[-1]), 1)), stages
 
 
 def build_model(

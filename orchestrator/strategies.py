@@ -22,8 +22,12 @@ All randomness comes from the explicit ``np.random.Generator``; nothing reads gl
 
 The scoring pass produces only what a strategy declares in ``needs`` (for the candidates) and
 ``needs_labelled`` (for the labelled set), from :data:`OUTPUT_KEYS`. A strategy that needs a
-model (noise stability, LL4AL, VAAL, ...) plugs in the same way: the scoring pass learns to
-produce a new key (add it to ``OUTPUT_KEYS``), and the strategy is a row-wise scorer of it.
+model besides T and M (LL4AL, VAAL, HAL, two-stream) or T's weights at scoring time (noise
+stability) declares ``auxiliary`` (``orchestrator/auxiliary.py``): training builds and fits it
+through the same hooks whatever the strategy, the scorer adds the keys it provides, and the
+strategy scores or selects from them like any other output. ``semi_supervised = True`` asks
+training for the λ·D_reg term on unlabelled batches too (``ema_kl_semi``). The loop never asks
+which strategy it runs.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ __all__ = [
     "MCEntropy",
     "CoreSet",
     "Badge",
+    "EmaKLSemi",
+    "LearningLoss",
+    "NoiseStability",
+    "VAAL",
+    "HAL",
+    "TwoStream",
     "STRATEGIES",
     "make_strategy",
     "select",
@@ -62,8 +72,12 @@ __all__ = [
 # Everything the scoring pass can produce, per subtomogram (float32, first axis = rows):
 # probs/mean_probs/logits/mean_logits [N, C] for T and M (M = EMA of T), embeddings [N, E]
 # (T's penultimate features), grad_embeddings [N, E*C] (BADGE), mc_probs [N, C, K].
+# From strategies' auxiliaries: predicted_loss [N] (LL4AL), labelledness [N] in [0, 1] (VAAL,
+# HAL: probability a volume looks labelled), noisy_logits [N, C, K] (T under K weight
+# perturbations), ae_embeddings [N, Z] (an autoencoder's code: two-stream).
 OUTPUT_KEYS = frozenset(
-    {"probs", "mean_probs", "logits", "mean_logits", "embeddings", "grad_embeddings", "mc_probs"}
+    {"probs", "mean_probs", "logits", "mean_logits", "embeddings", "grad_embeddings", "mc_probs",
+     "predicted_loss", "labelledness", "noisy_logits", "ae_embeddings"}
 )
 
 # Probabilities are clipped here before a log, so a zero probability costs nothing.
@@ -209,6 +223,8 @@ class Strategy:
     needs: frozenset[str] = frozenset()  # what the scoring pass must produce for candidates
     needs_labelled: frozenset[str] = frozenset()  # ... and for the labelled set
     mc_passes: int = 0  # MC-dropout passes the scoring pass must run for "mc_probs"
+    semi_supervised: bool = False  # training adds λ·D_reg on unlabelled batches
+    auxiliary = None  # an orchestrator.auxiliary.Auxiliary: trained and scored by the same hooks
 
     def select(self, candidates: Candidates, k: int, rng: np.random.Generator) -> np.ndarray:
         """Positions (0..N-1) into candidates.rows, length min(k, N), unique, best first."""
@@ -539,6 +555,242 @@ class Badge(_Geometric):
         return chosen
 
 
+# --- strategies with an auxiliary model (orchestrator/auxiliary.py) ---------------------------
+
+
+class EmaKLSemi(EmaKL):
+    """The paper's semi-supervised variant: EMA-KL selection, and T trained with λ·D_reg on
+    unlabelled batches too (the same as ``ema_kl`` with ``train.semi_supervised: true``)."""
+
+    name = "ema_kl_semi"
+    semi_supervised = True
+
+
+class LearningLoss(RowwiseStrategy):
+    """LL4AL (Yoo & Kweon 2019): the highest loss predicted by a module trained with T."""
+
+    name = "ll4al"
+    needs = frozenset({"predicted_loss"})
+
+    def __init__(self, weight: float = 1.0, margin: float = 1.0, order: str = "highest"):
+        super().__init__(order=order)
+        from orchestrator import auxiliary
+
+        self.weight, self.margin = weight, margin
+        self.auxiliary = auxiliary.LearningLoss(weight=weight, margin=margin)
+
+    def utility(self, outputs):
+        return _get(outputs, "predicted_loss", 1)
+
+
+class NoiseStability(RowwiseStrategy):
+    """Noise stability (Li et al. 2022): how far T's logits move when its weights get small
+    Gaussian noise (scaled to each tensor's norm), mean L2 distance over the passes."""
+
+    name = "noise_stability"
+    needs = frozenset({"logits", "noisy_logits"})
+
+    def __init__(self, passes: int = 10, scale: float = 0.001, order: str = "highest"):
+        super().__init__(order=order)
+        from orchestrator import auxiliary
+
+        self.auxiliary = auxiliary.NoisePerturbation(passes=passes, scale=scale)
+        self.passes, self.scale = self.auxiliary.passes, self.auxiliary.scale
+
+    def utility(self, outputs):
+        clean = _get(outputs, "logits", 2)
+        noisy = _get(outputs, "noisy_logits", 3)
+        return np.sqrt(((noisy - clean[:, :, None]) ** 2).sum(axis=1)).mean(axis=1)
+
+
+class VAAL(RowwiseStrategy):
+    """VAAL (Sinha et al. 2019): the volumes the discriminator finds least labelled-looking."""
+
+    name = "vaal"
+    needs = frozenset({"labelledness"})
+
+    def __init__(self, epochs: int = 5, latent: int = 16, unlabelled_sample: int = 256,
+                 order: str = "highest"):
+        super().__init__(order=order)
+        from orchestrator import auxiliary
+
+        self.epochs, self.latent, self.unlabelled_sample = epochs, latent, unlabelled_sample
+        self.auxiliary = auxiliary.VAAL(
+            epochs=epochs, latent=latent, unlabelled_sample=unlabelled_sample
+        )
+
+    def utility(self, outputs):
+        return 1.0 - _get(outputs, "labelledness", 1)
+
+
+class HAL(Strategy):
+    """HAL (the seed paper's hybrid): normalised entropy of T, H(p)/log C, plus λ·(1 − D(x)),
+    D a convolutional labelled-vs-unlabelled discriminator on T's intermediate features.
+
+    Subset sampling in m rounds: the k picks are split over ``rounds`` rounds; each round
+    draws a random subset of the remaining candidates (``subset`` of them, at least that
+    round's picks) and takes its top fused scores, so the picks do not all come from one
+    region of high scores. NaN scores come last within a subset. Randomness from ``rng``.
+    """
+
+    name = "hal"
+    needs = frozenset({"probs", "labelledness"})
+
+    def __init__(self, lam: float = 1.0, rounds: int = 3, subset: float = 0.5, epochs: int = 5,
+                 stage: int = -2, unlabelled_sample: int = 256):
+        from orchestrator import auxiliary
+
+        if not 0.0 < subset <= 1.0:
+            raise ValueError(f"subset must be in (0, 1], got {subset}")
+        self.lam, self.rounds, self.subset = float(lam), _positive_int("rounds", rounds), subset
+        self.epochs, self.stage, self.unlabelled_sample = epochs, stage, unlabelled_sample
+        self.auxiliary = auxiliary.FeatureDiscriminator(
+            epochs=epochs, stage=stage, unlabelled_sample=unlabelled_sample
+        )
+
+    def fused(self, outputs) -> np.ndarray:
+        """[N], pure and row-wise: H(p)/log C + λ·(1 − labelledness)."""
+        p = _get(outputs, "probs", 2)
+        return _entropy(p) / math.log(max(p.shape[1], 2)) + self.lam * (
+            1.0 - _get(outputs, "labelledness", 1)
+        )
+
+    def select(self, candidates, k, rng):
+        scores = self.fused(candidates.outputs)
+        remaining = np.arange(len(scores))
+        k = min(k, len(scores))
+        per_round = np.diff(np.round(np.linspace(0, k, self.rounds + 1)).astype(np.int64))
+        chosen = []
+        for k_round in per_round:
+            if k_round == 0:
+                continue
+            size = min(len(remaining), max(int(k_round), math.ceil(self.subset * len(remaining))))
+            subset = np.sort(rng.choice(remaining, size=size, replace=False))
+            picks = subset[top_k(scores[subset], int(k_round), rng)]
+            chosen.append(picks)
+            remaining = np.setdiff1d(remaining, picks)
+        return np.concatenate(chosen) if chosen else np.empty(0, np.int64)
+
+
+class TwoStream(Strategy):
+    """Two feature streams, hierarchical k-means, cluster representatives as the queries.
+
+    Unsupervised stream: an autoencoder's code of each volume ("ae_embeddings", the AE fitted
+    each cycle on labelled + sampled unlabelled volumes). Supervised stream: T's embeddings and
+    probabilities. Each stream is z-scored over the candidates (per column). Level 1: k-means
+    on the unsupervised stream into ``top_clusters`` clusters (default ⌈√k⌉); the k picks are
+    shared between them in proportion to their size. Level 2: inside each, k-means on the
+    supervised stream into its share of clusters; each cluster's member nearest its centre is
+    a query. Bigger clusters' representatives come first; rows with non-finite features last;
+    any shortfall is filled at random. k-means++ seeding and ties from ``rng``.
+    """
+
+    name = "two_stream"
+    needs = frozenset({"probs", "embeddings", "ae_embeddings"})
+
+    def __init__(self, top_clusters: int = 0, iterations: int = 10, epochs: int = 5,
+                 latent: int = 16, unlabelled_sample: int = 256):
+        from orchestrator import auxiliary
+
+        self.top_clusters = operator.index(top_clusters)
+        self.iterations = _positive_int("iterations", iterations)
+        self.epochs, self.latent, self.unlabelled_sample = epochs, latent, unlabelled_sample
+        self.auxiliary = auxiliary.Autoencoder(
+            epochs=epochs, latent=latent, unlabelled_sample=unlabelled_sample
+        )
+
+    def select(self, candidates, k, rng):
+        out = candidates.outputs
+        supervised = np.concatenate(
+            [np.asarray(out["embeddings"], np.float64).reshape(len(candidates), -1),
+             np.asarray(out["probs"], np.float64)], axis=1)
+        unsupervised = np.asarray(out["ae_embeddings"], np.float64).reshape(len(candidates), -1)
+        finite = np.isfinite(supervised).all(axis=1) & np.isfinite(unsupervised).all(axis=1)
+        rows = np.flatnonzero(finite)
+        k = min(k, len(candidates))
+        k_finite = min(k, rows.size)
+        chosen: list[int] = []
+        if k_finite:
+            supervised, unsupervised = _zscore(supervised[rows]), _zscore(unsupervised[rows])
+            n_top = min(self.top_clusters or math.ceil(math.sqrt(k_finite)), k_finite)
+            top, _ = _kmeans(unsupervised, n_top, rng, self.iterations)
+            sizes = np.bincount(top, minlength=n_top)
+            shares = _share(k_finite, sizes)
+            for c in np.lexsort((rng.permutation(n_top), -sizes)):
+                members = np.flatnonzero(top == c)
+                if shares[c] == 0:
+                    continue
+                labels, centres = _kmeans(supervised[members], int(shares[c]), rng, self.iterations)
+                sub_sizes = np.bincount(labels, minlength=len(centres))
+                for j in np.lexsort((rng.permutation(len(centres)), -sub_sizes)):
+                    inside = members[labels == j]
+                    if inside.size:
+                        d = ((supervised[inside] - centres[j]) ** 2).sum(axis=1)
+                        chosen.append(int(rows[inside[np.argmin(d)]]))
+        taken = np.zeros(len(candidates), dtype=bool)
+        taken[chosen] = True
+        rest = np.flatnonzero(~taken)
+        rest = rest[np.lexsort((rng.permutation(rest.size), ~finite[rest]))]
+        return np.concatenate([np.asarray(chosen, np.int64), rest[: k - len(chosen)]])
+
+
+def _zscore(x: np.ndarray) -> np.ndarray:
+    std = x.std(axis=0)
+    return (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
+def _share(k: int, sizes: np.ndarray) -> np.ndarray:
+    """k split in proportion to ``sizes`` (largest remainders), none above its size."""
+    ideal = k * sizes / sizes.sum()
+    share = np.minimum(np.floor(ideal).astype(np.int64), sizes)
+    while share.sum() < k:
+        room = share < sizes
+        share[np.flatnonzero(room)[np.argmax((ideal - share)[room])]] += 1
+    return share
+
+
+def _nearest(x: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the nearest centre, squared distance to it) per row, in row chunks."""
+    labels = np.empty(len(x), np.int64)
+    dist = np.empty(len(x), np.float64)
+    c_sq = (centres**2).sum(axis=1)
+    for start in range(0, len(x), CHUNK_ROWS):
+        chunk = x[start : start + CHUNK_ROWS]
+        d = (chunk**2).sum(axis=1)[:, None] - 2.0 * chunk @ centres.T + c_sq
+        labels[start : start + len(chunk)] = d.argmin(axis=1)
+        dist[start : start + len(chunk)] = np.maximum(d.min(axis=1), 0.0)
+    return labels, dist
+
+
+def _kmeans(x: np.ndarray, n_clusters: int, rng: np.random.Generator, iterations: int):
+    """(labels, centres): k-means++ seeding (D² sampling from ``rng``), then Lloyd steps; an
+    emptied cluster keeps its centre. n_clusters is clipped to len(x)."""
+    n_clusters = min(n_clusters, len(x))
+    centres = [x[rng.integers(len(x))]]
+    dist = ((x - centres[0]) ** 2).sum(axis=1)
+    for _ in range(1, n_clusters):
+        total = dist.sum()
+        if total > 0:
+            pick = int(np.searchsorted(np.cumsum(dist), rng.random() * total, side="right"))
+            pick = min(pick, len(x) - 1)
+        else:
+            pick = int(rng.integers(len(x)))
+        centres.append(x[pick])
+        dist = np.minimum(dist, ((x - x[pick]) ** 2).sum(axis=1))
+    centres = np.array(centres)
+    labels, _ = _nearest(x, centres)
+    for _ in range(iterations):
+        for c in range(n_clusters):
+            members = labels == c
+            if members.any():
+                centres[c] = x[members].mean(axis=0)
+        new, _ = _nearest(x, centres)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return labels, centres
+
+
 # --- registry ---------------------------------------------------------------------------------
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -551,6 +803,12 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "mc_entropy": MCEntropy,
     "coreset": CoreSet,
     "badge": Badge,
+    "ema_kl_semi": EmaKLSemi,
+    "ll4al": LearningLoss,
+    "noise_stability": NoiseStability,
+    "vaal": VAAL,
+    "hal": HAL,
+    "two_stream": TwoStream,
 }
 
 

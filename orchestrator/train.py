@@ -7,6 +7,13 @@ identical across ranks. Rank 0 checkpoints T, M, the optimiser, the scheduler, t
 RNG state after every epoch; a restarted worker group (FailureConfig) or a re-run of the same
 cycle after a driver crash resumes from there. The validation split chooses the epoch whose
 T and M are kept (`model.pt` in the cycle directory); the test split is only reported.
+
+The cycle's strategy is rebuilt here by name, and its hooks are honoured whatever it is:
+``semi_supervised`` adds the unlabelled λ·D_reg term; an ``auxiliary`` with a joint loss is
+built with T, trained in T's steps (its parameters in T's optimiser, its state in the epoch
+checkpoint and in `model.pt` under "auxiliary"); then, on rank 0, ``fit_after`` fits it with
+the kept T, the labelled volumes and a seeded sample of unlabelled ones, and `model.pt` is
+re-saved with it (``auxiliary_fitted`` marks that done, so a re-run does not fit twice).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from orchestrator.learning import (
 )
 from orchestrator.model import build_model
 from orchestrator.pool import read_volumes
+from orchestrator.strategies import make_strategy
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -54,12 +62,14 @@ class CycleJob:
     val_labels: list[int] = field(default_factory=list)
     test_rows: list[int] = field(default_factory=list)
     test_labels: list[int] = field(default_factory=list)
-    unlabelled_rows: list[int] = field(default_factory=list)  # semi-supervised batches
+    unlabelled_rows: list[int] = field(default_factory=list)  # semi-supervised / auxiliary
     mean_model_path: str | None = None  # the previous cycle's model.pt, whose M carries over
     seed: int = 0
     model: dict = field(default_factory=dict)  # ModelConfig as a dict
     train: dict = field(default_factory=dict)  # TrainConfig as a dict
     record_trajectory: bool = False  # tests: rank 0 saves T after every step, every rank saves M
+    strategy: str = ""  # the selection strategy: its training hooks (semi_supervised, auxiliary)
+    strategy_options: dict = field(default_factory=dict)
 
 
 def model_path(out_dir: str | Path) -> Path:
@@ -108,9 +118,12 @@ def train_loop_per_worker(config: dict) -> dict | None:
     y_train = torch.as_tensor(job.train_labels, dtype=torch.int64)
     x_val = torch.from_numpy(read_volumes(job.pool, job.val_rows)) if job.val_rows else None
     y_val = torch.as_tensor(job.val_labels, dtype=torch.int64)
+    strategy = make_strategy(job.strategy, **job.strategy_options) if job.strategy else None
+    auxiliary = getattr(strategy, "auxiliary", None)
+    semi = tcfg["semi_supervised"] or getattr(strategy, "semi_supervised", False)
     x_unlabelled = (
         torch.from_numpy(read_volumes(job.pool, job.unlabelled_rows))
-        if tcfg["semi_supervised"] and job.unlabelled_rows else None
+        if semi and job.unlabelled_rows else None
     )
 
     torch.manual_seed(job.seed)  # T is re-initialised each cycle, identically on every rank
@@ -118,8 +131,19 @@ def train_loop_per_worker(config: dict) -> dict | None:
     mean = init_mean_model(model)  # after prepare_model, so M starts identical on every rank
     if job.mean_model_path and not tcfg["reset_mean_model"]:
         mean.load_state_dict(torch.load(job.mean_model_path, map_location=device)["mean"])
+    aux, extra_loss = None, None
+    if auxiliary is not None and auxiliary.joint:  # trained in T's steps, with T's optimiser
+        with torch.random.fork_rng(devices=[]):  # T trains as it would without it
+            torch.manual_seed(job.seed + 1)
+            aux = auxiliary.build(unwrap(model), job.num_classes)
+        aux = ray.train.torch.prepare_model(aux)
+
+        def extra_loss(x, y, logits, stages):
+            return auxiliary.joint_loss(aux, model, x, y, logits, stages)
+
     optimizer = make_optimizer(
-        model, lr=tcfg["lr"], momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"]
+        model if aux is None else torch.nn.ModuleList([model, aux]),
+        lr=tcfg["lr"], momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"],
     )
     scheduler = make_scheduler(optimizer, tcfg["epochs"], decay_at=tcfg["decay_at"])
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
@@ -131,6 +155,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
             state = torch.load(Path(directory) / "state.pt", map_location=device, weights_only=False)
         unwrap(model).load_state_dict(state["model"])
         mean.load_state_dict(state["mean"])
+        if aux is not None:
+            unwrap(aux).load_state_dict(state["auxiliary"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -153,6 +179,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             model, mean, _with_hook(batches, step_hook, model), optimizer,
             lam=tcfg["lam"], distance=tcfg["regulariser"], alpha=tcfg["ema_alpha"],
             unlabelled_batches=unlabelled, amp_dtype=amp_dtype, device=device, scaler=scaler,
+            extra_loss=extra_loss,
         )
         scheduler.step()
         calibration = list(_batches(x_train, y_train, np.arange(len(x_train)), tcfg["batch_size"]))
@@ -162,7 +189,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
         if improved:
             progress.update(best_val=val_accuracy, best_epoch=epoch)
             if rank == 0:
-                _save_model(job, task_eval, recalibrated(mean, calibration), epoch, val_accuracy)
+                _save_model(job, task_eval, recalibrated(mean, calibration), epoch, val_accuracy,
+                            aux)
         progress["epoch"] = epoch + 1
         metrics = {
             "epoch": epoch, "loss": stats["loss"], "ce": stats["ce"], "reg": stats["reg"],
@@ -177,11 +205,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
             "model": unwrap(model).state_dict(), "mean": mean.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": get_rng_state(), "progress": dict(progress),
+            **({"auxiliary": unwrap(aux).state_dict()} if aux is not None else {}),
         })
     if job.record_trajectory:
         torch.save(mean.state_dict(), trajectory_dir / f"mean_rank{rank}.pt")
     if rank != 0:
         return None
+    if auxiliary is not None:
+        _fit_auxiliary(job, auxiliary, x_train, device)
     return _final_summary(job, progress, amp_dtype, device)
 
 
@@ -241,12 +272,41 @@ def _accuracy(model, x, y, job: CycleJob, amp_dtype) -> float:
     return float(evaluate(model, batches, job.num_classes, amp_dtype=amp_dtype)["accuracy"])
 
 
-def _save_model(job: CycleJob, model, mean, epoch: int, val_accuracy: float) -> None:
+def _save_model(job: CycleJob, model, mean, epoch: int, val_accuracy: float, aux=None) -> None:
     state = {
         "model": unwrap(model).state_dict(), "mean": mean.state_dict(), "epoch": epoch,
         "val_accuracy": val_accuracy, "num_classes": job.num_classes, "model_config": job.model,
     }
+    if aux is not None:  # the jointly trained auxiliary of the same epoch as T
+        state["auxiliary"] = unwrap(aux).state_dict()
     atomic_torch_save(state, model_path(job.out_dir))
+
+
+def _fit_auxiliary(job: CycleJob, auxiliary, x_train: torch.Tensor, device) -> None:
+    """Rank 0, after training: the strategy's ``fit_after`` with the kept T; `model.pt` gains
+    (or updates) "auxiliary". Seeded: a re-run fits the same module from the same start."""
+    path = model_path(job.out_dir)
+    saved = torch.load(path, map_location=device)
+    if saved.get("auxiliary_fitted"):
+        return
+    model = _build(job).to(device)
+    model.load_state_dict(saved["model"])
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(job.seed + 1)
+        aux = auxiliary.build(model, job.num_classes)
+    if aux is None:  # nothing to fit or keep (noise stability reads T itself)
+        return
+    if "auxiliary" in saved:
+        aux.load_state_dict(saved["auxiliary"])
+    aux.to(device)
+    rng = np.random.default_rng([job.seed, 23])
+    n = min(len(job.unlabelled_rows), auxiliary.unlabelled_sample)
+    rows = np.sort(rng.choice(np.asarray(job.unlabelled_rows, np.int64), size=n, replace=False))
+    x_unlabelled = torch.from_numpy(read_volumes(job.pool, rows)) if n else x_train[:0]
+    auxiliary.fit_after(aux, model, x_train, x_unlabelled, device=device, seed=job.seed)
+    saved.update(auxiliary=aux.state_dict(), auxiliary_fitted=True)
+    atomic_torch_save(saved, path)
 
 
 def atomic_torch_save(obj, path: Path) -> None:

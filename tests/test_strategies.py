@@ -29,6 +29,9 @@ CONFIGS = [(name, {}) for name in STRATEGIES] + [
     ("bald", {"mc_passes": K}),
     ("coreset", {"chunk_rows": 64}),
     ("badge", {"chunk_rows": 64}),
+    ("hal", {"rounds": 1}),
+    ("hal", {"rounds": 7, "subset": 0.2}),
+    ("two_stream", {"top_clusters": 3}),
 ]
 CONFIG_IDS = [name + "".join(f"-{v}" for v in opts.values()) for name, opts in CONFIGS]
 
@@ -52,6 +55,10 @@ def pool_outputs(n, seed=0):
         "embeddings": rng.standard_normal((n, E)),
         "grad_embeddings": rng.standard_normal((n, E * C)),
         "mc_probs": softmax(mc_logits, axis=1),
+        "predicted_loss": rng.standard_normal(n),
+        "labelledness": rng.uniform(size=n),
+        "noisy_logits": logits[:, :, None] + 0.1 * rng.standard_normal((n, C, K)),
+        "ae_embeddings": rng.standard_normal((n, E)),
     }
     assert set(outputs) == OUTPUT_KEYS
     return {key: value.astype(np.float32) for key, value in outputs.items()}
@@ -494,3 +501,79 @@ def test_badge_fills_up_at_random_once_every_candidate_sits_on_a_pick():
     second = choose("badge", badge_candidates(points), 6, seed=1)
     assert sorted(first.tolist()) == list(range(6))
     assert first.tolist() != second.tolist()
+
+
+# --- strategies with an auxiliary model -------------------------------------------------------
+
+
+def test_ema_kl_semi_scores_like_ema_kl_and_asks_for_semi_supervised_training():
+    semi, plain = make_strategy("ema_kl_semi", distance="js"), make_strategy("ema_kl", distance="js")
+    outputs = pool_candidates(plain)[0].outputs
+    np.testing.assert_array_equal(semi.score(outputs), plain.score(outputs))
+    assert semi.semi_supervised and not plain.semi_supervised
+
+
+def test_only_strategies_with_a_model_of_their_own_declare_an_auxiliary():
+    with_auxiliary = {n for n in STRATEGIES if make_strategy(n).auxiliary is not None}
+    assert with_auxiliary == {"ll4al", "noise_stability", "vaal", "hal", "two_stream"}
+
+
+def test_ll4al_asks_for_the_highest_predicted_loss_first():
+    candidates = Candidates(rows=np.arange(3), outputs={"predicted_loss": np.array([0.2, 3.0, 1.0])})
+    np.testing.assert_array_equal(choose("ll4al", candidates, 3), [1, 2, 0])
+
+
+def test_noise_stability_is_the_mean_distance_of_the_noisy_logits():
+    logits = np.array([[0.0, 0.0], [1.0, 1.0]])
+    noisy = np.stack([logits + [[3.0, 4.0], [0.0, 0.0]], logits + [[0.0, 0.0], [0.0, 1.0]]], axis=2)
+    score = make_strategy("noise_stability").score({"logits": logits, "noisy_logits": noisy})
+    np.testing.assert_allclose(score, [2.5, 0.5], rtol=1e-12)
+
+
+def test_vaal_asks_for_the_least_labelled_looking_first():
+    candidates = Candidates(rows=np.arange(3), outputs={"labelledness": np.array([0.9, 0.1, 0.5])})
+    np.testing.assert_array_equal(choose("vaal", candidates, 3), [1, 2, 0])
+
+
+def test_hal_fuses_normalised_entropy_with_unlabelledness():
+    outputs = {"probs": np.array([[0.5, 0.5], [1.0, 0.0]]), "labelledness": np.array([0.25, 0.5])}
+    np.testing.assert_allclose(make_strategy("hal").fused(outputs), [1.75, 0.5], rtol=1e-12)
+    np.testing.assert_allclose(make_strategy("hal", lam=0.0).fused(outputs), [1.0, 0.0],
+                               atol=1e-12)
+
+
+def test_hal_in_one_round_over_the_whole_set_is_the_top_k_of_the_fused_score():
+    strategy = make_strategy("hal", rounds=1, subset=1.0)
+    candidates, _ = pool_candidates(strategy)
+    expected = top_k(strategy.fused(candidates.outputs), 20, np.random.default_rng(0))
+    chosen = choose("hal", candidates, 20, rounds=1, subset=1.0)
+    np.testing.assert_array_equal(np.sort(chosen), np.sort(expected))
+
+
+def test_hal_subset_rounds_spread_the_picks_beyond_the_global_top():
+    strategy = make_strategy("hal", rounds=5, subset=0.2)
+    candidates, _ = pool_candidates(strategy)
+    best = set(top_k(strategy.fused(candidates.outputs), 20, np.random.default_rng(0)).tolist())
+    chosen = set(select(strategy, candidates, 20, np.random.default_rng(0)).tolist())
+    assert chosen != best
+
+
+def test_two_stream_takes_one_representative_per_well_separated_cluster():
+    points, cluster = clusters(n_clusters=4, per_cluster=30, dim=E)
+    n = len(points)
+    rng = np.random.default_rng(0)
+    candidates = Candidates(rows=np.arange(n), outputs={
+        "ae_embeddings": points,
+        "embeddings": points + rng.standard_normal(points.shape).astype(np.float32),
+        "probs": softmax(rng.standard_normal((n, C))).astype(np.float32),
+    })
+    positions = choose("two_stream", candidates, 4, top_clusters=4)
+    assert sorted(cluster[positions].tolist()) == [0, 1, 2, 3]
+
+
+def test_two_stream_takes_rows_with_non_finite_features_last():
+    strategy = make_strategy("two_stream")
+    candidates, _ = pool_candidates(strategy)
+    candidates.outputs["ae_embeddings"][5] = np.nan
+    positions = select(strategy, candidates, len(candidates), np.random.default_rng(0))
+    assert positions[-1] == 5
