@@ -51,6 +51,10 @@ def main(argv=None) -> int:
         from orchestrator.annotate import main as annotate_main
 
         return annotate_main(argv[1:])
+    if argv[:1] == ["sweep"]:  # many simulated campaigns on Ray Tune: `run.py sweep --config …`
+        from orchestrator.sweep import main as sweep_main
+
+        return sweep_main(argv[1:])
     args = parse_args(argv)
     try:
         cfg, run_dir = prepare_run(args)
