@@ -52,7 +52,9 @@ def pool(n: int, dim: int, n_labelled: int, seed: int) -> Candidates:
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     return Candidates(
         rows=np.arange(n),
-        outputs={"embeddings": embeddings, "grad_embeddings": embeddings, "probs": probs},
+        outputs={"embeddings": embeddings, "grad_embeddings": embeddings, "probs": probs,
+                 # two-stream's unsupervised stream: autoencoder codes, 32 wide
+                 "ae_embeddings": embeddings[:, :32]},
         labelled={"embeddings": rng.standard_normal((n_labelled, dim), dtype=np.float32)},
     )
 
@@ -63,7 +65,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--labelled", type=int, default=1_000)
     parser.add_argument("--k", type=int, default=1_000)
-    parser.add_argument("--strategies", nargs="+", default=["entropy", "coreset", "badge"])
+    parser.add_argument("--strategies", nargs="+", default=["entropy", "coreset", "badge", "two_stream"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
