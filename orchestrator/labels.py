@@ -25,7 +25,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Collection, Iterable, Sequence
 
-from orchestrator.pool import fsync_dir
+from orchestrator.faults import maybe_fault
+from orchestrator.pool import fsync_dir, write_error
 
 JUNK = -1
 LEDGER_FILE = "labels.csv"
@@ -217,8 +218,11 @@ class LabelLedger:
         # Old and new lines to a temp file, then one atomic rename: a crash at any point leaves
         # either the old ledger or the new one. Stale temp files (a crash before the rename) are
         # never read: only `labels.csv` is.
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as err:  # read-only run directory
+            raise write_error(self.path, err) from err
         try:
             with os.fdopen(fd, "w", newline="") as f:
                 writer = csv.writer(f, lineterminator="\n")
@@ -227,12 +231,15 @@ class LabelLedger:
                     writer.writerow((r.subtomo_id, r.label, r.cycle, r.source, r.annotator, r.time))
                 f.flush()
                 os.fsync(f.fileno())
+            maybe_fault("ledger-temp-written")
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as err:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+            if isinstance(err, OSError):  # e.g. a full disk: name the ledger, say it is intact
+                raise write_error(self.path, err) from err
             raise
         fsync_dir(self.path.parent)
         self._stamp = _stamp(self.path)

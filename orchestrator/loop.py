@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.config import BudgetConfig, CampaignConfig, config_to_dict
+from orchestrator.faults import maybe_fault
 from orchestrator.labels import JUNK, LabelLedger
 from orchestrator.oracle import FileOracle, Query, SimulatedOracle, pick_initial
 from orchestrator.pool import PoolInfo, atomic_write_text, open_pool, read_index
@@ -139,6 +140,7 @@ class Campaign:
             spent = time.perf_counter() - started
             record["seconds_select"] = spent - record.get("seconds_score", 0.0)
             self.oracle.answer(queries, cycle, self.ledger, self.run_dir)
+            maybe_fault("ledger-written")
         labelled = len(self.ledger.current())
         if labelled != target:
             raise CampaignError(f"cycle {cycle}: {labelled} labelled, expected {target}")
@@ -156,7 +158,9 @@ class Campaign:
             queries = [Query(int(r), str(self.view.ids[r]), self._source(r)) for r in picks]
         else:
             queries = self._strategy_queries(cycle, k, labelled_rows, record)
+        maybe_fault("selection-chosen")
         write_selection(selection_file, queries)
+        maybe_fault("selection-written")
         return queries
 
     def _strategy_queries(self, cycle: int, k: int, labelled_rows, record: dict) -> list[Query]:

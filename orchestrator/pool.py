@@ -260,12 +260,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that a crash leaves either the old or the new content, never a mix."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:  # read-only or full disk: say which file, leave the old one as it was
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise write_error(path, err) from err
     fsync_dir(path.parent)
+
+
+def write_error(path: Path, err: OSError) -> OSError:
+    """`err` (same errno, so the same OSError subclass) with a message naming the file and
+    saying that its previous content, if any, is intact."""
+    return OSError(err.errno, f"cannot write {path}: {err.strerror or err} "
+                              f"(nothing was changed: the previous {path.name}, if any, is intact)")
 
 
 def fsync_dir(directory: Path) -> None:
