@@ -18,38 +18,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import (forward_gflop, make_noise_pool, matmul_gflops, save_models,  # noqa: E402
+                          start_local_ray)
 from orchestrator.config import ScoreConfig  # noqa: E402
-from orchestrator.ema import init_mean_model  # noqa: E402
 from orchestrator.learning import forward_outputs  # noqa: E402
 from orchestrator.model import build_model  # noqa: E402
-from orchestrator.pool import PoolWriter, iter_volumes  # noqa: E402
+from orchestrator.pool import iter_volumes  # noqa: E402
 from orchestrator.strategies import make_strategy  # noqa: E402
-
-
-def make_pool(path: Path, rows: int, box: int, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    with PoolWriter(path, box, class_names=[f"c{i}" for i in range(10)]) as writer:
-        for i in range(rows):
-            writer.add(f"s{i:07d}", rng.standard_normal((box,) * 3, dtype=np.float32),
-                       source="bench", label=i % 10, split="train")
-    return writer.close()
-
-
-def save_models(path: Path, name: str, width: int, stem: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=10, width=width, stem=stem)
-    mean = init_mean_model(model)
-    with torch.no_grad():  # M a little different from T, as after training
-        for p in mean.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    torch.save({"model": model.state_dict(), "mean": mean.state_dict(), "num_classes": 10,
-                "model_config": {"name": name, "width": width, "stem": stem, "dropout": 0.0}}, path)
-    return model
 
 
 def plain_loop(pool: str, model_path: Path, batch: int, threads: int) -> float:
@@ -73,13 +52,10 @@ def plain_loop(pool: str, model_path: Path, batch: int, threads: int) -> float:
 def ray_path(pool: str, model_path: Path, out: Path, batch: int, actors: int) -> float:
     """Seconds for the whole scoring pass, the actors' start included (Ray's own start not)."""
     import ray
-    from ray.data import DataContext
 
     from orchestrator.score import score_pool
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_config=ray.LoggingConfig(log_level="ERROR"),
-             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
-    DataContext.get_current().enable_progress_bars = False
+    start_local_ray()
     cfg = ScoreConfig(batch_size=batch, actors=actors, cpus_per_actor=0.5)
     try:
         started = time.perf_counter()
@@ -87,24 +63,6 @@ def ray_path(pool: str, model_path: Path, out: Path, batch: int, actors: int) ->
         return time.perf_counter() - started
     finally:
         ray.shutdown()
-
-
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e9
-
-
-def forward_gflop(model: torch.nn.Module, box: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.eval()(torch.zeros(1, 1, box, box, box))
-    return counter.get_total_flops() / 1e9
 
 
 def main() -> None:
@@ -120,11 +78,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
-        info = make_pool(tmp / "pool", args.rows, args.box)
+        info = make_noise_pool(tmp / "pool", args.rows, args.box)
         print(f"pool of {args.rows} × {args.box}³ written in {time.perf_counter() - t0:.0f} s", flush=True)
         model = save_models(tmp / "model.pt", args.name, args.width, args.stem)
         gflop = 2 * forward_gflop(model, args.box)  # T and M
         matmul = matmul_gflops(threads=args.actors)
+        # bf16 is slow on CPUs without native bf16 (AVX2 only): a smaller product suffices
+        matmul_bf16 = matmul_gflops(threads=args.actors, n=512, dtype=torch.bfloat16)
         plain = plain_loop(info.path, tmp / "model.pt", args.batch, threads=args.actors)
         seconds = ray_path(info.path, tmp / "model.pt", tmp, args.batch, args.actors)
     ray_rate = args.rows / seconds
@@ -136,6 +96,7 @@ def main() -> None:
     print(f"| Ray Data (actors' start included) | {ray_rate:.0f} | {ray_rate * gflop:.1f} | "
           f"{ray_rate / plain:.2f} | {ray_rate * gflop / matmul:.0%} |")
     print(f"\nfp32 matmul (2048², {args.actors} threads): {matmul:.1f} GFLOP/s; "
+          f"bf16 matmul (512²): {matmul_bf16:.1f} GFLOP/s; "
           f"T+M forward: {gflop:.3f} GFLOP per subtomogram; "
           f"driver peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 

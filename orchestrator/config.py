@@ -51,7 +51,8 @@ class TrainConfig:
     #                          100-epoch cycles, a few hundred CPU steps barely move M at 0.999
     semi_supervised: bool = False  # also apply λ·D_reg on unlabelled batches
     reset_mean_model: bool = False  # re-initialise M each cycle instead of carrying it over
-    num_workers: int = 2  # Ray Train workers (DDP); 0 = in the calling process (tests, local sweeps)
+    num_workers: int = 2  # Ray Train workers (DDP); 0 = in the calling process (not in
+    #                       a Tune trial: Ray refuses ray.train calls there)
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     amp: str = "none"  # mixed precision on GPU: none | bf16 | fp16
@@ -61,7 +62,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ScoreConfig:
     batch_size: int = 64  # subtomograms per scoring batch
-    actors: int = 2  # scoring actors (Ray Data ActorPoolStrategy)
+    actors: int = 2  # scoring actors (Ray Data ActorPoolStrategy); 0 = in the calling process
     cpus_per_actor: float = 0.5  # leave headroom: actors taking every CPU deadlock read_parquet
     gpus_per_actor: float = 0.0  # fractional GPUs are fine for scoring
 

@@ -29,9 +29,10 @@ import pyarrow.parquet as pq
 from orchestrator.config import BudgetConfig, CampaignConfig, config_to_dict
 from orchestrator.faults import maybe_fault
 from orchestrator.labels import JUNK, LabelLedger
-from orchestrator.oracle import FileOracle, Query, SimulatedOracle, pick_initial
+from orchestrator.oracle import AwaitingLabels, FileOracle, Query, SimulatedOracle, pick_initial
 from orchestrator.pool import PoolInfo, atomic_write_text, open_pool, read_index
 from orchestrator.score import column_array, read_scores, score_pool
+from orchestrator.storage import RunMirror
 from orchestrator.strategies import Candidates, make_strategy, select, top_k
 from orchestrator.train import CycleJob, model_path, run_training
 
@@ -87,11 +88,14 @@ class PoolView:
 
 class Campaign:
     def __init__(self, cfg: CampaignConfig, run_dir: Path, info: PoolInfo,
-                 on_cycle: Callable[[dict], None] | None = None):
+                 on_cycle: Callable[[dict], None] | None = None, mirror: RunMirror | None = None):
         """on_cycle: called with each cycle's record once it is trained, in cycle order, also for
-        cycles a resumed campaign finds already trained (a sweep reports progress with it)."""
+        cycles a resumed campaign finds already trained (a sweep reports progress with it).
+        mirror: for a run directory at a URI, run_dir is its staging copy and every save
+        uploads it (`orchestrator/storage.py`)."""
         self.cfg = cfg
         self.on_cycle = on_cycle
+        self.mirror = mirror
         self.run_dir = Path(run_dir)
         self.view = PoolView.load(info)
         self.row_of = self.view.row_of()
@@ -113,7 +117,11 @@ class Campaign:
         for cycle in range(len(self.schedule)):
             record = self._cycle_record(cycle)
             if not record.get("labelled"):
-                self._label_up_to(cycle, record)
+                try:
+                    self._label_up_to(cycle, record)
+                except AwaitingLabels:
+                    self._upload()  # the person finds the queries where the run is
+                    raise
             if not record.get("trained"):
                 self._train(cycle, record)
             print(_cycle_line(record), flush=True)
@@ -246,6 +254,11 @@ class Campaign:
     def _save(self) -> None:
         atomic_write_text(self.run_dir / STATE, json.dumps(self.state, indent=2, default=_json))
         write_metrics(self.run_dir, self.state["cycles"], self.view.info.class_names)
+        self._upload()
+
+    def _upload(self) -> None:
+        if self.mirror is not None:
+            self.mirror.upload()
 
 
 def make_oracle(kind: str, view: PoolView):

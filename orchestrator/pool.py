@@ -23,7 +23,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from orchestrator.storage import filesystem_for, is_file, is_uri, join, read_text
 
 MANIFEST = "pool.json"
 SHARD_DIR = "shards"
@@ -57,7 +60,7 @@ class PoolInfo:
 
     @property
     def shard_paths(self) -> list[str]:
-        return [str(Path(self.path) / shard) for shard in self.shards]
+        return [join(self.path, shard) for shard in self.shards]
 
     @property
     def num_classes(self) -> int:
@@ -129,6 +132,9 @@ class PoolWriter:
             raise PoolError(f"dtype must be one of {VOLUME_DTYPES}, got {dtype!r}")
         if normalisation not in ("zscore", "none"):
             raise PoolError(f"normalisation must be 'zscore' or 'none', got {normalisation!r}")
+        if is_uri(path):  # shards are written with local files and renames
+            raise PoolError(f"{path}: pools are written to a local path; copy the folder to "
+                            "object storage afterwards (pools are read from URIs)")
         self.path = Path(path)
         if (self.path / MANIFEST).exists() and not overwrite:
             raise PoolError(f"{self.path}: a pool already exists there (pass overwrite to replace)")
@@ -295,12 +301,13 @@ def fsync_dir(directory: Path) -> None:
 
 
 def open_pool(path: str | Path) -> PoolInfo:
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
+    """The pool at a local path or a URI (s3://, gs://, file://…; see orchestrator/storage.py)."""
+    path = path if is_uri(path) else Path(path)
+    manifest_path = join(path, MANIFEST)
+    if not is_file(manifest_path):
         raise PoolError(f"{path}: not a pool (no {MANIFEST}; an ingest may have been interrupted)")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(read_text(manifest_path))
     except json.JSONDecodeError as err:
         raise PoolError(f"{manifest_path}: unreadable manifest ({err})") from err
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -315,6 +322,16 @@ def open_pool(path: str | Path) -> PoolInfo:
         shards=tuple(manifest["shards"]),
         description=manifest.get("description", ""),
     )
+
+
+def shard_locations(info: PoolInfo) -> tuple[pafs.FileSystem | None, list[str]]:
+    """The shards as pyarrow and Ray Data readers take them: (filesystem, paths on it) for a
+    pool at a URI, opened once for all its shards; (None, the plain paths) for a local pool,
+    which is then read exactly as before."""
+    if not is_uri(info.path):
+        return None, info.shard_paths
+    filesystem, root = filesystem_for(info.path)
+    return filesystem, [f"{root.rstrip('/')}/{shard}" for shard in info.shards]
 
 
 def decode_volumes(column, info: PoolInfo) -> np.ndarray:
@@ -340,9 +357,9 @@ def iter_batches(
     path: str | Path, columns: Sequence[str] | None = None, batch_rows: int = 1024
 ) -> Iterator[pa.RecordBatch]:
     """Stream the pool shard by shard; memory holds one row group at a time."""
-    info = open_pool(path)
-    for shard in info.shard_paths:
-        parquet = pq.ParquetFile(shard)
+    filesystem, shards = shard_locations(open_pool(path))
+    for shard in shards:
+        parquet = pq.ParquetFile(shard, filesystem=filesystem)
         # Row group by row group: iter_batches over a whole file reads ahead many row groups
         # (measured: ~10x the memory for 32^3 volumes).
         for group in range(parquet.num_row_groups):
@@ -380,8 +397,8 @@ def _volume_batch(table: pa.Table, info: PoolInfo) -> tuple[np.ndarray, np.ndarr
 
 def read_index(path: str | Path, columns: Sequence[str] = INDEX_COLUMNS) -> pa.Table:
     """Every row's metadata (no volumes): about 100 bytes a row."""
-    info = open_pool(path)
-    tables = [pq.read_table(shard, columns=list(columns)) for shard in info.shard_paths]
+    filesystem, shards = shard_locations(open_pool(path))
+    tables = [pq.read_table(shard, columns=list(columns), filesystem=filesystem) for shard in shards]
     if not tables:
         return _schema(1).empty_table().select(list(columns))
     return pa.concat_tables(tables)

@@ -3,10 +3,12 @@
     python orchestrator/run.py                              # embedded default: simulate, then EMA-KL
     python orchestrator/run.py --config paper --set train.epochs=50
     python orchestrator/run.py --resume runs/demo-20261122-101500
+    python orchestrator/run.py --run-dir s3://bucket/runs/demo --set data.pool=s3://bucket/pools/p
     ray job submit --working-dir . -- python orchestrator/run.py --set train.num_workers=4
 
 Connects to the Ray of `ray job submit` (RAY_ADDRESS) or `--address`; otherwise starts a local
-Ray for the duration of the run.
+Ray for the duration of the run. Pools and run directories may be URIs (s3://, gs://, file://):
+see orchestrator/storage.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.config import CampaignConfig, ConfigError, load_config, save_config  # noqa: E402
+from orchestrator.storage import RunMirror, StorageError, join, open_run_dir  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,8 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", help="a YAML file or a name in tune_configs/ (default: built-in CPU demo)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=3 (repeatable)")
-    parser.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted or waiting campaign")
-    parser.add_argument("--run-dir", help="where to write the run (default: RUN_ROOT/NAME-TIMESTAMP)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="finish an interrupted or waiting campaign (a path or a URI)")
+    parser.add_argument("--run-dir", help="where to write the run, a path or a URI such as "
+                                          "s3://bucket/runs/x (default: RUN_ROOT/NAME-TIMESTAMP)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     return parser.parse_args(argv)
 
@@ -57,8 +62,8 @@ def main(argv=None) -> int:
         return sweep_main(argv[1:])
     args = parse_args(argv)
     try:
-        cfg, run_dir = prepare_run(args)
-    except ConfigError as err:
+        cfg, run_dir, mirror = prepare_run(args)
+    except (ConfigError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     import ray
@@ -77,31 +82,44 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         info = prepare_pool(cfg, run_dir)
-        state = Campaign(cfg, run_dir, info).run()
+        state = Campaign(cfg, run_dir, info, mirror=mirror).run()
     except AwaitingLabels as waiting:
         print(str(waiting))
+        if mirror is not None:
+            print(f"  (the run directory is {mirror.uri}, staged in {run_dir}: put the labels "
+                  f"file there or in the staging copy, then --resume {mirror.uri})")
         return 0
     finally:
         ray.shutdown()
     print(f"\n{accuracy_table(state['cycles'])}\n")
-    print(f"finished in {time.perf_counter() - started:.0f} s; run directory: {run_dir}")
+    where = mirror.uri if mirror is not None else run_dir
+    print(f"finished in {time.perf_counter() - started:.0f} s; run directory: {where}")
     return 0
 
 
-def prepare_run(args) -> tuple[CampaignConfig, Path]:
+def prepare_run(args) -> tuple[CampaignConfig, Path, RunMirror | None]:
+    """The config, the local directory the campaign works in, and, for a run directory at a
+    URI, the mirror that uploads that directory (its staging copy) after every step."""
     if args.resume:
-        run_dir = Path(args.resume)
+        run_dir, mirror = open_run_dir(args.resume)
+        if mirror is not None:
+            mirror.download()
         if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        return load_config(run_dir / "config.yaml", args.set), run_dir
+            raise ConfigError(f"--resume {args.resume}: not a run directory (no config.yaml)")
+        return load_config(run_dir / "config.yaml", args.set), run_dir, mirror
     cfg = load_config(args.config, args.set)
-    run_dir = Path(args.run_dir or Path(cfg.run_root) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (run_dir / "config.yaml").exists():
-        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir}")
+    where = args.run_dir or join(cfg.run_root, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir, mirror = open_run_dir(where)
+    if mirror.remote_has("config.yaml") if mirror else (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{where} already holds a run; use --resume {where}")
+    if mirror is not None:
+        mirror.reset()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    print(f"run directory: {run_dir}")
-    return cfg, run_dir
+    if mirror is not None:
+        mirror.upload()
+    print(f"run directory: {where}")
+    return cfg, run_dir, mirror
 
 
 def prepare_pool(cfg: CampaignConfig, run_dir: Path):

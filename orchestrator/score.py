@@ -5,6 +5,10 @@ to per-row scores (`actors/scorer.py`), and the scores are written to Parquet. O
 scores reach the driver; memory stays flat as the pool grows. The output directory appears
 whole or not at all (written under a temporary name, then renamed), so a scoring pass cut
 short by a crash is simply run again.
+
+`score.actors = 0` scores in the calling process instead (the same actor class and output
+files, no Ray Data): on a small machine a Ray Data pass spends 15–40 s starting actors for a
+job of seconds, which dominates small campaigns, sweeps of them and benchmarks.
 """
 
 from __future__ import annotations
@@ -16,13 +20,17 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 import ray
 import ray.data
 
 from actors.scorer import PoolScorer
 from orchestrator.config import ScoreConfig
-from orchestrator.pool import open_pool
+from orchestrator.pool import iter_batches, open_pool, shard_locations
+from orchestrator.storage import absolute
+
+SCORED_COLUMNS = ["row", "subtomo_id", "volume"]
 
 
 def score_pool(
@@ -40,35 +48,62 @@ def score_pool(
     out_dir = Path(out_dir)
     if out_dir.exists():
         return out_dir
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    scorer_kwargs = {
+        "model_path": str(Path(model_path).resolve()),
+        "pool_path": absolute(pool_path),  # a URI stays one
+        "strategy": strategy,
+        "strategy_options": dict(strategy_options),
+        "threads": max(1, int(cfg.cpus_per_actor)),
+        "use_gpu": cfg.gpus_per_actor > 0,
+        "seed": seed,
+    }
+    exclude = np.asarray(exclude_rows, dtype=np.int64)
+    if cfg.actors == 0:  # the caller's own thread setting stays as it is
+        scorer = PoolScorer(**{**scorer_kwargs, "threads": torch.get_num_threads()},
+                            exclude_rows=exclude)
+        _score_in_process(pool_path, scorer, partial, cfg.batch_size)
+    else:
+        _score_on_ray_data(pool_path, scorer_kwargs, exclude, partial, cfg)
+    partial.rename(out_dir)
+    return out_dir
+
+
+def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, exclude: np.ndarray,
+                       partial: Path, cfg: ScoreConfig) -> None:
     info = open_pool(pool_path)
+    filesystem, shards = shard_locations(info)  # (None, paths) for a local pool
     dataset = ray.data.read_parquet(
-        info.shard_paths,
+        shards, filesystem=filesystem,
         # at least two blocks per actor, or a pool of few shards keeps all but one actor idle
         override_num_blocks=max(len(info.shards), 2 * cfg.actors),
-    ).select_columns(["row", "subtomo_id", "volume"])
+    ).select_columns(SCORED_COLUMNS)
     scored = dataset.map_batches(
         PoolScorer,
-        fn_constructor_kwargs={
-            "model_path": str(Path(model_path).resolve()),
-            "pool_path": str(Path(pool_path).resolve()),
-            "strategy": strategy,
-            "strategy_options": dict(strategy_options),
-            "exclude_rows": ray.put(np.asarray(exclude_rows, dtype=np.int64)),
-            "threads": max(1, int(cfg.cpus_per_actor)),
-            "use_gpu": cfg.gpus_per_actor > 0,
-            "seed": seed,
-        },
+        fn_constructor_kwargs={**scorer_kwargs, "exclude_rows": ray.put(exclude)},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
     )
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     scored.write_parquet(str(partial.resolve()))
-    partial.rename(out_dir)
-    return out_dir
+
+
+def _score_in_process(pool_path: str, scorer: PoolScorer, partial: Path, batch_size: int) -> None:
+    """The same batches through the same scorer, one Parquet file per batch, as Ray Data does."""
+    partial.mkdir(parents=True)
+    for i, batch in enumerate(iter_batches(pool_path, columns=SCORED_COLUMNS, batch_rows=batch_size)):
+        result = scorer({c: batch.column(c).to_numpy(zero_copy_only=False) for c in SCORED_COLUMNS})
+        if len(result["row"]) == 0:  # every row of the batch excluded
+            continue
+        table = pa.table({
+            key: pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(value))
+            if np.ndim(value) > 1 else value
+            for key, value in result.items()
+        })
+        pq.write_table(table, partial / f"part-{i:05d}.parquet")
 
 
 def read_scores(scores_dir: str | Path, columns: Sequence[str] | None = None) -> pa.Table:

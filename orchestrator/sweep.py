@@ -22,6 +22,9 @@ reports only between cycles (after a cycle's TorchTrainer has returned, before t
 scoring pass starts), so neither a SIGKILL nor an ASHA stop can leave a half-started worker
 group behind that Tune knows about. A restored trial re-enters `Campaign.run()` on the same run
 directory: finished cycles are skipped and only cycles after its checkpoint are reported again.
+A trial whose process dies (a preempted node, an OOM kill) is restored that way by Tune itself,
+up to TRIAL_MAX_FAILURES times, with no `--resume` needed; past that it ends errored, and
+`--resume` restores it again.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from orchestrator.config import (  # noqa: E402
     save_config,
 )
 from orchestrator.pool import atomic_write_text  # noqa: E402
+from orchestrator.storage import absolute  # noqa: E402
 
 SPEC_KEYS = ("name", "base", "set", "grid", "scheduler", "max_concurrent_trials")
 SCHEDULER_KEYS = ("type", "metric", "mode", "grace_period", "reduction_factor", "max_t")
@@ -65,6 +69,10 @@ RUNS, TUNE = "runs", "tune"
 # the CPUs. Even 0.01 CPU here starves a 2-worker × 1-CPU trainer on 2 CPUs (2.01 > 2: the worker
 # group never starts); a CPU-less bundle must hold something, so it holds memory.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
+# Tune restores a trial whose process died from its last report, this many times in all (each
+# restore costs little: the campaign resumes from its run directory). A trial that keeps failing
+# (a real error) then ends errored; `sweep --resume` restarts it once more.
+TRIAL_MAX_FAILURES = 3
 
 
 # -- sweep files -------------------------------------------------------------------------------
@@ -239,6 +247,10 @@ def check_trial_config(cfg: CampaignConfig, point: dict, n_train: int) -> int:
     from orchestrator.loop import CampaignError, budget_schedule
     from orchestrator.strategies import make_strategy
 
+    if cfg.train.num_workers < 1:  # Ray Train's local mode runs in the trial's own process,
+        # where Tune's session makes every ray.train call raise (ray issue #49454)
+        raise ConfigError(f"grid point {point['name']}: train.num_workers=0 (training in the "
+                          f"calling process) cannot run inside a Tune trial; use 1 or more")
     try:
         make_strategy(cfg.strategy.name, **cfg.strategy.options)
         return len(budget_schedule(cfg.budget, n_train))
@@ -534,7 +546,7 @@ class Sweep:
             info = prepare_pool(cfg, self.dir)  # data.pool, or simulated into SWEEP_DIR/pool
             n_train = len(PoolView.load(info).rows_of("train"))
             values = config_to_dict(base_config(self.spec, self.cli_sets, n_train))
-            values["data"]["pool"] = str(Path(info.path).resolve())
+            values["data"]["pool"] = absolute(info.path)  # a URI stays one
             atomic_write_text(self.base_path, yaml.safe_dump(values, sort_keys=False))
         self.needs, self.configs = [], []
         for point in self.points:
@@ -555,10 +567,12 @@ def campaign_trial(config: dict) -> None:
     """One Tune trial: one campaign on the sweep's pool, reporting after every cycle."""
     from ray import tune
 
+    from orchestrator.faults import set_scope
     from orchestrator.loop import Campaign
     from orchestrator.pool import open_pool
 
     sweep_dir, point = Path(config["sweep_dir"]), config["point"]
+    set_scope(point["name"])  # tests: CRYOAL_FAULT=…@NAME kills this trial's process only
     cfg = trial_config(sweep_dir / "base.yaml", point)
     run_dir = sweep_dir / RUNS / point["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -650,7 +664,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, scheduler=None,
             run_config=tune.RunConfig(
                 name=TUNE, storage_path=str(sweep.dir),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=1),
+                failure_config=tune.FailureConfig(max_failures=TRIAL_MAX_FAILURES),
                 verbose=1,
             ),
         )

@@ -5,8 +5,10 @@ it), takes its own slice of each epoch's shuffled order, and runs DDP. Weights a
 every rank after each step, so each rank updates its own copy of M the same way and M stays
 identical across ranks. Rank 0 checkpoints T, M, the optimiser, the scheduler, the epoch and the
 RNG state after every epoch; a restarted worker group (FailureConfig) or a re-run of the same
-cycle after a driver crash resumes from there. The validation split chooses the epoch whose
-T and M are kept (`model.pt` in the cycle directory); the test split is only reported.
+cycle after a driver crash resumes from there. Once a fit has succeeded, checkpoint folders Ray
+Train never registered (uploaded by rank 0 just before a worker died) are deleted; the ones it
+registered are its own to keep or evict (num_to_keep). The validation split chooses the epoch
+whose T and M are kept (`model.pt` in the cycle directory); the test split is only reported.
 
 The cycle's strategy is rebuilt here by name, and its hooks are honoured whatever it is:
 ``semi_supervised`` adds the unlabelled λ·D_reg term; an ``auxiliary`` with a joint loss is
@@ -18,7 +20,10 @@ re-saved with it (``auxiliary_fitted`` marks that done, so a re-run does not fit
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -102,7 +107,44 @@ def run_training(job: CycleJob, *, run_name: str) -> dict:
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    remove_unregistered_checkpoints(Path(job.out_dir).resolve() / "ray_train" / run_name)
     return result.return_value
+
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it kept
+CHECKPOINT_NAME = re.compile(r"checkpoint_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d(\.\d+)?")  # its default
+
+
+def registered_checkpoints(snapshot: dict) -> set[str]:
+    """The checkpoint folder names (relative to the run's folder) a Ray Train snapshot refers to:
+    the kept ones, the latest and any still pending validation."""
+    states = [*snapshot.get("checkpoint_results", []), snapshot.get("latest_checkpoint_result"),
+              *snapshot.get("pending_training_results", [])]
+    return {s["checkpoint_dir_name"] for s in states if s and s.get("checkpoint_dir_name")}
+
+
+def unregistered_checkpoints(registered, listing) -> list[str]:
+    """Which of the run folder's entries (names) are checkpoint folders Ray Train never
+    registered: uploaded by rank 0 but orphaned by a worker killed before the controller recorded
+    them (a restart resumes from the previous checkpoint; nothing refers to them again).
+    Registered ones are Ray Train's to keep or evict (CheckpointConfig(num_to_keep))."""
+    keep = {Path(name).name for name in registered}
+    return sorted(n for n in listing if CHECKPOINT_NAME.fullmatch(n) and n not in keep)
+
+
+def remove_unregistered_checkpoints(run_dir: Path) -> list[Path]:
+    """After a successful fit (no worker can still upload): delete the run's orphaned checkpoint
+    folders. Without a readable snapshot nothing is known to be orphaned, so nothing is deleted."""
+    try:
+        snapshot = json.loads((run_dir / SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return []
+    listing = [p.name for p in run_dir.iterdir() if p.is_dir()]
+    orphans = unregistered_checkpoints(registered_checkpoints(snapshot), listing)
+    removed = [run_dir / name for name in orphans]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def train_loop_per_worker(config: dict) -> dict | None:

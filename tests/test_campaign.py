@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from orchestrator.config import ModelConfig, TrainConfig, config_to_dict, load_config
+from orchestrator.config import ModelConfig, ScoreConfig, TrainConfig, config_to_dict, load_config
 from orchestrator.labels import LabelLedger
 from orchestrator.loop import Campaign
 from orchestrator.model import build_model
 from orchestrator.pool import read_volumes
-from orchestrator.score import column_array, read_scores
+from orchestrator.score import column_array, read_scores, score_pool
 from orchestrator.train import CycleJob, run_training
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -82,6 +82,22 @@ def test_kl_scores_match_a_plain_torch_computation_with_the_same_weights(finishe
         log_q = torch.log_softmax(nets["mean"](x), dim=1)
     expected = (log_p.exp() * (log_p - log_q)).sum(dim=1).numpy()
     np.testing.assert_allclose(column_array(table, "ema_kl"), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_scoring_in_process_writes_the_same_scores_as_the_ray_data_pass(finished_campaign,
+                                                                       shape_pool, tmp_path):
+    run_dir, _ = finished_campaign
+    on_ray = read_scores(run_dir / "cycles/c00/scores")
+    labelled = sorted(set(range(shape_pool.n_rows)) - set(on_ray.column("row").to_pylist()))
+    in_process = read_scores(score_pool(
+        shape_pool.path, str(run_dir / "cycles/c00/model.pt"), tmp_path / "scores",
+        strategy="ema_kl", strategy_options={}, exclude_rows=labelled,
+        cfg=ScoreConfig(actors=0, batch_size=16),
+    ))
+    assert in_process.column("row").to_pylist() == on_ray.column("row").to_pylist()
+    for column in ("score", "ema_kl", "entropy", "pred"):
+        np.testing.assert_allclose(column_array(in_process, column), column_array(on_ray, column),
+                                   rtol=1e-5, atol=1e-7)
 
 
 def test_the_run_directory_holds_every_promised_file(finished_campaign):

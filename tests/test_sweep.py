@@ -161,6 +161,15 @@ def test_an_unknown_config_key_in_the_grid_is_refused_before_anything_runs(tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_training_in_the_trials_own_process_is_refused_before_anything_runs(tmp_path):
+    """Ray Train's local mode (num_workers=0) inside a Tune trial: every ray.train call raises."""
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(config_to_dict(base_config({"base": "smoke"}, [], 60))))
+    point = {"name": "lam=0", "set": ["train.num_workers=0"]}
+    with pytest.raises(ConfigError, match="num_workers=0.*Tune trial"):
+        check_trial_config(trial_config(base, point), point, 60)
+
+
 def test_asha_may_not_stop_every_campaign_before_its_end():
     with pytest.raises(ConfigError, match="short"):
         make_scheduler({"type": "asha", "max_t": 2}, n_cycles=4)

@@ -5,42 +5,15 @@ too short to hit from outside are reached through `CRYOAL_FAULT`, orchestrator/f
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from faultutil import ledger, run_cli as run
+
 pytestmark = [pytest.mark.faults, pytest.mark.ray, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
-RUN = [sys.executable, str(ROOT / "orchestrator" / "run.py")]
-
-
-def run(args: list[str], log: Path, fault: str | None = None) -> int:
-    env = dict(os.environ)
-    env.pop("CRYOAL_FAULT", None)
-    if fault:
-        env["CRYOAL_FAULT"] = fault
-    with open(log, "ab") as out:
-        process = subprocess.Popen(RUN + args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
-        code = process.wait(timeout=600)
-    if code != 0:  # a SIGKILLed driver leaves its local Ray behind: end that group too
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return code
-
-
-def ledger(run_dir: Path) -> list[tuple[str, str, str]]:
-    with open(run_dir / "labels.csv", newline="") as f:
-        return sorted((r["subtomo_id"], r["label"], r["cycle"]) for r in csv.DictReader(f))
 
 
 def campaign(pool, run_dir: Path) -> list[str]:

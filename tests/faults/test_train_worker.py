@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from orchestrator.config import ModelConfig, TrainConfig, config_to_dict
-from orchestrator.train import CycleJob, run_training
+from orchestrator.train import SNAPSHOT, CycleJob, registered_checkpoints, run_training
 
 from faultutil import descendants
 
@@ -27,11 +27,11 @@ def train_workers() -> list[int]:
                   if cmd.startswith("ray::RayTrainWorker"))
 
 
-def registered_checkpoints(out_dir: Path) -> int:
+def n_registered(out_dir: Path) -> int:
     """Checkpoints Ray Train has registered (not merely uploaded: one uploaded but not yet
     registered when the worker dies is not resumed from; the epoch is trained again)."""
     try:
-        snapshot = json.loads(next((out_dir / "ray_train").glob("*/checkpoint_manager_snapshot.json")).read_text())
+        snapshot = json.loads(next((out_dir / "ray_train").glob(f"*/{SNAPSHOT}")).read_text())
     except (StopIteration, OSError, ValueError):
         return 0
     return len(snapshot.get("checkpoint_results", []))
@@ -58,7 +58,7 @@ def test_a_killed_train_worker_resumes_from_the_last_epoch_checkpoint(ray_local,
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             workers = train_workers()
-            if registered_checkpoints(tmp_path) and len(workers) == 2:
+            if n_registered(tmp_path) and len(workers) == 2:
                 seen["before"] = {p.name: p.stat().st_mtime_ns for p in trajectory.glob("*.pt")}
                 seen["killed"] = workers[-1]
                 seen["at"] = time.time_ns()
@@ -84,6 +84,9 @@ def test_a_killed_train_worker_resumes_from_the_last_epoch_checkpoint(ray_local,
     assert after[f"t_steps_epoch{epochs - 1}.pt"] > seen["at"]
     assert summary["best_epoch"] >= 0
     assert torch.load(checkpoints(tmp_path)[-1], weights_only=False)["progress"]["epoch"] == epochs
+    run = tmp_path / "ray_train" / "worker-kill"  # no checkpoint folder left that Ray Train
+    on_disk = {p.name for p in run.glob("checkpoint_*") if p.is_dir()}  # did not register
+    assert on_disk == registered_checkpoints(json.loads((run / SNAPSHOT).read_text()))
     rank0 = torch.load(trajectory / "mean_rank0.pt")
     rank1 = torch.load(trajectory / "mean_rank1.pt")
     for key in rank0:
