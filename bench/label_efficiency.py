@@ -190,10 +190,19 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="campaigns at a time")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "label_efficiency")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override every campaign's config, e.g. for a GPU cluster: "
+                             "--set model.name=resnet18 --set model.width=64 --set train.epochs=100 "
+                             "(use another --out: finished runs are not rerun)")
+    parser.add_argument("--per-class", type=int, default=None,
+                        help="subtomograms simulated per class (default: 40 SHREC, 14 built-in)")
     parser.add_argument("--report-only", action="store_true",
                         help="summarise the finished campaigns under --out, run nothing")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.per_class:
+        for settings in DATASETS.values():
+            settings["per_class"] = args.per_class
     runs = [r for r in RUNS if r[0] in args.strategies]
     started = time.perf_counter()
     if not args.report_only:
@@ -203,7 +212,7 @@ def main() -> None:
                for seed in args.seeds
                if (state := finished_state(run_dir_of(args.out, name, row, seed)))}
     expected = len(args.datasets) * len(args.seeds) * (len(runs) + 1)
-    report = [f"CPU-sized campaigns: {', '.join(CAMPAIGN[:5])}, labelled fractions "
+    report = [f"Campaigns: {', '.join(CAMPAIGN[:6] + args.set)}, labelled fractions "
               f"{', '.join(f'{100 * f:g}%' for f in FRACTIONS)}; seeds {args.seeds}; "
               f"{len(results)} of {expected} campaigns finished"
               + ("" if args.report_only else f" ({time.perf_counter() - started:.0f} s)") + ".", ""]
@@ -226,6 +235,7 @@ def run_all(args, runs: list) -> None:
             jobs = [(FULL, full_supervision_sets(seed, n_train))]
             jobs += [(run[0], campaign_sets(run, seed, n_train)) for run in runs]
             for row, sets in jobs:
+                sets = sets + args.set
                 run_dir = run_dir_of(args.out, name, row, seed)
                 if finished_state(run_dir):
                     continue

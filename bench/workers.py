@@ -92,7 +92,7 @@ def main() -> None:
     for work_name, n, rate, startup in table:
         one = next(r for w, k, r, _ in table if w == work_name and k == 1)
         # scoring covers the pool; training covers only the labelled set, so no pool rate
-        needed = f"{1e6 / 3600 / (rate / n):.0f}" if work_name.startswith("scoring") else "—"
+        needed = f"{1e6 / 3600 / (rate / n):.2f}" if work_name.startswith("scoring") else "—"
         print(f"| {work_name} | {n} | {rate:.0f} | {rate / one:.2f} | {startup:.0f} | {needed} |")
 
 

@@ -79,6 +79,10 @@ def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, exclude: np.ndarray,
         # at least two blocks per actor, or a pool of few shards keeps all but one actor idle
         override_num_blocks=max(len(info.shards), 2 * cfg.actors),
     ).select_columns(SCORED_COLUMNS)
+    # A shard (256 MB) is read by one task, as one stream of blocks: without a split, a pool of
+    # fewer shards than actors feeds one actor and leaves the rest idle. Streaming repartition
+    # cuts the stream into batch-sized blocks without holding the pool (memory stays flat).
+    dataset = dataset.repartition(target_num_rows_per_block=cfg.batch_size)
     scored = dataset.map_batches(
         PoolScorer,
         fn_constructor_kwargs={**scorer_kwargs, "exclude_rows": ray.put(exclude)},

@@ -426,10 +426,12 @@ def plot_sweep(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.5, 4.2))
-    for row in rows:
+    # the default cycle repeats after 10 colours: more lines get tab20's 20
+    colours = plt.cm.tab20.colors if len(rows) > 10 else [None] * len(rows)
+    for row, colour in zip(rows, colours):
         x = 100 * np.asarray(row["fractions"])
         m, s = np.asarray(row["accuracy_mean"]), np.asarray(row["accuracy_std"])
-        (line,) = axis.plot(x, m, marker="o", markersize=3, label=row["configuration"])
+        (line,) = axis.plot(x, m, marker="o", markersize=3, label=row["configuration"], color=colour)
         band = np.isfinite(s)
         if band.any():
             axis.fill_between(x[band], (m - s)[band], (m + s)[band], color=line.get_color(), alpha=0.15)
