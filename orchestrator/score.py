@@ -89,10 +89,18 @@ def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, exclude: np.ndarray,
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor or None,
+        **actor_resources(cfg),
     )
     scored.write_parquet(str(partial.resolve()))
+
+
+def actor_resources(cfg: ScoreConfig) -> dict:
+    """What each scoring actor reserves: its CPUs and, on GPU clusters, a GPU or a fraction of
+    one (several actors can share a GPU: scoring a batch uses little of it)."""
+    resources = {"num_cpus": cfg.cpus_per_actor}
+    if cfg.gpus_per_actor > 0:
+        resources["num_gpus"] = cfg.gpus_per_actor
+    return resources
 
 
 def _score_in_process(pool_path: str, scorer: PoolScorer, partial: Path, batch_size: int) -> None:

@@ -35,7 +35,7 @@ import torch
 import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.ema import init_mean_model, unwrap
 from orchestrator.learning import (
@@ -88,15 +88,12 @@ def run_training(job: CycleJob, *, run_name: str) -> dict:
     campaign resumed after a driver crash avoids retraining from scratch.
     """
     tcfg = job.train
-    scaling = ScalingConfig(
-        num_workers=int(tcfg["num_workers"]),
-        use_gpu=bool(tcfg["use_gpu"]),
-        resources_per_worker={"CPU": float(tcfg["cpus_per_worker"])},
-    )
+    scaling, backend = distributed_setup(tcfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(job),
         scaling_config=scaling,
+        torch_config=backend,
         run_config=RunConfig(
             name=run_name,
             storage_path=str(Path(job.out_dir).resolve() / "ray_train"),
@@ -145,6 +142,20 @@ def remove_unregistered_checkpoints(run_dir: Path) -> list[Path]:
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def distributed_setup(tcfg: dict) -> tuple[ScalingConfig, TorchConfig]:
+    """The worker group a cycle asks for: `num_workers` workers of `cpus_per_worker` CPUs and,
+    with `use_gpu`, one GPU each, joined by NCCL (GPU tensors) or else gloo (CPU tensors)."""
+    if tcfg["amp"] not in AMP_DTYPES:
+        raise ValueError(f"train.amp={tcfg['amp']!r}: valid are {sorted(AMP_DTYPES)}")
+    use_gpu = bool(tcfg["use_gpu"])
+    scaling = ScalingConfig(
+        num_workers=int(tcfg["num_workers"]),
+        use_gpu=use_gpu,
+        resources_per_worker={"CPU": float(tcfg["cpus_per_worker"])},
+    )
+    return scaling, TorchConfig(backend="nccl" if use_gpu else "gloo")
 
 
 def train_loop_per_worker(config: dict) -> dict | None:
