@@ -60,10 +60,10 @@ def cycle_seconds(pool, strategy: str, options: dict, run_dir: Path) -> dict:
     return {**parts, "total": sum(parts.values())}
 
 
-def strategy_table(pool, repeats: int, work: Path) -> list[str]:
+def strategy_table(pool, strategies: list[tuple[str, dict]], repeats: int, work: Path) -> list[str]:
     timings = {}
     for repeat in range(repeats):  # strategies interleaved, so drift on the machine hits all
-        for name, options in STRATEGIES:
+        for name, options in strategies:
             run = cycle_seconds(pool, name, options, work / f"{name}-{repeat}")
             timings.setdefault(name, []).append(run)
             print(f"  {name} repeat {repeat}: {run['total']:.1f} s", flush=True)
@@ -121,14 +121,14 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=[s for s, _ in STRATEGIES])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    STRATEGIES[:] = [s for s in STRATEGIES if s[0] in args.strategies or s[0] == "random"]
+    strategies = [s for s in STRATEGIES if s[0] in args.strategies or s[0] == "random"]  # the unit
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pool = simulate_pool(None, load_simulation_config("data_default"), work / "pool",
                              workers=2, progress=False)
         part2 = regulariser_table(pool, args.epochs, batch=32)
         print("\n".join(part2), flush=True)
-        part1 = strategy_table(pool, args.repeats, work)
+        part1 = strategy_table(pool, strategies, args.repeats, work)
     print(f"\nCycle 1 of a 2-cycle campaign (48 → 96 labelled; pool of {pool.n_rows}, 80% train; "
           f"resnet10 w16, 4 epochs; {args.threads} torch threads; medians of {args.repeats}):\n")
     print("\n".join(part1))
