@@ -96,7 +96,7 @@ class Campaign:
         self.cfg = cfg
         self.on_cycle = on_cycle
         self.mirror = mirror
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir).resolve()  # its paths go to Ray workers (other cwd)
         self.view = PoolView.load(info)
         self.row_of = self.view.row_of()
         self.train_rows = self.view.rows_of("train")

@@ -302,7 +302,8 @@ def fsync_dir(directory: Path) -> None:
 
 def open_pool(path: str | Path) -> PoolInfo:
     """The pool at a local path or a URI (s3://, gs://, file://…; see orchestrator/storage.py)."""
-    path = path if is_uri(path) else Path(path)
+    # absolute: the path travels to Ray workers, whose working directory is not the driver's
+    path = path if is_uri(path) else Path(path).resolve()
     manifest_path = join(path, MANIFEST)
     if not is_file(manifest_path):
         raise PoolError(f"{path}: not a pool (no {MANIFEST}; an ingest may have been interrupted)")
