@@ -151,3 +151,13 @@ def test_existing_pool_is_not_overwritten_by_accident(tmp_path):
     write_pool(tmp_path / "pool", volumes(2))
     with pytest.raises(PoolError, match="already exists"):
         PoolWriter(tmp_path / "pool", BOX)
+
+
+def test_a_pool_opened_by_a_relative_path_carries_its_absolute_path(tmp_path, monkeypatch):
+    # the path goes to Ray workers, whose working directory is not the driver's
+    write_pool(tmp_path / "runs" / "pool", volumes(3))
+    monkeypatch.chdir(tmp_path)
+    info = open_pool("runs/pool")
+    assert info.path == str(tmp_path / "runs" / "pool")
+    monkeypatch.chdir("/")
+    assert len(read_volumes(info.path, [0, 2])) == 2
