@@ -65,6 +65,18 @@ class ScoreConfig:
     actors: int = 2  # scoring actors (Ray Data ActorPoolStrategy); 0 = in the calling process
     cpus_per_actor: float = 0.5  # leave headroom: actors taking every CPU deadlock read_parquet
     gpus_per_actor: float = 0.0  # fractional GPUs are fine for scoring
+    # Object-store memory Ray Data may fill with blocks in flight during a pass; without a cap
+    # it buffers up to a share of the whole object store (GBs), and a longer pass fills more.
+    buffer_mb: int = 256
+
+    def __post_init__(self):
+        # checked here, not when the first scoring pass starts after minutes of training
+        for name, low in (("batch_size", 1), ("actors", 0), ("buffer_mb", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"score.{name}: must be at least {low}, got {getattr(self, name)}")
+        if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:
+            raise ConfigError("score.cpus_per_actor must be > 0 and score.gpus_per_actor >= 0, "
+                              f"got {self.cpus_per_actor} and {self.gpus_per_actor}")
 
 
 @dataclass(frozen=True)

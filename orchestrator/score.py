@@ -74,6 +74,7 @@ def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, exclude: np.ndarray,
                        partial: Path, cfg: ScoreConfig) -> None:
     info = open_pool(pool_path)
     filesystem, shards = shard_locations(info)  # (None, paths) for a local pool
+    limit_buffer(ray.data.DataContext.get_current(), cfg.buffer_mb)
     dataset = ray.data.read_parquet(
         shards, filesystem=filesystem,
         # at least two blocks per actor, or a pool of few shards keeps all but one actor idle
@@ -92,6 +93,14 @@ def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, exclude: np.ndarray,
         **actor_resources(cfg),
     )
     scored.write_parquet(str(partial.resolve()))
+
+
+def limit_buffer(context: ray.data.DataContext, buffer_mb: int) -> None:
+    """Cap the object-store memory the pass's blocks may hold (Ray Data backpressures the
+    reads beyond it), so that scoring memory does not grow with the pool. Ray Data still lets
+    each operator hold at least one block, so a cap below a batch slows it but cannot hang it."""
+    options = context.execution_options
+    options.resource_limits = options.resource_limits.copy(object_store_memory=buffer_mb * 2**20)
 
 
 def actor_resources(cfg: ScoreConfig) -> dict:

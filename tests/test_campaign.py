@@ -100,6 +100,21 @@ def test_scoring_in_process_writes_the_same_scores_as_the_ray_data_pass(finished
                                    rtol=1e-5, atol=1e-7)
 
 
+def test_a_ray_data_pass_with_a_buffer_smaller_than_one_batch_still_scores_every_row(
+        finished_campaign, shape_pool, tmp_path):
+    run_dir, _ = finished_campaign
+    full_buffer = read_scores(run_dir / "cycles/c00/scores")
+    labelled = sorted(set(range(shape_pool.n_rows)) - set(full_buffer.column("row").to_pylist()))
+    tiny_buffer = read_scores(score_pool(
+        shape_pool.path, str(run_dir / "cycles/c00/model.pt"), tmp_path / "scores",
+        strategy="ema_kl", strategy_options={}, exclude_rows=labelled,
+        cfg=ScoreConfig(actors=2, batch_size=16, buffer_mb=1),
+    ))
+    assert tiny_buffer.column("row").to_pylist() == full_buffer.column("row").to_pylist()
+    np.testing.assert_allclose(column_array(tiny_buffer, "score"), column_array(full_buffer, "score"),
+                               rtol=1e-5, atol=1e-7)
+
+
 def test_the_run_directory_holds_every_promised_file(finished_campaign):
     run_dir, _ = finished_campaign
     for name in ("state.json", "labels.csv", "metrics.csv", "learning_curve.png", "predictions.parquet"):

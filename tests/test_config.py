@@ -24,6 +24,17 @@ def test_a_wrongly_typed_value_is_an_error():
         load_config(None, ["train.epochs=many"])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("score.buffer_mb=0", "score.buffer_mb: must be at least 1"),
+    ("score.actors=-1", "score.actors: must be at least 0"),
+    ("score.batch_size=0", "score.batch_size: must be at least 1"),
+    ("score.cpus_per_actor=0", "score.cpus_per_actor must be > 0"),
+])
+def test_an_out_of_range_scoring_setting_is_refused_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
 def test_an_override_without_equals_sign_is_an_error():
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_override("train.epochs")
