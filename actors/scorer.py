@@ -132,7 +132,9 @@ def _load(saved: dict, key: str, device) -> torch.nn.Module:
         dropout=cfg["dropout"],
     )
     model.load_state_dict(saved[key])
-    return model.to(device).eval()
+    # Channels-last (NDHWC) weights: oneDNN's 3D convolutions run 1.1–1.5× faster with them
+    # than with the default layout on this CPU (bench/throughput.py); cuDNN's prefer it too.
+    return model.to(device, memory_format=torch.channels_last_3d).eval()
 
 
 def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
