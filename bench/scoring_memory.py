@@ -92,20 +92,19 @@ def _descendants(root: int) -> list[int]:
 
 def _rss(pid: int) -> int | None:
     """Resident bytes of a process, None if it has gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_kib(pid, "status", "VmRSS:")
 
 
 def _pss(pid: int) -> int | None:
     """Proportional set size in bytes (shared pages divided among their processes)."""
+    return _proc_kib(pid, "smaps_rollup", "Pss:")
+
+
+def _proc_kib(pid: int, name: str, key: str) -> int | None:
+    """A `key: N kB` line of /proc/PID/NAME, in bytes; None if the process has gone."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None

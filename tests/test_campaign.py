@@ -84,16 +84,22 @@ def test_kl_scores_match_a_plain_torch_computation_with_the_same_weights(finishe
     np.testing.assert_allclose(column_array(table, "ema_kl"), expected, rtol=1e-4, atol=1e-6)
 
 
+def _rescore_cycle_0(finished_campaign, pool, tmp_path, cfg: ScoreConfig):
+    """Cycle 0's scoring pass again with `cfg`: same model, same rows (the labelled excluded)."""
+    run_dir, _ = finished_campaign
+    scored = read_scores(run_dir / "cycles/c00/scores").column("row").to_pylist()
+    labelled = sorted(set(range(pool.n_rows)) - set(scored))
+    return read_scores(score_pool(
+        pool.path, str(run_dir / "cycles/c00/model.pt"), tmp_path / "scores",
+        strategy="ema_kl", strategy_options={}, exclude_rows=labelled, cfg=cfg,
+    ))
+
+
 def test_scoring_in_process_writes_the_same_scores_as_the_ray_data_pass(finished_campaign,
                                                                        shape_pool, tmp_path):
-    run_dir, _ = finished_campaign
-    on_ray = read_scores(run_dir / "cycles/c00/scores")
-    labelled = sorted(set(range(shape_pool.n_rows)) - set(on_ray.column("row").to_pylist()))
-    in_process = read_scores(score_pool(
-        shape_pool.path, str(run_dir / "cycles/c00/model.pt"), tmp_path / "scores",
-        strategy="ema_kl", strategy_options={}, exclude_rows=labelled,
-        cfg=ScoreConfig(actors=0, batch_size=16),
-    ))
+    on_ray = read_scores(finished_campaign[0] / "cycles/c00/scores")
+    in_process = _rescore_cycle_0(finished_campaign, shape_pool, tmp_path,
+                                  ScoreConfig(actors=0, batch_size=16))
     assert in_process.column("row").to_pylist() == on_ray.column("row").to_pylist()
     for column in ("score", "ema_kl", "entropy", "pred"):
         np.testing.assert_allclose(column_array(in_process, column), column_array(on_ray, column),
@@ -102,14 +108,9 @@ def test_scoring_in_process_writes_the_same_scores_as_the_ray_data_pass(finished
 
 def test_a_ray_data_pass_with_a_buffer_smaller_than_one_batch_still_scores_every_row(
         finished_campaign, shape_pool, tmp_path):
-    run_dir, _ = finished_campaign
-    full_buffer = read_scores(run_dir / "cycles/c00/scores")
-    labelled = sorted(set(range(shape_pool.n_rows)) - set(full_buffer.column("row").to_pylist()))
-    tiny_buffer = read_scores(score_pool(
-        shape_pool.path, str(run_dir / "cycles/c00/model.pt"), tmp_path / "scores",
-        strategy="ema_kl", strategy_options={}, exclude_rows=labelled,
-        cfg=ScoreConfig(actors=2, batch_size=16, buffer_mb=1),
-    ))
+    full_buffer = read_scores(finished_campaign[0] / "cycles/c00/scores")
+    tiny_buffer = _rescore_cycle_0(finished_campaign, shape_pool, tmp_path,
+                                   ScoreConfig(actors=2, batch_size=16, buffer_mb=1))
     assert tiny_buffer.column("row").to_pylist() == full_buffer.column("row").to_pylist()
     np.testing.assert_allclose(column_array(tiny_buffer, "score"), column_array(full_buffer, "score"),
                                rtol=1e-5, atol=1e-7)
