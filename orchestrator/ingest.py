@@ -1,32 +1,44 @@
 """Ingest subtomograms into a pool, losing nothing: every bad item is named and set aside.
 
     python -m orchestrator.ingest SOURCE --out POOL_DIR [--box N] [--labels labels.npy]
-        [--star-labels] [--class-names a,b,c | --class-names-file F] [--voxel-size A]
-        [--dtype float16|float32] [--shard-mb 256] [--overwrite]
+        [--star-labels] [--project-dir DIR] [--class-names a,b,c | --class-names-file F]
+        [--voxel-size A] [--dtype float16|float32] [--shard-mb 256] [--overwrite]
+        [--copick-tomo-type T] [--copick-voxel-size A] [--copick-user U] [--copick-session S]
 
-SOURCE is a folder of .mrc/.map/.mrcs files (searched recursively, in sorted order), a RELION
-.star particle file, or a .npy array [N, D, H, W]. Each bad item (unreadable file, 2-D image,
-wrong box, NaN/Inf, constant, duplicate id, missing stack or section, label outside the class
-range) is logged with its file and position, written to POOL_DIR/rejects.csv, and skipped; the
-rest goes on. Counts go to POOL_DIR/ingest_report.json. Exit status: 0 when at least one
-subtomogram was accepted, 1 when none was, 2 when the source or the options are unusable.
+SOURCE is a folder of .mrc/.map/.mrcs/.em files (searched recursively, in sorted order), a
+RELION/Warp .star particle file, a .npy array [N, D, H, W], or a copick project's config .json
+(subtomograms are cut from its tomograms at its picks; the pick's object is the label). Each bad
+item is logged with its file and position, written to POOL_DIR/rejects.csv, and skipped; the
+rest goes on. docs/INGEST.md lists every reason with its fix. Counts go to
+POOL_DIR/ingest_report.json. Exit status: 0 when at least one subtomogram was accepted, 1 when
+none was, 2 when the source or the options are unusable, 130 when interrupted.
+
+The pool is built in a new folder beside POOL_DIR and moved into place only when the ingest
+has finished: an interrupted ingest, or one that accepts nothing, leaves a previous pool at
+POOL_DIR exactly as it was.
+
+The box: --box (other sizes are centre-cropped or mean-padded), else the most common box of the
+source (read from the headers first); volumes of another box are rejected as box_mismatch.
 
 Subtomogram ids: `<relative path>` for a single volume, `<relative path>@<section>` (1-based)
 for a section of a stack (.mrcs files and MRC volume stacks), `<file name>[<index>]` (0-based,
-as numpy counts) for a row of a .npy array. A STAR row's id is its image name with the path made
-relative to the STAR file's folder, so a folder ingest and a STAR ingest of the same files agree.
+as numpy counts) for a row of a .npy array, `<run>/<user>_<session>_<object>/<index>` for a
+copick pick. A STAR row's id is its image name as written (section@path → path@section), so a
+folder ingest and a STAR ingest of the same files agree.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
 import math
 import mmap
 import os
-import re
+import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -36,6 +48,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from orchestrator import copick_io
+from orchestrator.copick_io import CopickError, CopickSelection
 from orchestrator.pool import (
     MANIFEST,
     SHARD_DIR,
@@ -45,30 +59,46 @@ from orchestrator.pool import (
     PoolWriter,
     as_box,
     atomic_write_text,
+    open_pool,
     pool_summary,
 )
-from orchestrator.volumes import MrcContents, VolumeError, read_sections
+from orchestrator.star import (
+    TWO_D_HELP,
+    StarError,
+    StarFile,
+    StarTable,
+    find_project_dir,
+    parse_star,  # noqa: F401  (part of this module's API: tests and scripts import it from here)
+    particle_table,
+    read_star,
+    two_d_groups,
+)
+from orchestrator.volumes import VOLUME_SUFFIXES, MrcContents, VolumeError, peek_sections, read_sections
 
 log = logging.getLogger("cryoal.ingest")
 
-FOLDER_SUFFIXES = (".mrc", ".map", ".mrcs")
+FOLDER_SUFFIXES = (".mrc", ".map", ".mrcs", ".em")
 REJECTS_FILE = "rejects.csv"
 REPORT_FILE = "ingest_report.json"
 RESIZED_FILE = "resized.csv"
+POOL_FILES = {MANIFEST, SHARD_DIR, REJECTS_FILE, REPORT_FILE, RESIZED_FILE}  # what an ingest writes
 REJECT_COLUMNS = ("source", "item", "reason_code", "reason")
 MAX_LOGGED_REJECTS = 50  # after this many, rejects go to rejects.csv only (a million bad lines help nobody)
 
-# Reason codes in rejects.csv: one per way an item can be bad.
+# Reason codes in rejects.csv: one per way an item can be bad (docs/INGEST.md gives each fix).
 REASONS = {
-    "unreadable": "truncated, damaged or non-MRC file",
-    "not_a_volume": "a 2-D image where a 3-D volume is expected",
+    "unreadable": "truncated, damaged or non-MRC/.em file",
+    "not_a_volume": "a 2-D image or a stack of 2-D images where a 3-D volume is expected",
+    "two_d_stack": "a STAR row of a 2-D tilt-image stack (RELION 5 / Warp pseudo-subtomogram)",
+    "complex": "complex-valued voxels (a Fourier transform)",
     "stack_without_section": "a STAR row names a stack without a section number",
     "box_mismatch": "box differs from the pool's",
     "nonfinite": "NaN or Inf voxels",
     "constant": "a constant volume (cannot be normalised)",
     "duplicate_id": "the same subtomogram id was met before",
-    "missing_file": "a STAR row names a file that does not exist",
+    "missing_file": "a STAR row names a file that does not exist; a copick run without the tomogram",
     "missing_section": "a STAR row names a section the stack does not have",
+    "outside_tomogram": "a copick pick whose box reaches outside the tomogram",
     "bad_row": "a STAR row that cannot be parsed",
     "bad_label": "a label that is not an integer",
     "label_out_of_range": "a label outside the class range",
@@ -84,14 +114,23 @@ class IngestError(ValueError):
 class IngestReport:
     source: str
     out: str
+    kind: str = ""  # folder, star, npy, copick
     accepted: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     pool_info: PoolInfo | None = None
+    box_from: str = ""  # "--box", "most common", "first accepted"
+    box_mismatches: dict[str, int] = field(default_factory=dict)  # "64x64x64" -> rejected count
+    box_census: dict[str, int] = field(default_factory=dict)  # boxes the headers announced
     voxel_size_unknown: int = 0  # accepted volumes whose header said 0 (recorded null or --voxel-size)
     voxel_sizes_A: dict[str, int] = field(default_factory=dict)  # "10.0" / "null" -> accepted count
+    header_faults: dict[str, int] = field(default_factory=dict)  # forgiven header fault -> files
+    empty_classes: list[str] = field(default_factory=list)  # class names with no accepted subtomogram
     cropped: int = 0
     padded: int = 0
-    ignored_files: int = 0  # files in a source folder without an MRC suffix
+    ignored_files: int = 0  # files in a source folder without a volume suffix
+    ignored_suffixes: dict[str, int] = field(default_factory=dict)
+    previous_pool_kept: bool = False  # nothing accepted: the pool already at `out` stays
+    rejects_dir: str = ""  # where rejects.csv is (`out`, or beside it when a previous pool was kept)
     seconds: float = 0.0
 
     @property
@@ -101,14 +140,21 @@ class IngestReport:
     def to_json(self) -> dict:
         return {
             "source": self.source,
+            "kind": self.kind,
             "out": self.out,
             "accepted": self.accepted,
             "rejected": self.rejected,
             "rejected_by_reason": dict(sorted(self.rejected_by_reason.items())),
+            "box_from": self.box_from,
+            "box_census": self.box_census,
+            "box_mismatches": self.box_mismatches,
             "voxel_size_unknown": self.voxel_size_unknown,
             "voxel_sizes_A": dict(sorted(self.voxel_sizes_A.items())),
+            "header_faults": self.header_faults,
+            "empty_classes": self.empty_classes,
             "resized": {"cropped": self.cropped, "padded": self.padded},
             "ignored_files": self.ignored_files,
+            "ignored_suffixes": self.ignored_suffixes,
             "pool": None if self.pool_info is None else pool_summary(self.pool_info),
             "class_names": None if self.pool_info is None else list(self.pool_info.class_names),
             "seconds": round(self.seconds, 3),
@@ -124,18 +170,31 @@ class _Reject(Exception):
 
 @dataclass
 class _Candidate:
-    """One would-be subtomogram. `load` reads its voxels only after the cheap checks pass."""
+    """One would-be subtomogram. `load` reads its voxels only after the cheap checks pass, and
+    gives (volume, voxel size or None, header faults forgiven)."""
 
     subtomo_id: str
     source: str  # the file, for rejects.csv
     item: str  # where in the file ("section 3", "row 5 (line 31)", "index 7"; "" = whole file)
     where: str  # the same, for messages: file plus position
-    load: Callable[[], tuple[np.ndarray, float | None]] | None = None
+    load: Callable[[], tuple[np.ndarray, float | None, tuple[str, ...]]] | None = None
     label: int | None = None
     tomogram: str | None = None
     xyz: tuple[float, float, float] | None = None
     pool_source: str = ""  # the `source` column of the pool
     error: _Reject | None = None
+
+
+@dataclass
+class _Source:
+    """What a source gives before any voxel is read: candidates, their count, the boxes the
+    headers announce (volumes per box), and the class names."""
+
+    candidates: Iterator[_Candidate]
+    total: int
+    census: Counter
+    names: tuple[str, ...] | None
+    unit: str  # what `total` counts, for progress lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,94 +208,53 @@ def ingest(
     box: int | Sequence[int] | None = None,
     labels: str | Path | np.ndarray | None = None,
     star_labels: bool = False,
+    project_dir: str | Path | None = None,
     class_names: Sequence[str] | None = None,
     voxel_size: float | None = None,
     dtype: str = "float16",
     shard_mb: float = 256.0,
     overwrite: bool = False,
+    copick: CopickSelection | None = None,
     progress_every: int = 1000,
     progress_seconds: float = 5.0,
 ) -> IngestReport:
-    """Ingest SOURCE (folder, .star or .npy) into a new pool at OUT; see the module docstring.
+    """Ingest SOURCE (folder, .star, .npy or copick config) into a pool at OUT; see the module
+    docstring.
 
     Raises IngestError when the source or options are unusable (an empty folder among them);
-    nothing is written then. Bad items never raise: they are counted in the
-    report and listed in OUT/rejects.csv. When nothing is accepted no pool manifest is written.
+    nothing is written then. Bad items never raise: they are counted in the report and listed in
+    rejects.csv. When nothing is accepted no pool manifest is written, and a pool already at OUT
+    is kept (the rejects then go to OUT.rejected/).
     """
     started = time.monotonic()
-    source = Path(source)
-    out = Path(out)
-    if dtype not in VOLUME_DTYPES:
-        raise IngestError(f"--dtype must be one of {VOLUME_DTYPES}, got {dtype!r}")
-    if shard_mb <= 0:
-        raise IngestError(f"--shard-mb must be positive, got {shard_mb}")
-    if voxel_size is not None and not (math.isfinite(voxel_size) and voxel_size > 0):
-        raise IngestError(f"--voxel-size must be a positive number of Å, got {voxel_size}")
-    pool_box = None if box is None else as_box(box)
-    if pool_box is not None and min(pool_box) < 2:
-        raise IngestError(f"--box must be at least 2, got {pool_box}")
-    if not source.exists():
-        raise IngestError(f"{source}: no such file or folder")
+    source, out = Path(source), Path(out)
+    pool_box = _check_options(source, dtype, shard_mb, voxel_size, box)
     kind = _source_kind(source)
-    if labels is not None and kind != "npy":
-        raise IngestError("--labels goes with a .npy source (STAR files carry labels: --star-labels)")
-    if star_labels and kind != "star":
-        raise IngestError("--star-labels goes with a .star source")
-    if (out / MANIFEST).exists() and not overwrite:
-        raise IngestError(f"{out}: a pool already exists there (pass --overwrite to replace it)")
+    _check_option_fit(kind, labels, star_labels, project_dir, copick, pool_box)
+    _check_out(out, overwrite)
     names = None if class_names is None else _check_class_names(class_names)
 
-    report = IngestReport(source=str(source), out=str(out))
-    if kind == "folder":
-        files, report.ignored_files = _list_folder(source, exclude=out)
-        candidates, total = _folder_candidates(source, files), len(files)
-        if not files:
-            raise IngestError(
-                f"{source}: no {'/'.join(FOLDER_SUFFIXES)} files found (searched recursively"
-                + (f"; {report.ignored_files} other files ignored)" if report.ignored_files else ")")
-            )
-    elif kind == "star":
-        table = _read_star_table(source)
-        if star_labels and "rlnClassNumber" not in table.columns:
-            raise IngestError(f"{source}: --star-labels given but the particle table has no rlnClassNumber")
-        if star_labels and names is None:
-            names = _default_names(_max_star_class(table), first=1)
-        candidates, total = _star_candidates(source, table, star_labels, names), len(table.rows)
-    else:
-        array, label_array = _open_npy(source, labels)
-        if label_array is not None and names is None:
-            names = _default_names(int(label_array.max(initial=0)), first=0)
-        candidates, total = _npy_candidates(source, array, label_array), len(array)
-
-    _prepare_out(out, overwrite)
-    run = _Run(out, report, pool_box, names or (), voxel_size, dtype, shard_mb, kind)
+    report = IngestReport(source=str(source), out=str(out), kind=kind)
+    src = _open_source(kind, source, out, report, names, labels, star_labels, project_dir,
+                       copick or CopickSelection(), pool_box)
+    pool_box = _choose_box(pool_box, src.census, report)
+    stage = _new_stage(out)
+    run = _Run(stage, report, pool_box, box is not None, src.names or (), voxel_size, dtype, shard_mb, src.unit)
     try:
-        run.consume(candidates, total, progress_every, progress_seconds)
+        run.consume(src.candidates, src.total, progress_every, progress_seconds)
+        run.finish()
+        report.seconds = time.monotonic() - started
+        atomic_write_text(stage / REPORT_FILE, json.dumps(report.to_json(), indent=2) + "\n")
+        _install(stage, out, report)
     except BaseException:
         run.abandon()
+        shutil.rmtree(stage, ignore_errors=True)
         raise
-    run.finish()
-    _write_report(out, report, started)
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="cryoal-ingest", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("source", help="folder of .mrc/.map/.mrcs, a RELION .star file, or a .npy [N, D, H, W]")
-    parser.add_argument("--out", required=True, help="pool folder to create")
-    parser.add_argument("--box", type=int, help="pool box; other sizes are centre-cropped or mean-padded")
-    parser.add_argument("--labels", help="labels.npy of N ints for a .npy source")
-    parser.add_argument("--star-labels", action="store_true", help="rlnClassNumber (1-based) becomes the label")
-    names = parser.add_mutually_exclusive_group()
-    names.add_argument("--class-names", help="comma-separated class names, index 0 first")
-    names.add_argument("--class-names-file", help="file with one class name per line")
-    parser.add_argument("--voxel-size", type=float, help="Å per voxel for volumes whose header says 0 (unknown)")
-    parser.add_argument("--dtype", default="float16", choices=VOLUME_DTYPES)
-    parser.add_argument("--shard-mb", type=float, default=256.0)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing pool at --out")
+    parser = _parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse has printed the usage message
@@ -248,11 +266,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             class_names = [name.strip() for name in args.class_names.split(",")]
         elif args.class_names_file is not None:
             class_names = _read_class_names_file(Path(args.class_names_file))
+        copick = CopickSelection(args.copick_tomo_type, args.copick_voxel_size, args.copick_user,
+                                 args.copick_session)
         report = ingest(
             args.source, args.out, box=args.box, labels=args.labels, star_labels=args.star_labels,
-            class_names=class_names, voxel_size=args.voxel_size, dtype=args.dtype,
-            shard_mb=args.shard_mb, overwrite=args.overwrite,
+            project_dir=args.project_dir, class_names=class_names, voxel_size=args.voxel_size,
+            dtype=args.dtype, shard_mb=args.shard_mb, overwrite=args.overwrite, copick=copick,
         )
+    except KeyboardInterrupt:
+        print(f"cryoal-ingest: interrupted; nothing changed at {args.out} (a pool there is as it was)",
+              file=sys.stderr)
+        return 130
     except (IngestError, PoolError, OSError) as err:
         print(f"cryoal-ingest: error: {err}", file=sys.stderr)
         return 2
@@ -260,24 +284,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if report.accepted else 1
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryoal-ingest", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", help="folder of .mrc/.map/.mrcs/.em, a RELION/Warp .star file, "
+                                       "a .npy [N, D, H, W], or a copick config .json")
+    parser.add_argument("--out", required=True, help="pool folder to create")
+    parser.add_argument("--box", type=int, help="pool box; other sizes are centre-cropped or mean-padded "
+                                                "(default: the most common box; required for copick)")
+    parser.add_argument("--labels", help="labels.npy of N ints for a .npy source")
+    parser.add_argument("--star-labels", action="store_true", help="rlnClassNumber (1-based) becomes the label")
+    parser.add_argument("--project-dir", help="RELION project folder that the STAR file's paths are "
+                                              "relative to (default: found from default_pipeline.star)")
+    names = parser.add_mutually_exclusive_group()
+    names.add_argument("--class-names", help="comma-separated class names, index 0 first")
+    names.add_argument("--class-names-file", help="file with one class name per line")
+    parser.add_argument("--voxel-size", type=float, help="Å per voxel for volumes whose header says 0 (unknown)")
+    parser.add_argument("--dtype", default="float16", choices=VOLUME_DTYPES)
+    parser.add_argument("--shard-mb", type=float, default=256.0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing pool at --out "
+                                                                 "(only once the new one is complete)")
+    parser.add_argument("--copick-tomo-type", help="copick: which tomogram type (default: the only one)")
+    parser.add_argument("--copick-voxel-size", type=float, help="copick: which voxel spacing (default: the only one)")
+    parser.add_argument("--copick-user", help="copick: only picks by this user id")
+    parser.add_argument("--copick-session", help="copick: only picks of this session id")
+    return parser
+
+
 def format_summary(report: IngestReport) -> str:
     lines = [f"ingest of {report.source}: {report.accepted} accepted, {report.rejected} rejected"]
     if report.pool_info is not None:
         info = report.pool_info
         lines.append(
-            f"  pool {info.path}: box {'x'.join(map(str, info.box))}, {info.dtype}, "
+            f"  pool {info.path}: box {_shape(info.box)} ({report.box_from}), {info.dtype}, "
             f"{len(info.shards)} shard(s), {info.num_classes} class(es)"
         )
+    elif report.previous_pool_kept:
+        lines.append(f"  nothing was accepted: the pool already at {report.out} is kept as it was")
     else:
         lines.append(f"  no pool written at {report.out}: nothing was accepted")
     for code, count in sorted(report.rejected_by_reason.items()):
         lines.append(f"  rejected {code:<22} {count}")
+    if report.box_mismatches:
+        boxes = ", ".join(f"{box} ×{n}" for box, n in sorted(report.box_mismatches.items(), key=lambda kv: -kv[1]))
+        lines.append(f"  box mismatches (rejected): {boxes}; pass --box N to crop or pad them instead")
     if report.rejected:
-        lines.append(f"  every rejected item, with its reason: {Path(report.out) / REJECTS_FILE}")
+        lines.append(f"  every rejected item, with its reason: {Path(report.rejects_dir) / REJECTS_FILE}")
+    for fault, count in sorted(report.header_faults.items()):
+        lines.append(f"  read despite a header fault ({fault}): {count} file(s)")
     if report.voxel_size_unknown:
         lines.append(f"  voxel size unknown (header 0) for {report.voxel_size_unknown} accepted volume(s)")
+    if report.empty_classes:
+        lines.append(f"  warning: {len(report.empty_classes)} class(es) without any subtomogram: "
+                     f"{', '.join(report.empty_classes)} (the classifier still gets an output for each;"
+                     " renumber the labels or pass --class-names)")
     if report.ignored_files:
-        lines.append(f"  ignored {report.ignored_files} file(s) without a {'/'.join(FOLDER_SUFFIXES)} suffix")
+        kinds = ", ".join(f"{s or 'no suffix'} ×{n}" for s, n in sorted(report.ignored_suffixes.items()))
+        lines.append(f"  ignored {report.ignored_files} file(s) without a {'/'.join(FOLDER_SUFFIXES)} "
+                     f"suffix ({kinds})")
     if report.cropped or report.padded:
         lines.append(
             f"  resized to the box: {report.cropped} cropped, {report.padded} padded "
@@ -287,21 +353,185 @@ def format_summary(report: IngestReport) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Options and the output folder
+
+
+def _check_options(source: Path, dtype: str, shard_mb: float, voxel_size, box) -> tuple[int, int, int] | None:
+    if dtype not in VOLUME_DTYPES:
+        raise IngestError(f"--dtype must be one of {VOLUME_DTYPES}, got {dtype!r}")
+    if shard_mb <= 0:
+        raise IngestError(f"--shard-mb must be positive, got {shard_mb}")
+    if voxel_size is not None and not (math.isfinite(voxel_size) and voxel_size > 0):
+        raise IngestError(f"--voxel-size must be a positive number of Å, got {voxel_size}")
+    pool_box = None if box is None else as_box(box)
+    if pool_box is not None and min(pool_box) < 2:
+        raise IngestError(f"--box must be at least 2, got {pool_box}")
+    if not source.exists():
+        raise IngestError(f"{source}: no such file or folder")
+    return pool_box
+
+
+def _check_option_fit(kind: str, labels, star_labels: bool, project_dir, copick, box) -> None:
+    if labels is not None and kind != "npy":
+        raise IngestError("--labels goes with a .npy source (STAR files carry labels: --star-labels)")
+    if star_labels and kind != "star":
+        raise IngestError("--star-labels goes with a .star source")
+    if project_dir is not None and kind != "star":
+        raise IngestError("--project-dir goes with a .star source")
+    if project_dir is not None and not Path(project_dir).is_dir():
+        raise IngestError(f"--project-dir {project_dir}: no such folder")
+    if copick is not None and copick != CopickSelection() and kind != "copick":
+        raise IngestError("the --copick-* options go with a copick config .json source")
+    if kind == "copick" and box is None:
+        raise IngestError("--box is required for a copick project: the edge of the subtomograms to cut")
+
+
+def _source_kind(source: Path) -> str:
+    if source.is_dir():
+        return "folder"
+    suffix = source.suffix.lower()
+    if suffix == ".star":
+        return "star"
+    if suffix == ".npy":
+        return "npy"
+    if copick_io.is_copick_config(source):
+        return "copick"
+    if suffix in VOLUME_SUFFIXES:
+        raise IngestError(f"{source}: a single volume file; put it (and the others) in a folder and ingest the folder")
+    raise IngestError(f"{source}: expected a folder, a .star file, a .npy file or a copick config .json")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an OUT that holds a pool (without --overwrite) or anything an ingest did not write:
+    the new pool replaces the whole folder."""
+    if out.exists() and not out.is_dir():
+        raise IngestError(f"{out}: exists and is not a folder")
+    if (out / MANIFEST).exists() and not overwrite:
+        raise IngestError(f"{out}: a pool already exists there (pass --overwrite to replace it)")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in POOL_FILES) if out.is_dir() else []
+    if foreign:
+        raise IngestError(f"{out}: holds files that are not part of a pool ({', '.join(foreign[:5])}"
+                          f"{', …' if len(foreign) > 5 else ''}); an ingest replaces the whole folder, "
+                          "so choose a new or empty --out")
+    _recover_swap(out)
+
+
+def _new_stage(out: Path) -> Path:
+    """A fresh folder beside OUT (same filesystem, so the final move is a rename); hidden, so a
+    folder ingest of OUT's parent skips it. Leftovers of killed ingests are removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for old in out.parent.glob(f".{out.name}.ingest-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    stage = out.parent / f".{out.name}.ingest-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    return stage
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _install(stage: Path, out: Path, report: IngestReport) -> None:
+    """Move the finished ingest into place. Nothing accepted and a pool already at OUT: that pool
+    stays and the rejects go to OUT.rejected/ instead."""
+    if not report.accepted and (out / MANIFEST).exists():
+        rejected = out.with_name(out.name + ".rejected")
+        shutil.rmtree(rejected, ignore_errors=True)
+        stage.rename(rejected)
+        report.previous_pool_kept, report.rejects_dir = True, str(rejected)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    with _signals_deferred():  # the two renames go together: Ctrl-C waits until both are done
+        if out.exists():
+            out.rename(old)
+        stage.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    report.rejects_dir = str(out)
+    if report.accepted:
+        report.pool_info = open_pool(out)
+
+
+def _recover_swap(out: Path) -> None:
+    """A crash between the two renames of _install leaves OUT missing and the previous pool
+    under its hidden name: put it back."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*")) if out.parent.is_dir() else []
+    if olds and not out.exists():
+        olds[-1].rename(out)
+        log.warning("%s: restored the previous pool from %s (an ingest was cut off while replacing it)",
+                    out, olds[-1].name)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    signals = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _choose_box(box, census: Counter, report: IngestReport) -> tuple[int, int, int] | None:
+    report.box_census = {_shape(b): n for b, n in census.most_common()}
+    if box is not None:
+        report.box_from = "--box"
+        return box
+    if census:
+        best, count = census.most_common(1)[0]  # ties: the box met first
+        report.box_from = f"the most common box: {count} of {sum(census.values())} volumes"
+        return best
+    report.box_from = "the first accepted volume"
+    return None
+
+
+def _check_class_names(names: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(str(n).strip() for n in names)
+    if not names or any(not n for n in names):
+        raise IngestError(f"class names must be non-empty, got {list(names)}")
+    dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+    if dupes:
+        raise IngestError(f"class names repeat: {dupes}")
+    return names
+
+
+def _read_class_names_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise IngestError(f"{path}: cannot read class names ({err})") from err
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _default_names(max_label: int, first: int) -> tuple[str, ...]:
+    # STAR class numbers are 1-based, so class 1 is "class_1"; .npy labels are 0-based.
+    return tuple(f"class_{k + first}" for k in range(max(max_label, 0) + 1))
+
+
+# ---------------------------------------------------------------------------------------------
 # The run: checks each candidate, writes accepted ones, records rejects
 
 
 class _Run:
-    def __init__(self, out, report, box, class_names, voxel_size, dtype, shard_mb, kind):
-        self.out = out
+    def __init__(self, out, report, box, box_given, class_names, voxel_size, dtype, shard_mb, unit):
+        self.out = out  # the staging folder
         self.report = report
         self.box = box
         # Only a box asked for is cropped or padded to; without --box a mismatch is rejected.
-        self.box_given = box is not None
+        self.box_given = box_given
         self.class_names = tuple(class_names)
         self.voxel_size = voxel_size
         self.dtype = dtype
         self.shard_mb = shard_mb
-        self.kind = kind
+        self.unit = unit
         self.writer: PoolWriter | None = None  # made at the first accepted volume: no empty pools
         self.first_seen: dict[str, str] = {}  # id -> position it was first met at (short: a million of these)
         self.rejects_file = open(out / REJECTS_FILE, "w", newline="")
@@ -313,6 +543,9 @@ class _Run:
         self.logged_rejects = 0
         self.reasons: Counter[str] = Counter()
         self.voxel_sizes: Counter[str] = Counter()
+        self.mismatches: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        self.labels: Counter[int] = Counter()
 
     # -- main loop
 
@@ -326,11 +559,8 @@ class _Run:
             if done % max(1, every) == 0 or now - last >= seconds:
                 last = now
                 rate = done / max(now - started, 1e-9)
-                log.info(
-                    "%d items (%d accepted, %d rejected) from %d %s, %.0f items/s",
-                    done, self.report.accepted, sum(self.reasons.values()), total,
-                    {"folder": "files", "star": "rows", "npy": "array rows"}[self.kind], rate,
-                )
+                log.info("%d items (%d accepted, %d rejected) from %d %s, %.0f items/s",
+                         done, self.report.accepted, sum(self.reasons.values()), total, self.unit, rate)
 
     def take(self, cand: _Candidate) -> None:
         try:
@@ -353,7 +583,7 @@ class _Run:
                 f"{cand.where}: label {cand.label} outside the class range 0..{len(self.class_names) - 1}"
                 f" ({len(self.class_names)} classes)",
             )
-        volume, voxel = cand.load()
+        volume, voxel, faults = cand.load()
         if volume.ndim != 3 or min(volume.shape) == 1:
             raise _Reject(
                 "not_a_volume", f"{cand.where}: a 2-D image (shape {volume.shape}) where a 3-D volume is expected"
@@ -362,13 +592,14 @@ class _Run:
             bad = int(np.size(volume) - np.isfinite(volume).sum())
             raise _Reject("nonfinite", f"{cand.where}: {bad} NaN or Inf voxel(s)")
         original_shape = volume.shape
-        box = self.box or tuple(volume.shape)  # set by the first *accepted* volume, below
+        box = self.box or tuple(volume.shape)  # no census (nothing readable ahead): the first accepted
         if volume.shape != box:
             if not self.box_given:
+                self.mismatches[_shape(volume.shape)] += 1
                 raise _Reject(
                     "box_mismatch",
                     f"{cand.where}: box {_shape(volume.shape)} differs from the pool's {_shape(box)}"
-                    " (pass --box to centre-crop or pad)",
+                    f" ({self.report.box_from}; pass --box to centre-crop or pad)",
                 )
             volume = _fit_box(volume, box)
         mean = volume.mean(dtype=np.float64)
@@ -387,8 +618,18 @@ class _Run:
             raise _Reject("invalid_volume", f"{cand.where}: {err}") from err
         self.report.accepted += 1
         self.voxel_sizes["null" if voxel is None else f"{voxel:g}"] += 1
+        if cand.label is not None:
+            self.labels[cand.label] += 1
+        for fault in faults:
+            self._header_fault(cand, fault)
         if original_shape != self.box:
             self._record_resize(cand, original_shape)
+
+    def _header_fault(self, cand: _Candidate, fault: str) -> None:
+        kind = fault.split(":")[0].split(" - ")[0]  # "Unrecognised machine stamp: 0x00…" → its kind
+        self.faults[kind] += 1
+        self._warn_once(f"fault:{kind}", f"{cand.source}: read despite a header fault ({fault}); "
+                                         f"the voxels are intact (warned once; counts in {REPORT_FILE})")
 
     def _voxel_size(self, cand: _Candidate, voxel: float | None) -> float | None:
         if voxel is not None:
@@ -401,7 +642,7 @@ class _Run:
                 )
             return voxel
         self.report.voxel_size_unknown += 1
-        if self.kind == "npy":
+        if self.report.kind == "npy":
             what = "a .npy array carries no voxel size"
         else:
             what = f"{cand.source}: header voxel size is 0 (unknown)"
@@ -422,7 +663,6 @@ class _Run:
             self.writer = PoolWriter(
                 self.out, self.box, dtype=self.dtype, shard_mb=self.shard_mb,
                 class_names=self.class_names, description=f"ingested from {self.report.source}",
-                overwrite=True,  # _prepare_out has already refused an existing pool without --overwrite
             )
         return self.writer
 
@@ -432,7 +672,7 @@ class _Run:
         if self.logged_rejects < MAX_LOGGED_REJECTS:
             log.warning("rejected [%s] %s", rej.code, rej.reason)
         elif self.logged_rejects == MAX_LOGGED_REJECTS:
-            log.warning("further rejects go to %s only", self.out / REJECTS_FILE)
+            log.warning("further rejects go to %s only", Path(self.report.out) / REJECTS_FILE)
         self.logged_rejects += 1
 
     def _record_resize(self, cand: _Candidate, original_shape: tuple[int, ...]) -> None:
@@ -454,12 +694,17 @@ class _Run:
     def finish(self) -> None:
         self._close_files()
         if self.writer is not None:
-            self.report.pool_info = self.writer.close()
-        self.report.rejected_by_reason = dict(self.reasons)
-        self.report.voxel_sizes_A = dict(self.voxel_sizes)
+            self.writer.close()
+        report = self.report
+        report.rejected_by_reason = dict(self.reasons)
+        report.voxel_sizes_A = dict(self.voxel_sizes)
+        report.box_mismatches = dict(self.mismatches)
+        report.header_faults = dict(self.faults)
+        if self.labels:
+            report.empty_classes = [n for i, n in enumerate(self.class_names) if not self.labels[i]]
 
     def abandon(self) -> None:
-        """An interrupted ingest leaves no manifest, so open_pool refuses the half-written pool."""
+        """An interrupted ingest leaves no manifest (and its staging folder is removed)."""
         self._close_files()
         if self.writer is not None:
             self.writer.__exit__(RuntimeError, RuntimeError("ingest interrupted"), None)
@@ -499,63 +744,49 @@ def _shape(shape: Sequence[int]) -> str:
 # Sources
 
 
-def _source_kind(source: Path) -> str:
-    if source.is_dir():
-        return "folder"
-    suffix = source.suffix.lower()
-    if suffix == ".star":
-        return "star"
-    if suffix == ".npy":
-        return "npy"
-    raise IngestError(f"{source}: expected a folder, a .star file or a .npy file")
+def _open_source(kind, source, out, report, names, labels, star_labels, project_dir, copick, box) -> _Source:
+    if kind == "folder":
+        return _folder_source(source, out, report, names)
+    if kind == "star":
+        return _star_source(source, names, star_labels, project_dir)
+    if kind == "copick":
+        return _copick_source(source, names, copick, box[0])
+    return _npy_source(source, names, labels)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        # Remove the old pool first, so an ingest that accepts nothing leaves no stale pool behind
-        # next to a fresh rejects.csv.
-        (out / MANIFEST).unlink(missing_ok=True)
-        for shard in (out / SHARD_DIR).glob("*.parquet"):
-            shard.unlink()
-        (out / RESIZED_FILE).unlink(missing_ok=True)
-
-
-def _write_report(out: Path, report: IngestReport, started: float) -> None:
-    report.seconds = time.monotonic() - started
-    atomic_write_text(out / REPORT_FILE, json.dumps(report.to_json(), indent=2) + "\n")
-
-
-def _check_class_names(names: Sequence[str]) -> tuple[str, ...]:
-    names = tuple(str(n).strip() for n in names)
-    if not names or any(not n for n in names):
-        raise IngestError(f"class names must be non-empty, got {list(names)}")
-    dupes = sorted(n for n, c in Counter(names).items() if c > 1)
-    if dupes:
-        raise IngestError(f"class names repeat: {dupes}")
-    return names
-
-
-def _read_class_names_file(path: Path) -> list[str]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as err:
-        raise IngestError(f"{path}: cannot read class names ({err})") from err
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
-def _default_names(max_label: int, first: int) -> tuple[str, ...]:
-    # STAR class numbers are 1-based, so class 1 is "class_1"; .npy labels are 0-based.
-    return tuple(f"class_{k + first}" for k in range(max(max_label, 0) + 1))
+def _census(paths: Counter) -> Counter:
+    """Volumes per box, from the headers alone. `paths[file]` is how many STAR rows name the
+    file; 0 (a folder's file) counts every volume the file holds."""
+    census: Counter = Counter()
+    for path, uses in paths.items():
+        try:
+            count, box = peek_sections(path)
+        except VolumeError:
+            continue  # rejected with its reason when its turn comes
+        census[box] += uses if uses else count
+    return census
 
 
 # -- folder
 
 
-def _list_folder(root: Path, exclude: Path) -> tuple[list[Path], int]:
-    """MRC files under root in sorted order, skipping hidden files/folders and the output folder."""
+def _folder_source(root: Path, out: Path, report: IngestReport, names) -> _Source:
+    files, ignored = _list_folder(root, exclude=out)
+    report.ignored_files, report.ignored_suffixes = sum(ignored.values()), dict(ignored)
+    if not files:
+        raise IngestError(
+            f"{root}: no {'/'.join(FOLDER_SUFFIXES)} files found (searched recursively"
+            + (f"; {report.ignored_files} other files ignored)" if report.ignored_files else ")")
+        )
+    census = _census(Counter({path: 0 for path in files}))
+    return _Source(_folder_candidates(root, files), len(files), census, names, "files")
+
+
+def _list_folder(root: Path, exclude: Path) -> tuple[list[Path], Counter]:
+    """Volume files under root in sorted order, skipping hidden files/folders and the output
+    folder; and the other files, counted by suffix."""
     exclude = exclude.resolve()
-    found, ignored = [], 0
+    found, ignored = [], Counter()
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and (here / d).resolve() != exclude]
@@ -565,7 +796,7 @@ def _list_folder(root: Path, exclude: Path) -> tuple[list[Path], int]:
             if name.lower().endswith(FOLDER_SUFFIXES):
                 found.append(here / name)
             else:
-                ignored += 1
+                ignored[Path(name).suffix.lower()] += 1
     found.sort(key=lambda p: p.relative_to(root).as_posix())
     return found, ignored
 
@@ -576,7 +807,7 @@ def _folder_candidates(root: Path, files: list[Path]) -> Iterator[_Candidate]:
         try:
             contents = read_sections(path)
         except VolumeError as err:
-            yield _Candidate(rel, str(path), "", str(path), error=_Reject(_volume_error_code(err), str(err)))
+            yield _Candidate(rel, str(path), "", str(path), error=_Reject(err.code, str(err)))
             continue
         sections = contents.sections
         stack = path.suffix.lower() == ".mrcs" or len(sections) > 1
@@ -585,90 +816,89 @@ def _folder_candidates(root: Path, files: list[Path]) -> Iterator[_Candidate]:
             item = f"section {k + 1}" if stack else ""
             yield _Candidate(
                 sid, str(path), item, f"{path} {item}".strip(),
-                load=_loaded(sections[k], contents.voxel_size_A),
+                load=_loaded(contents, k),
                 pool_source=f"{path}@{k + 1}" if stack else str(path),
             )
 
 
-def _loaded(volume: np.ndarray, voxel: float | None):
-    return lambda: (volume, voxel)
-
-
-def _volume_error_code(err: VolumeError) -> str:
-    return "not_a_volume" if "2-D image" in str(err) else "unreadable"
+def _loaded(contents: MrcContents, k: int):
+    return lambda: (contents.sections[k], contents.voxel_size_A, contents.header_faults)
 
 
 # -- STAR
 
 
-@dataclass
-class StarTable:
-    """One loop of a STAR file: column names without the leading underscore, and the rows with
-    their 1-based line numbers."""
-
-    block: str
-    columns: list[str]
-    rows: list[tuple[int, list[str]]]
-
-
-_STAR_TOKEN = re.compile(r"""'([^']*)'|"([^"]*)"|(\S+)""")
-
-
-def _star_tokens(line: str) -> list[str]:
-    tokens = []
-    for match in _STAR_TOKEN.finditer(line):
-        single, double, bare = match.groups()
-        if bare is not None and bare.startswith("#"):
-            break  # a comment runs to the end of the line
-        tokens.append(bare if bare is not None else single if single is not None else double)
-    return tokens
-
-
-def parse_star(path: str | Path) -> list[StarTable]:
-    """Every loop_ in a STAR file (data_ blocks with plain key-value pairs are skipped)."""
-    path = Path(path)
+def _star_source(star_path: Path, names, star_labels: bool, project_dir) -> _Source:
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise IngestError(f"{path}: cannot read STAR file ({err})") from err
-    tables: list[StarTable] = []
-    block = ""
-    current: StarTable | None = None
-    for number, line in enumerate(text.splitlines(), start=1):
-        tokens = _star_tokens(line)
-        if not tokens:
-            continue
-        head = tokens[0]
-        if head.startswith("data_"):
-            block, current = head[len("data_"):], None
-        elif head == "loop_":
-            current = StarTable(block, [], [])
-            tables.append(current)
-        elif head.startswith("_"):
-            if current is not None and not current.rows:
-                current.columns.append(head[1:])
-            else:
-                current = None  # a key-value pair after a loop ends the loop
-        elif head == "stop_":
-            current = None
-        elif current is not None:
-            current.rows.append((number, tokens))
-        else:
-            raise IngestError(f"{path} line {number}: a value outside any loop_ ({line.strip()[:60]!r})")
-    return tables
+        star = read_star(star_path)
+        table = particle_table(star)
+    except StarError as err:
+        raise IngestError(str(err)) from err
+    if star_labels and "rlnClassNumber" not in table.columns:
+        raise IngestError(f"{star_path}: --star-labels given but the particle table has no rlnClassNumber")
+    if star_labels and names is None:
+        names = _default_names(_max_star_class(table), first=1)
+    two_d = _two_d_groups(star, table)
+    resolver = _PathResolver(star_path, Path(project_dir) if project_dir else find_project_dir(star_path))
+    census = _census(_star_files(table, resolver))
+    candidates = _star_candidates(star_path, table, star_labels, names, resolver, two_d)
+    return _Source(candidates, len(table.rows), census, names, "rows")
 
 
-def _read_star_table(path: Path) -> StarTable:
-    tables = [t for t in parse_star(path) if t.columns]
-    if not tables:
-        raise IngestError(f"{path}: no loop_ table found (is this a RELION STAR file?)")
-    with_images = [t for t in tables if "rlnImageName" in t.columns]
-    particles = [t for t in with_images if t.block == "particles"]
-    if not with_images:
-        raise IngestError(
-            f"{path}: no table has an rlnImageName column (blocks: {sorted({t.block for t in tables})})"
-        )
-    return (particles or with_images)[0]
+def _two_d_groups(star: StarFile, table: StarTable) -> set[str]:
+    """The optics groups of 2-D stacks; the whole file refused when every particle is one."""
+    groups = two_d_groups(star)
+    if groups is None:
+        raise IngestError(f"{star.path}: data_general says rlnTomoSubTomosAre2DStacks 1: the particles are "
+                          + TWO_D_HELP)
+    if groups and "rlnOpticsGroup" in table.columns:
+        col = table.columns.index("rlnOpticsGroup")
+        if all(len(v) > col and v[col] in groups for _, v in table.rows):
+            raise IngestError(f"{star.path}: every optics group of the particles has rlnImageDimensionality 2: "
+                              "the particles are " + TWO_D_HELP)
+    return groups
+
+
+class _PathResolver:
+    """Where a STAR row's relative path points: RELION writes paths relative to its project
+    folder (the one holding default_pipeline.star), Warp and hand-made files relative to the
+    STAR file's folder; the first place the file exists wins, and a missing file names them all."""
+
+    def __init__(self, star: Path, project_dir: Path | None):
+        bases = [project_dir, star.parent, Path.cwd()]
+        self.bases = list(dict.fromkeys(b.resolve() for b in bases if b is not None))
+        self.project_dir = project_dir
+        self.cache: dict[Path, tuple[Path, list[Path]]] = {}
+
+    def resolve(self, file: Path) -> tuple[Path, list[Path]]:
+        """(the path to read, every path tried); the first tried when none exists."""
+        if file not in self.cache:
+            tried = [file] if file.is_absolute() else [base / file for base in self.bases]
+            found = next((p for p in tried if p.is_file()), tried[0])
+            self.cache[file] = (found, tried)
+        return self.cache[file]
+
+    def missing(self, where: str, file: Path, tried: list[Path]) -> _Reject:
+        hint = "" if self.project_dir else (
+            " (RELION paths are relative to the project folder: no default_pipeline.star was found "
+            "above the STAR file, so pass --project-dir)")
+        return _Reject("missing_file", f"{where}: {file} does not exist; tried {', '.join(map(str, tried))}{hint}")
+
+
+def _star_files(table: StarTable, resolver: _PathResolver) -> Counter:
+    """Rows per existing file named by the table (unparsable rows skipped)."""
+    col = table.columns.index("rlnImageName")
+    files: Counter = Counter()
+    for _, values in table.rows:
+        if len(values) == len(table.columns):
+            try:
+                _, file = _split_image_name(values[col], "")
+            except _Reject:
+                continue
+            path, _ = resolver.resolve(file)
+            if path.is_file():
+                files[path] += 1
+    return files
 
 
 def _max_star_class(table: StarTable) -> int:
@@ -699,7 +929,7 @@ class _StackCache:
         self.path: Path | None = None
         self.value: MrcContents | VolumeError | None = None
 
-    def get(self, path: Path) -> MrcContents:
+    def get(self, path: Path, where: str) -> MrcContents:
         if path != self.path:
             self.path = path
             try:
@@ -707,12 +937,12 @@ class _StackCache:
             except VolumeError as err:
                 self.value = err
         if isinstance(self.value, VolumeError):
-            raise _Reject(_volume_error_code(self.value), str(self.value))
+            raise _Reject(self.value.code, f"{where}: {self.value}")
         return self.value
 
 
-def _star_candidates(star: Path, table: StarTable, star_labels: bool, names) -> Iterator[_Candidate]:
-    folder = star.parent
+def _star_candidates(star: Path, table: StarTable, star_labels: bool, names, resolver: _PathResolver,
+                     two_d: set[str]) -> Iterator[_Candidate]:
     col = {name: i for i, name in enumerate(table.columns)}
     cache = _StackCache()
     for row_number, (line, values) in enumerate(table.rows, start=1):
@@ -728,27 +958,32 @@ def _star_candidates(star: Path, table: StarTable, star_labels: bool, names) -> 
         cand = _Candidate(image, str(star), item, where)
         try:
             section, file = _split_image_name(image, where)
-            path = file if file.is_absolute() else folder / file
+            path, tried = resolver.resolve(file)
             rel = Path(os.path.normpath(file)).as_posix()
             cand.subtomo_id = rel if section is None else f"{rel}@{section}"
             cand.pool_source = str(path) if section is None else f"{path}@{section}"
             cand.tomogram = _star_value(values, col, "rlnTomoName") or _star_value(values, col, "rlnMicrographName")
             cand.xyz = _star_xyz(values, col, where)
+            group = _star_value(values, col, "rlnOpticsGroup")
+            if group is not None and group in two_d:
+                raise _Reject("two_d_stack", f"{where}: optics group {group} has rlnImageDimensionality 2: "
+                                             + TWO_D_HELP)
             if star_labels:
-                number = _as_int(values[col["rlnClassNumber"]])
-                if number is None:
-                    raw = values[col["rlnClassNumber"]]
-                    raise _Reject("bad_label", f"{where}: rlnClassNumber {raw!r} is not an integer")
-                cand.label = number - 1
-                if not 0 <= cand.label < len(names):
-                    raise _Reject(
-                        "label_out_of_range",
-                        f"{where}: rlnClassNumber {number} outside 1..{len(names)} (classes {', '.join(names)})",
-                    )
-            cand.load = _star_loader(cache, path, section, where)
+                cand.label = _star_label(values[col["rlnClassNumber"]], names, where)
+            cand.load = _star_loader(cache, path, section, where, lambda f=file, t=tried: resolver.missing(where, f, t))
         except _Reject as rej:
             cand.error = rej
         yield cand
+
+
+def _star_label(raw: str, names, where: str) -> int:
+    number = _as_int(raw)
+    if number is None:
+        raise _Reject("bad_label", f"{where}: rlnClassNumber {raw!r} is not an integer")
+    if not 1 <= number <= len(names):
+        raise _Reject("label_out_of_range",
+                      f"{where}: rlnClassNumber {number} outside 1..{len(names)} (classes {', '.join(names)})")
+    return number - 1
 
 
 def _split_image_name(image: str, where: str) -> tuple[int | None, Path]:
@@ -777,11 +1012,11 @@ def _star_xyz(values, col, where) -> tuple[float, float, float] | None:
     return tuple(xyz)
 
 
-def _star_loader(cache: _StackCache, path: Path, section: int | None, where: str):
-    def load() -> tuple[np.ndarray, float | None]:
+def _star_loader(cache: _StackCache, path: Path, section: int | None, where: str, missing: Callable[[], _Reject]):
+    def load() -> tuple[np.ndarray, float | None, tuple[str, ...]]:
         if not path.is_file():
-            raise _Reject("missing_file", f"{where}: {path} does not exist")
-        contents = cache.get(path)
+            raise missing()
+        contents = cache.get(path, where)
         count = len(contents.sections)
         if section is None:
             if count != 1:
@@ -789,19 +1024,81 @@ def _star_loader(cache: _StackCache, path: Path, section: int | None, where: str
                     "stack_without_section",
                     f"{where}: {path} holds {count} volumes but the row gives no section (expected 'n@{path.name}')",
                 )
-            return contents.sections[0], contents.voxel_size_A
+            return contents.sections[0], contents.voxel_size_A, contents.header_faults
         if section > count:
             raise _Reject(
                 "missing_section",
                 f"{where}: section {section} requested but {path} holds {count} "
                 f"volume(s) of {_shape(contents.sections.shape[1:])}",
             )
-        return contents.sections[section - 1], contents.voxel_size_A
+        return contents.sections[section - 1], contents.voxel_size_A, contents.header_faults
+
+    return load
+
+
+# -- copick
+
+
+def _copick_source(config: Path, names, selection: CopickSelection, box: int) -> _Source:
+    try:
+        root = copick_io.open_project(config)
+        objects = copick_io.particle_objects(root)
+        picks = list(copick_io.iter_picks(root, selection))
+    except CopickError as err:
+        raise IngestError(str(err)) from err
+    if not picks:
+        raise IngestError(f"{config}: no picks of particle objects ({', '.join(objects) or 'none'})"
+                          + (" for the chosen --copick-user/--copick-session" if selection.user_id
+                             or selection.session_id else ""))
+    if names is None:  # the objects that were picked, in the config's order
+        picked = {p.object_name for p in picks}
+        names = tuple(o for o in objects if o in picked)
+    cutter = copick_io.TomogramCutter(root, selection)
+    try:
+        for run in dict.fromkeys(p.run for p in picks):
+            cutter.check(run)
+    except CopickError as err:
+        raise IngestError(f"{config}: {err}") from err
+    return _Source(_copick_candidates(config, picks, names, cutter, box), len(picks), Counter(), names, "picks")
+
+
+def _copick_candidates(config: Path, picks, names, cutter, box: int) -> Iterator[_Candidate]:
+    for pick in picks:
+        item = f"run {pick.run} picks {pick.picks_name} point {pick.index}"
+        cand = _Candidate(copick_io.subtomo_id(pick), str(config), item, f"{config} {item}",
+                          tomogram=pick.run, pool_source=copick_io.source_of(config, pick))
+        if pick.object_name not in names:
+            cand.error = _Reject("label_out_of_range", f"{cand.where}: object {pick.object_name!r} is not "
+                                                       f"among the classes ({', '.join(names)})")
+        else:
+            cand.label = names.index(pick.object_name)
+            cand.load = _copick_loader(cutter, pick, box, cand)
+        yield cand
+
+
+def _copick_loader(cutter, pick, box: int, cand: _Candidate):
+    def load() -> tuple[np.ndarray, float | None, tuple[str, ...]]:
+        try:
+            volume, voxel, centre = cutter.cut(pick, box)
+        except IndexError as err:  # before LookupError, its base class
+            raise _Reject("outside_tomogram", f"{cand.where}: {err}") from None
+        except LookupError as err:
+            raise _Reject("missing_file", f"{cand.where}: {err}") from None
+        cand.xyz = centre  # in voxels of the tomogram; × voxel size = the pick's Å
+        return volume, voxel, ()
 
     return load
 
 
 # -- .npy
+
+
+def _npy_source(path: Path, names, labels) -> _Source:
+    array, label_array = _open_npy(path, labels)
+    if label_array is not None and names is None:
+        names = _default_names(int(label_array.max(initial=0)), first=0)
+    census = Counter({tuple(array.shape[1:]): len(array)})
+    return _Source(_npy_candidates(path, array, label_array), len(array), census, names, "array rows")
 
 
 def _open_npy(path: Path, labels) -> tuple[np.ndarray, np.ndarray | None]:
@@ -811,6 +1108,8 @@ def _open_npy(path: Path, labels) -> tuple[np.ndarray, np.ndarray | None]:
         raise IngestError(f"{path}: cannot read as a .npy array ({err})") from err
     if array.ndim != 4:
         raise IngestError(f"{path}: expected an array [N, D, H, W], got shape {array.shape}")
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise IngestError(f"{path}: complex-valued array ({array.dtype}): a Fourier transform, not densities")
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise IngestError(f"{path}: expected a numeric array, got dtype {array.dtype}")
     if labels is None:
@@ -839,7 +1138,7 @@ def _npy_candidates(path: Path, array: np.ndarray, labels: np.ndarray | None) ->
         item = f"index {i}"
         yield _Candidate(
             f"{path.name}[{i}]", str(path), item, f"{path} {item}",
-            load=lambda i=i: (np.asarray(array[i], dtype=np.float32), None),
+            load=lambda i=i: (np.asarray(array[i], dtype=np.float32), None, ()),
             label=None if labels is None else int(labels[i]),
             pool_source=f"{path}[{i}]",
         )
