@@ -20,8 +20,10 @@ import argparse
 import dataclasses
 import functools
 import json
+import logging
 import math
 import multiprocessing
+import os
 import sys
 import time
 import zlib
@@ -38,7 +40,9 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from orchestrator.pool import PoolInfo, PoolWriter
-from orchestrator.volumes import MRC_SUFFIXES, read_volume
+from orchestrator.volumes import MRC_SUFFIXES, read_sections
+
+log = logging.getLogger("cryoal.simulate")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = PROJECT_ROOT / "tune_configs"
@@ -46,6 +50,10 @@ MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.
 MAP_SUFFIXES = (".mrc", ".map")  # a folder of structures: single-volume maps (plus models)
 EXTENT_THRESHOLD = 0.05  # a structure's extent: voxels above 5% of its maximum
 SPLITS = ("train", "val", "test")
+PLAUSIBLE_VOXEL_A = (2.0, 30.0)  # header voxel sizes outside this are likely a tool's default
+# Peak bytes per voxel of a resampled map while it is prepared (zoom output, the float64
+# coordinate grids of structure_extent, masks): measured ~40, rounded up.
+PREPARE_BYTES_PER_VOXEL = 48
 
 
 class SimulationError(ValueError):
@@ -569,28 +577,87 @@ def _structure_name(path: Path) -> str:
 def resample(density: np.ndarray, from_A: float, to_A: float) -> np.ndarray:
     """Resample a density from `from_A` to `to_A` Å voxels, low-passing first when coarsening."""
     factor = from_A / to_A  # output voxels per input voxel
-    if abs(factor - 1.0) < 1e-3:
+    shape = _resampled_shape(density.shape, from_A, to_A)
+    if shape == density.shape:
         return density.astype(np.float32, copy=False)
     density = density.astype(np.float32)
     if factor < 1:  # anti-alias: Gaussian whose width matches the coarser grid
         density = ndimage.gaussian_filter(density, sigma=0.5 * math.sqrt(1 / factor**2 - 1))
-    shape = tuple(max(1, round(n * factor)) for n in density.shape)
     zoom = np.array(shape) / density.shape
     return ndimage.zoom(density, zoom, order=1, grid_mode=True, mode="grid-constant")
 
 
 def _read_map(path: Path, voxel_size_A: float, input_voxel_size_A: float | None) -> np.ndarray:
     try:
-        density, header_voxel = read_volume(path)
+        contents = read_sections(path)
     except ValueError as err:  # VolumeError names the file already
         raise SimulationError(f"cannot read structure file: {err}") from err
+    if len(contents.sections) != 1:
+        raise SimulationError(f"structure file {path}: holds {len(contents.sections)} volumes; expected one map")
+    density, header_voxel = contents.sections[0], contents.voxel_size_A
+    for fault in contents.header_faults:
+        log.warning("structure file %s: read despite a header fault (%s)", path, fault)
     source_voxel = header_voxel or input_voxel_size_A
     if source_voxel is None:
         raise SimulationError(
             f"structure file {path}: the header has no voxel size; set input_voxel_size_A "
             f"(CLI: --input-voxel-size)"
         )
+    shape = _resampled_shape(density.shape, source_voxel, voxel_size_A)
+    _check_fits_memory(path, density.shape, shape, source_voxel, voxel_size_A)
+    _warn_if_implausible(path, density, source_voxel, voxel_size_A, shape, from_header=header_voxel is not None)
     return resample(density, source_voxel, voxel_size_A)
+
+
+def _resampled_shape(shape, from_A: float, to_A: float) -> tuple[int, ...]:
+    factor = from_A / to_A
+    return tuple(shape) if abs(factor - 1.0) < 1e-3 else tuple(max(1, round(n * factor)) for n in shape)
+
+
+def _check_fits_memory(path: Path, shape, resampled, from_A: float, to_A: float) -> None:
+    """Refuse, before allocating anything, a map whose resampled copy this machine cannot prepare."""
+    need = math.prod(resampled) * PREPARE_BYTES_PER_VOXEL
+    free = _available_memory()
+    if free is not None and need > free / 2:
+        raise SimulationError(
+            f"structure file {path}: {'x'.join(map(str, shape))} voxels of {from_A:g} Å, resampled to "
+            f"{to_A:g} Å, become {'x'.join(map(str, resampled))} voxels, which need ~{need / 2**30:.1f} GiB to "
+            f"prepare; this machine has {free / 2**30:.1f} GiB free. Is the header's voxel size ({from_A:g} Å) "
+            "right? Otherwise crop the map around the particle or use a coarser voxel_size_A"
+        )
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory free for a new allocation (MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _warn_if_implausible(path: Path, density: np.ndarray, from_A: float, to_A: float, resampled,
+                         from_header: bool) -> None:
+    low, high = PLAUSIBLE_VOXEL_A
+    if from_header and not low <= from_A <= high:
+        log.warning(
+            "structure file %s: header voxel size %g Å is outside the usual %g–%g Å of maps for "
+            "subtomograms (a tool's default?); resampled to %g Å its %s voxels become %s. If the header "
+            "is wrong, correct it (e.g. mrcfile: mrc.voxel_size = …)", path, from_A, low, high, to_A,
+            "x".join(map(str, density.shape)), "x".join(map(str, resampled)),
+        )
+    low_value, high_value = float(density.min()), float(density.max())
+    if low_value != high_value and np.all((density == low_value) | (density == high_value)):
+        log.warning(
+            "structure file %s: holds only the values %g and %g: it looks like a mask, not a density, "
+            "yet it becomes the class %r; move it out of the structure folder if it is a mask",
+            path, low_value, high_value, _structure_name(path),
+        )
 
 
 def _read_model(path: Path, voxel_size_A: float, resolution_A: float | None) -> np.ndarray:

@@ -240,6 +240,53 @@ def test_a_map_without_a_voxel_size_needs_one_from_the_user(tmp_path):
     assert names == ["nosize"]
 
 
+def blob(size: int, diameter: float) -> np.ndarray:
+    """A sphere with a smooth edge: a density, not a mask."""
+    c = (size - 1) / 2
+    z, y, x = np.indices((size,) * 3)
+    r = np.sqrt((z - c) ** 2 + (y - c) ** 2 + (x - c) ** 2)
+    return np.exp(-((r / (diameter / 2)) ** 4)).astype(np.float32)
+
+
+def test_a_map_too_large_once_resampled_is_refused_before_anything_is_allocated(tmp_path):
+    # 16³ voxels said to be 2000 Å each: at 10 Å that would be 3200³ voxels (~1.5 TiB to prepare)
+    write_volume(tmp_path / "tomogram.mrc", blob(16, 8), voxel_size_A=2000.0)
+    with pytest.raises(sim.SimulationError, match=r"tomogram\.mrc: 16x16x16 voxels of 2000 Å, resampled to "
+                                                  r"10 Å, become 3200x3200x3200 voxels.*GiB free"):
+        sim.load_structures(tmp_path / "tomogram.mrc", voxel_size_A=10.0)
+
+
+@pytest.mark.parametrize("voxel", [1.0, 40.0])
+def test_an_implausible_header_voxel_size_is_warned_with_the_size_it_gives(tmp_path, caplog, voxel):
+    caplog.set_level("WARNING", logger="cryoal.simulate")
+    write_volume(tmp_path / "map.mrc", blob(24, 12), voxel_size_A=voxel)
+    sim.load_structures(tmp_path / "map.mrc", voxel_size_A=10.0)
+    [record] = [r for r in caplog.records if "outside the usual 2–30 Å" in r.message]
+    assert f"header voxel size {voxel:g} Å" in record.message and "24x24x24 voxels become" in record.message
+
+
+def test_a_binary_map_in_a_structure_folder_is_warned_as_a_likely_mask(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="cryoal.simulate")
+    write_volume(tmp_path / "ribosome.mrc", blob(16, 10), voxel_size_A=10.0)
+    write_volume(tmp_path / "ribosome_hold.mrc", sphere(16, 12), voxel_size_A=10.0)
+    names, _ = sim.load_structures(tmp_path, voxel_size_A=10.0)
+    assert names == ["ribosome", "ribosome_hold"]
+    masks = [r.message for r in caplog.records if "looks like a mask" in r.message]
+    assert len(masks) == 1 and "ribosome_hold.mrc" in masks[0]
+
+
+def test_a_map_with_a_loose_header_is_read_with_a_warning_naming_the_fault(tmp_path, caplog):
+    caplog.set_level("WARNING", logger="cryoal.simulate")
+    write_volume(tmp_path / "strict.mrc", blob(16, 10), voxel_size_A=10.0)
+    raw = bytearray((tmp_path / "strict.mrc").read_bytes())
+    raw[208:216] = bytes(8)  # no "MAP " ID string, zero machine stamp
+    (tmp_path / "loose.mrc").write_bytes(raw)
+    _, (loose,) = sim.load_structures(tmp_path / "loose.mrc", voxel_size_A=10.0)
+    _, (strict,) = sim.load_structures(tmp_path / "strict.mrc", voxel_size_A=10.0)
+    np.testing.assert_array_equal(loose, strict)
+    assert any("Map ID string not found" in r.message and "loose.mrc" in r.message for r in caplog.records)
+
+
 def test_an_atomic_model_becomes_a_density_centred_on_its_atoms(tmp_path):
     atoms = [(0.0, 0.0, 0.0), (30.0, 0.0, 0.0), (0.0, 30.0, 0.0), (0.0, 0.0, 30.0)]
     lines = [
