@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
-import fcntl
 import hashlib
 import io
 import json
@@ -52,6 +51,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.labels import JUNK, LabelLedger, LabelRecord, LedgerError, parse_label
 from orchestrator.pool import PoolError, PoolInfo, atomic_write_text, decode_volumes, open_pool, read_index
+from orchestrator.rundir_lock import RunDirBusy, RunDirLock
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PAGE_FILE = Path(__file__).with_name("annotate_page.html")
@@ -364,17 +364,23 @@ class Annotator:
     def __init__(self, run_dir: str | Path, *, info: PoolInfo | None = None,
                  continue_campaign: bool = False, command: Sequence[str] | None = None):
         self.run_dir = Path(run_dir)
-        if not (self.run_dir / "cycles").is_dir():
-            raise AnnotateError(f"{self.run_dir}: not a run directory with cycles (no cycles/)")
-        try:
-            self.info = info or open_pool(pool_path(self.run_dir))
-        except PoolError as err:
-            raise AnnotateError(f"{self.run_dir}: cannot open the campaign's pool: {err}") from err
+        no_cycles = AnnotateError(f"{self.run_dir}: not a run directory with cycles (no cycles/)")
+        if not self.run_dir.is_dir():
+            raise no_cycles
+        try:  # one writer per run directory: not beside a campaign (even one still starting) or another page
+            self._lockfile = RunDirLock(self.run_dir, "the labelling page").acquire()
+        except RunDirBusy as err:
+            raise AnnotateError(str(err)) from None
         self.continue_campaign = continue_campaign
         self.command = list(command) if command else resume_command(self.run_dir)
         self._lock = threading.RLock()
-        self._lockfile = _hold_lock(self.run_dir / ".annotate.lock")
         try:
+            if not (self.run_dir / "cycles").is_dir():
+                raise no_cycles
+            try:
+                self.info = info or open_pool(pool_path(self.run_dir))
+            except PoolError as err:
+                raise AnnotateError(f"{self.run_dir}: cannot open the campaign's pool: {err}") from err
             index = read_index(self.info.path, ["row", "subtomo_id"])
             self.row_of = dict(zip(index.column("subtomo_id").to_pylist(), index.column("row").to_pylist()))
             self.ledger = LabelLedger(self.run_dir / "labels.csv", known_ids=set(self.row_of),
@@ -396,7 +402,7 @@ class Annotator:
 
     def close(self) -> None:
         if self._lockfile is not None:
-            self._lockfile.close()
+            self._lockfile.release()
             self._lockfile = None
 
     # -- loading
@@ -640,10 +646,12 @@ class Annotator:
     def _resume(self, cycle: Cycle) -> None:
         log_path = cycle.folder / RESUME_LOG
         try:
+            env, fds = self._lockfile.handoff()  # the resume writes in this page's stead
             with open(log_path, "wb") as log:
                 # in the server's working directory, like a --resume typed where it was started
                 code = subprocess.run(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL).returncode
+                                      stdin=subprocess.DEVNULL, env=env, pass_fds=fds).returncode
+            self._lockfile.write_holder()
             tail = log_path.read_text(errors="replace")[-4000:]
         except OSError as err:
             code, tail = -1, str(err)
@@ -704,17 +712,6 @@ def _parse_api_label(value, what: str) -> int | str | None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ApiError(400, f"{what} must be a class index, 'junk', 'unsure' or null")
     return value
-
-
-def _hold_lock(path: Path):
-    handle = open(path, "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise AnnotateError(f"another annotate server is serving {path.parent}; use its page "
-                            "(two servers would overwrite each other's labels)") from None
-    return handle
 
 
 # -- HTTP -------------------------------------------------------------------------------------

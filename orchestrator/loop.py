@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orchestrator.config import BudgetConfig, CampaignConfig, config_to_dict
+from orchestrator.export import after_campaign
 from orchestrator.faults import maybe_fault
 from orchestrator.labels import JUNK, LabelLedger
 from orchestrator.oracle import AwaitingLabels, FileOracle, Query, SimulatedOracle, pick_initial
@@ -129,6 +130,7 @@ class Campaign:
                 self.on_cycle(dict(record))
         if not self.state["done"]:
             write_predictions(self)
+            after_campaign(self.run_dir, self.view.info)  # predictions.star; copick picks for a copick pool
             self.state["done"] = True
             self._save()
         return self.state

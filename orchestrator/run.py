@@ -3,12 +3,14 @@
     python orchestrator/run.py                              # embedded default: simulate, then EMA-KL
     python orchestrator/run.py --config paper --set train.epochs=50
     python orchestrator/run.py --resume runs/demo-20261122-101500
+    python orchestrator/run.py export runs/demo-20261122-101500 --star classes.star
     python orchestrator/run.py --run-dir s3://bucket/runs/demo --set data.pool=s3://bucket/pools/p
     ray job submit --working-dir . -- python orchestrator/run.py --set train.num_workers=4
 
 Connects to the Ray of `ray job submit` (RAY_ADDRESS) or `--address`; otherwise starts a local
 Ray for the duration of the run. Pools and run directories may be URIs (s3://, gs://, file://):
-see orchestrator/storage.py.
+see orchestrator/storage.py. A campaign holds its run directory's lock while it runs
+(orchestrator/rundir_lock.py): a second campaign, resume or labelling page on it is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from orchestrator.config import CampaignConfig, ConfigError, load_config, save_config  # noqa: E402
 from orchestrator.storage import RunMirror, StorageError, join, open_run_dir  # noqa: E402
+from orchestrator.rundir_lock import RunDirBusy, lock_run_dir  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,14 +59,23 @@ def main(argv=None) -> int:
         from orchestrator.annotate import main as annotate_main
 
         return annotate_main(argv[1:])
+    if argv[:1] == ["export"]:  # a finished campaign's predictions as RELION STAR / copick picks
+        from orchestrator.export import main as export_main
+
+        return export_main(argv[1:])
     if argv[:1] == ["sweep"]:  # many simulated campaigns on Ray Tune: `run.py sweep --config …`
         from orchestrator.sweep import main as sweep_main
 
         return sweep_main(argv[1:])
     args = parse_args(argv)
-    try:
+    lock = None
+    try:  # one writer per run directory; a resume locks before it reads or downloads anything
+        lock = lock_run_dir(open_run_dir(args.resume)[0]) if args.resume else None
         cfg, run_dir, mirror = prepare_run(args)
-    except (ConfigError, StorageError) as err:
+        lock = lock or lock_run_dir(run_dir)
+    except (ConfigError, StorageError, RunDirBusy) as err:
+        if lock is not None:
+            lock.release()
         print(f"error: {err}", file=sys.stderr)
         return 2
     import ray
@@ -91,6 +103,7 @@ def main(argv=None) -> int:
         return 0
     finally:
         ray.shutdown()
+        lock.release()
     print(f"\n{accuracy_table(state['cycles'])}\n")
     where = mirror.uri if mirror is not None else run_dir
     print(f"finished in {time.perf_counter() - started:.0f} s; run directory: {where}")

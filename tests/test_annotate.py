@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import http.client
 import json
+import os
 import shutil
 import struct
 import sys
@@ -24,6 +25,7 @@ from orchestrator.annotate import AnnotateError, AnnotateServer, Annotator, main
 from orchestrator.labels import LabelLedger, LabelRecord, LedgerError, parse_label
 from orchestrator.oracle import FileOracle, Query, write_queries
 from orchestrator.pool import PoolWriter, read_index
+from orchestrator.rundir_lock import RunDirLock
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -326,7 +328,9 @@ def test_finish_checks_the_labels_as_resume_will_import_them_and_says_how_to_con
 FAKE_RESUME = """
 import shutil, sys
 from orchestrator.labels import LabelLedger
+from orchestrator.rundir_lock import lock_run_dir
 run, nxt = sys.argv[1], sys.argv[2]
+lock = lock_run_dir(run)  # as run.py does: the page hands its lock over, so this is not refused
 LabelLedger(run, known_ids=None, num_classes=3).import_labels(
     run + "/cycles/c01/queries/labels.csv", cycle=1, class_names=["ball", "slab", "rod"])
 shutil.copytree(nxt, run + "/cycles/c02/queries")
@@ -371,8 +375,16 @@ def test_slices_and_class_references_are_pngs_of_the_box(make):
 def test_a_second_server_on_the_same_run_is_refused(make):
     run_dir, _, _ = make("shapes")
     with serving(run_dir):
-        with pytest.raises(AnnotateError, match="another annotate server"):
+        with pytest.raises(AnnotateError, match=rf"in use by the labelling page \(pid {os.getpid()} on "):
             Annotator(run_dir)
+
+
+def test_a_page_is_refused_while_a_campaign_holds_the_run_directory(make):
+    run_dir, _, _ = make("shapes")
+    with RunDirLock(run_dir, "a campaign"):
+        with pytest.raises(AnnotateError, match=r"in use by a campaign \(pid \d+ on .*since"):
+            Annotator(run_dir)
+    Annotator(run_dir).close()  # and welcome once it is gone
 
 
 def test_a_damaged_labels_file_is_reported_not_overwritten(make):
