@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.pool import PoolWriter
@@ -81,3 +84,13 @@ def make_shape_pool(path: Path, *, n_train=60, n_val=12, n_test=12, box=16, seed
 @pytest.fixture(scope="session")
 def shape_pool(tmp_path_factory):
     return make_shape_pool(tmp_path_factory.mktemp("pools") / "shapes")
+
+
+def finished_run(run_dir: Path, pool: Path, pred: list[int], prob: list[float]) -> Path:
+    """A run directory as a finished campaign leaves it, with what an export reads: state.json
+    naming the pool, and predictions.parquet (pool rows 0.. in order)."""
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(json.dumps({"pool": str(pool), "done": True}))
+    rows = list(range(len(pred)))
+    pq.write_table(pa.table({"row": rows, "pred": pred, "pred_prob": prob}), run_dir / "predictions.parquet")
+    return run_dir

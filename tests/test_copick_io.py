@@ -8,10 +8,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+from conftest import finished_run
 from orchestrator.copick_io import CopickSelection, root_logging_kept
 from orchestrator.export import after_campaign, write_copick
 from orchestrator.ingest import IngestError, ingest, main
@@ -140,15 +139,6 @@ def test_several_tomogram_types_need_a_choice(tmp_path):
 
 
 # -- predictions back as picks
-
-
-def finished_run(run_dir: Path, pool: Path, pred: list[int], prob: list[float]) -> Path:
-    """A run directory as a finished campaign leaves it, for what the export reads."""
-    run_dir.mkdir()
-    (run_dir / "state.json").write_text(json.dumps({"pool": str(pool), "done": True}))
-    rows = list(range(len(pred)))
-    pq.write_table(pa.table({"row": rows, "pred": pred, "pred_prob": prob}), run_dir / "predictions.parquet")
-    return run_dir
 
 
 def test_predictions_go_back_as_one_picks_file_per_class_with_the_probability_as_score(project, tmp_path):
