@@ -52,7 +52,7 @@ EXTENT_THRESHOLD = 0.05  # a structure's extent: voxels above 5% of its maximum
 SPLITS = ("train", "val", "test")
 PLAUSIBLE_VOXEL_A = (2.0, 30.0)  # header voxel sizes outside this are likely a tool's default
 # Peak bytes per voxel of a resampled map while it is prepared (zoom output, the float64
-# coordinate grids of structure_extent, masks): measured ~40, rounded up.
+# coordinate grids of structure_extent, masks): 46.8 measured with tracemalloc on a 160³ map.
 PREPARE_BYTES_PER_VOXEL = 48
 
 
