@@ -34,6 +34,7 @@ from orchestrator import copick_io
 from orchestrator.copick_io import CopickError
 from orchestrator.pool import PoolError, PoolInfo, open_pool, read_index
 from orchestrator.storage import is_uri, join, read_text
+from orchestrator.volumes import VOLUME_SUFFIXES
 
 log = logging.getLogger("cryoal.export")
 
@@ -85,12 +86,14 @@ def write_star(run_dir: Path, info: PoolInfo, out: Path | None = None) -> Path:
 
 
 def _relion_image(source: str | None) -> str | None:
-    """The pool's source as RELION's rlnImageName: `stack@3` → `3@stack`; None for sources that
-    are no image file (array rows, copick picks)."""
-    if not source or source.startswith(copick_io.SOURCE_PREFIX) or source.endswith("]"):
+    """The pool's source as RELION's rlnImageName: `stack.mrcs@3` → `3@stack.mrcs`; None for
+    sources that are no volume file (array rows, copick picks, simulated subtomograms)."""
+    path, at, section = (source or "").rpartition("@")
+    if not (at and section.isdigit()):
+        path, section = source or "", None
+    if not path.lower().endswith(VOLUME_SUFFIXES):
         return None
-    path, at, section = source.rpartition("@")
-    return f"{section}@{path}" if at and section.isdigit() else source
+    return path if section is None else f"{section}@{path}"
 
 
 def write_copick(run_dir: Path, info: PoolInfo, config: Path, *, user_id: str = copick_io.DEFAULT_USER,

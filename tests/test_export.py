@@ -49,8 +49,9 @@ def test_star_gives_each_subtomogram_its_relion_image_name_class_number_and_prob
 
 def test_star_of_a_pool_without_files_or_positions_carries_only_classes(tmp_path):
     with PoolWriter(tmp_path / "pool", 6, class_names=["a", "b"]) as writer:
-        for i in range(3):
-            writer.add(f"arr[{i}]", noise(i), source=f"arr.npy[{i}]")
+        writer.add("arr[0]", noise(0), source="arr.npy[0]")
+        writer.add("arr[1]", noise(1), source="arr.npy[1]")
+        writer.add("a-000001", noise(2), source="simulated:a")
     info = writer.close()
     run_dir = finished_run(tmp_path / "run", tmp_path / "pool", [0, 1, 1], [0.9, 0.8, 0.7])
     table = starfile.read(write_star(run_dir, info))
