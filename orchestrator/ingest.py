@@ -404,6 +404,7 @@ def _source_kind(source: Path) -> str:
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an OUT that holds a pool (without --overwrite) or anything an ingest did not write:
     the new pool replaces the whole folder."""
+    _recover_swap(out)
     if out.exists() and not out.is_dir():
         raise IngestError(f"{out}: exists and is not a folder")
     if (out / MANIFEST).exists() and not overwrite:
@@ -413,7 +414,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise IngestError(f"{out}: holds files that are not part of a pool ({', '.join(foreign[:5])}"
                           f"{', …' if len(foreign) > 5 else ''}); an ingest replaces the whole folder, "
                           "so choose a new or empty --out")
-    _recover_swap(out)
 
 
 def _new_stage(out: Path) -> Path:
@@ -462,12 +462,14 @@ def _install(stage: Path, out: Path, report: IngestReport) -> None:
 
 def _recover_swap(out: Path) -> None:
     """A crash between the two renames of _install leaves OUT missing and the previous pool
-    under its hidden name: put it back."""
+    under its hidden name: put it back. With OUT in place, such a folder is a replaced pool
+    whose removal was cut off."""
     olds = sorted(out.parent.glob(f".{out.name}.old-*")) if out.parent.is_dir() else []
     if olds and not out.exists():
-        olds[-1].rename(out)
-        log.warning("%s: restored the previous pool from %s (an ingest was cut off while replacing it)",
-                    out, olds[-1].name)
+        olds.pop().rename(out)
+        log.warning("%s: restored the previous pool (an ingest was cut off while replacing it)", out)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -868,14 +870,15 @@ class _PathResolver:
         bases = [project_dir, star.parent, Path.cwd()]
         self.bases = list(dict.fromkeys(b.resolve() for b in bases if b is not None))
         self.project_dir = project_dir
-        self.cache: dict[Path, tuple[Path, list[Path]]] = {}
+        self.cache: dict[Path, tuple[Path, list[Path], bool]] = {}
 
-    def resolve(self, file: Path) -> tuple[Path, list[Path]]:
-        """(the path to read, every path tried); the first tried when none exists."""
+    def resolve(self, file: Path) -> tuple[Path, list[Path], bool]:
+        """(the path to read, every path tried, whether it exists); the first tried when none
+        does. Cached per file: a stack is named by many rows."""
         if file not in self.cache:
             tried = [file] if file.is_absolute() else [base / file for base in self.bases]
-            found = next((p for p in tried if p.is_file()), tried[0])
-            self.cache[file] = (found, tried)
+            found = next((p for p in tried if p.is_file()), None)
+            self.cache[file] = (found or tried[0], tried, found is not None)
         return self.cache[file]
 
     def missing(self, where: str, file: Path, tried: list[Path]) -> _Reject:
@@ -895,8 +898,8 @@ def _star_files(table: StarTable, resolver: _PathResolver) -> Counter:
                 _, file = _split_image_name(values[col], "")
             except _Reject:
                 continue
-            path, _ = resolver.resolve(file)
-            if path.is_file():
+            path, _, exists = resolver.resolve(file)
+            if exists:
                 files[path] += 1
     return files
 
@@ -958,7 +961,7 @@ def _star_candidates(star: Path, table: StarTable, star_labels: bool, names, res
         cand = _Candidate(image, str(star), item, where)
         try:
             section, file = _split_image_name(image, where)
-            path, tried = resolver.resolve(file)
+            path, tried, _ = resolver.resolve(file)
             rel = Path(os.path.normpath(file)).as_posix()
             cand.subtomo_id = rel if section is None else f"{rel}@{section}"
             cand.pool_source = str(path) if section is None else f"{path}@{section}"

@@ -445,6 +445,14 @@ def test_an_ingest_killed_outright_leaves_a_staging_folder_that_the_next_ingest_
     assert json.loads((tmp_path / "pool" / "ingest_report.json").read_text())["accepted"] == 5
 
 
+def test_a_pool_left_under_its_hidden_name_by_a_crash_mid_swap_is_put_back(old_pool, mixed_folder, tmp_path):
+    pool, before = old_pool
+    pool.rename(tmp_path / ".pool.old-4242")  # the first of the two renames happened, not the second
+    with pytest.raises(IngestError, match="a pool already exists there"):
+        ingest(mixed_folder, pool)
+    assert {p.relative_to(pool): p.read_bytes() for p in pool.rglob("*") if p.is_file()} == before
+
+
 def test_an_out_folder_holding_other_files_is_refused_before_anything_is_written(mixed_folder, tmp_path):
     (tmp_path / "pool").mkdir()
     (tmp_path / "pool" / "notes.txt").write_text("mine")
