@@ -646,6 +646,8 @@ class _Run:
         self.report.voxel_size_unknown += 1
         if self.report.kind == "npy":
             what = "a .npy array carries no voxel size"
+        elif cand.source.lower().endswith(".em"):
+            what = f"{cand.source}: an .em header carries no voxel size"
         else:
             what = f"{cand.source}: header voxel size is 0 (unknown)"
         fill = "null" if self.voxel_size is None else f"--voxel-size {self.voxel_size:g} Å"
