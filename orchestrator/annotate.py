@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.labels import JUNK, LabelLedger, LabelRecord, LedgerError, parse_label
 from orchestrator.pool import PoolError, PoolInfo, atomic_write_text, decode_volumes, open_pool, read_index
-from orchestrator.rundir_lock import RunDirBusy, RunDirLock
+from orchestrator.rundir_lock import RunDirLock, RunDirLockError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PAGE_FILE = Path(__file__).with_name("annotate_page.html")
@@ -369,7 +369,7 @@ class Annotator:
             raise no_cycles
         try:  # one writer per run directory: not beside a campaign (even one still starting) or another page
             self._lockfile = RunDirLock(self.run_dir, "the labelling page").acquire()
-        except RunDirBusy as err:
+        except RunDirLockError as err:
             raise AnnotateError(str(err)) from None
         self.continue_campaign = continue_campaign
         self.command = list(command) if command else resume_command(self.run_dir)

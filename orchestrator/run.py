@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from orchestrator.config import CampaignConfig, ConfigError, load_config, save_config  # noqa: E402
 from orchestrator.storage import RunMirror, StorageError, join, open_run_dir  # noqa: E402
-from orchestrator.rundir_lock import RunDirBusy, lock_run_dir  # noqa: E402
+from orchestrator.rundir_lock import RunDirLockError, lock_run_dir  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         lock = lock_run_dir(open_run_dir(args.resume)[0]) if args.resume else None
         cfg, run_dir, mirror = prepare_run(args)
         lock = lock or lock_run_dir(run_dir)
-    except (ConfigError, StorageError, RunDirBusy) as err:
+    except (ConfigError, StorageError, RunDirLockError) as err:
         if lock is not None:
             lock.release()
         print(f"error: {err}", file=sys.stderr)

@@ -30,7 +30,11 @@ LOCK_FILE = ".rundir.lock"
 HANDOFF_ENV = "CRYOAL_RUNDIR_LOCK_FD"
 
 
-class RunDirBusy(RuntimeError):
+class RunDirLockError(RuntimeError):
+    """The run directory cannot be locked; the message says why."""
+
+
+class RunDirBusy(RunDirLockError):
     """Another process holds the run directory; the message names it."""
 
 
@@ -42,8 +46,12 @@ class RunDirLock:
         self.fd: int | None = None
 
     def acquire(self) -> "RunDirLock":
-        """Take the lock or raise RunDirBusy at once (never waits)."""
-        fd = self._inherited() or os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock, or raise RunDirBusy at once (never waits); RunDirLockError when the
+        directory cannot hold the lock file."""
+        try:
+            fd = self._inherited() or os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # a read-only or full disk: no writer could work here anyway
+            raise RunDirLockError(f"cannot lock the run directory: {self.path}: {err.strerror}") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -80,6 +80,12 @@ def test_the_lock_is_free_again_after_release(tmp_path):
     RunDirLock(tmp_path, "a campaign").acquire().release()
 
 
+def test_a_run_directory_that_cannot_hold_a_lock_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / LOCK_FILE).mkdir()  # as unwritable as a read-only disk, even for root
+    assert run_main(["--resume", str(tmp_path)]) == 2
+    assert f"error: cannot lock the run directory: {tmp_path / LOCK_FILE}: Is a directory" in capsys.readouterr().err
+
+
 def test_a_child_handed_the_lock_writes_in_its_holders_stead_and_no_one_else_does(tmp_path):
     with RunDirLock(tmp_path, "the labelling page") as lock:
         assert try_lock(tmp_path) == 3  # a stranger is refused
