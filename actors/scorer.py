@@ -44,6 +44,8 @@ class PoolScorer:
         needs = set(self.strategy.needs) | {"probs", "mean_probs", "logits", "mean_logits"}
         self.needs = needs
         self.aux = load_auxiliary(self.strategy, saved, self.model, self.device)
+        # the prediction a person sees comes from the classifier training chose on validation
+        self.prediction = "mean_probs" if saved.get("classifier") == "mean" else "probs"
         if isinstance(exclude_rows, ray.ObjectRef):
             exclude_rows = ray.get(exclude_rows)
         self.exclude = np.sort(np.asarray(exclude_rows if exclude_rows is not None else [], np.int64))
@@ -58,7 +60,7 @@ class PoolScorer:
             self.model, self.mean, volumes, rows, self.strategy, self.needs, self.seed, self.aux
         )
         result = {"row": rows, "subtomo_id": np.asarray(batch["subtomo_id"])[keep]}
-        result.update(summarise(outputs, self.reported, self.info.num_classes))
+        result.update(summarise(outputs, self.reported, self.info.num_classes, self.prediction))
         result.update(strategy_columns(self.strategy, outputs))
         return result
 
@@ -101,9 +103,11 @@ def load_auxiliary(strategy, saved: dict, model, device) -> torch.nn.Module | No
     return aux.to(device).eval()
 
 
-def summarise(outputs: dict, reported: dict, num_classes: int) -> dict[str, np.ndarray]:
-    """Prediction, its probability, all probabilities, and the reported scores, per row."""
-    probs = outputs.get("probs")
+def summarise(outputs: dict, reported: dict, num_classes: int, prediction: str = "probs"
+              ) -> dict[str, np.ndarray]:
+    """Prediction, its probability, all probabilities (from ``prediction``: T's "probs" or M's
+    "mean_probs"), and the reported scores, per row."""
+    probs = outputs.get(prediction)
     if probs is None:  # every row of the batch was excluded
         empty = np.zeros(0, np.float32)
         return {"pred": np.zeros(0, np.int64), "pred_prob": empty,

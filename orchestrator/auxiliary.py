@@ -5,9 +5,10 @@ never looks at which strategy it runs; the same four hooks are called for every 
 
 - ``build(model, num_classes) -> nn.Module | None``: the auxiliary module (architecture from T's
   shape only, so the scorer rebuilds it and loads its weights from ``model.pt["auxiliary"]``);
-- ``joint_loss(aux, model, x, y, logits, stages) -> tensor | None``: added to T's loss in every
-  training step (``learning.train_epoch(extra_loss=...)``) when ``joint`` is True, whose
-  parameters then join T's optimiser (LL4AL);
+- ``joint_loss(aux, model, x, y, logits, stages, progress) -> tensor | None``: added to T's loss
+  in every training step (``learning.train_epoch(extra_loss=...)``) when ``joint`` is True, whose
+  parameters then join T's optimiser (LL4AL); ``progress`` is the share of the cycle's epochs
+  already done, in [0, 1);
 - ``fit_after(aux, model, labelled_x, unlabelled_x, *, device, seed)``: once after T's training,
   on rank 0, with the kept T (VAAL's VAE + discriminator, HAL's discriminator, two-stream's
   autoencoder). ``unlabelled_x`` is a seeded sample of ``unlabelled_sample`` unlabelled volumes;
@@ -57,7 +58,8 @@ class Auxiliary:
     def build(self, model: nn.Module, num_classes: int) -> nn.Module | None:
         return None
 
-    def joint_loss(self, aux, model, x, y, logits, stages) -> torch.Tensor | None:
+    def joint_loss(self, aux, model, x, y, logits, stages, progress: float = 0.0
+                   ) -> torch.Tensor | None:
         return None
 
     def fit_after(self, aux, model, labelled_x, unlabelled_x, *, device, seed: int) -> None:
@@ -125,22 +127,31 @@ class LearningLoss(Auxiliary):
     """Learning loss (LL4AL): a module predicting T's per-sample loss from T's stage outputs,
     trained in every step of T's training with the margin ranking loss (weight ``weight``).
 
-    T's features are detached on their way in, as the authors do after 60% of training: the
-    module learns from T without changing how T is trained (so T matches the other strategies').
+    As Yoo & Kweon train it: the loss module's gradient reaches T's features (so T learns
+    features that make its loss predictable) until ``detach_after`` of the cycle's epochs (their
+    120 of 200 epochs: 0.6), then T's features are detached on their way in, so the module keeps
+    learning without disturbing T's last epochs. ``detach_after=0`` makes it a probe of T's
+    features that never changes how T trains.
     """
 
     provides = frozenset({"predicted_loss"})
     joint = True
 
-    def __init__(self, weight: float = 1.0, margin: float = 1.0, hidden: int = 128):
+    def __init__(self, weight: float = 1.0, margin: float = 1.0, hidden: int = 128,
+                 detach_after: float = 0.6):
+        if not 0.0 <= detach_after <= 1.0:
+            raise ValueError(f"detach_after must be in [0, 1], got {detach_after}")
         self.weight, self.margin, self.hidden = float(weight), float(margin), int(hidden)
+        self.detach_after = float(detach_after)
 
     def build(self, model, num_classes):
         return LossPredictor(stage_channels(model), self.hidden)
 
-    def joint_loss(self, aux, model, x, y, logits, stages):
+    def joint_loss(self, aux, model, x, y, logits, stages, progress=0.0):
         target = F.cross_entropy(logits.float(), y, reduction="none").detach()
-        pred = aux([s.detach() for s in stages])
+        if progress >= self.detach_after:
+            stages = [s.detach() for s in stages]
+        pred = aux(stages)
         loss = margin_ranking_loss(pred, target, self.margin)
         if loss is None:  # one row: no pair, but every parameter stays in the graph (DDP)
             loss = 0.0 * pred.sum()

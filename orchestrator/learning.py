@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.augment import Augmentation, augment
 from orchestrator.ema import unwrap, update_mean_model
 
 __all__ = [
@@ -28,8 +29,12 @@ __all__ = [
     "OUTPUTS",
     "regulariser",
     "objective",
+    "OPTIMIZERS",
+    "SCHEDULES",
     "make_optimizer",
     "make_scheduler",
+    "lr_factor",
+    "sigmoid_rampup",
     "train_epoch",
     "evaluate",
     "forward_outputs",
@@ -86,23 +91,80 @@ def objective(
 # Optimiser
 
 
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "onecycle", "cosine", "constant")
+WARMUP = 0.2  # one-cycle: fraction of the steps spent raising the lr (Smith's pct_start)
+
+
 def make_optimizer(
-    model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4
-) -> torch.optim.SGD:
-    """The paper's SGD: lr 0.1, momentum 0.9, weight decay 5e-4."""
+    model: nn.Module, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+    kind: str = "sgd",
+) -> torch.optim.Optimizer:
+    """The paper's SGD (lr 0.1, momentum 0.9, weight decay 5e-4), or AdamW.
+
+    AdamW decays only weights of convolutions and linear layers: decaying BatchNorm scales and
+    biases towards 0 under a decoupled decay of ~0.05 shrinks the network's outputs instead of
+    regularising them (the usual practice since Loshchilov & Hutter).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if kind == "adamw":
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    raise ValueError(f"unknown optimizer {kind!r}; valid: {list(OPTIMIZERS)}")
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, decay_step: int | None = None,
+              gamma: float = 0.1) -> float:
+    """The lr at optimiser step ``step`` (0-based) as a fraction of the configured lr.
+
+    "step": 1, then ``gamma`` from ``decay_step`` on (the paper: epoch 80 of 100); "cosine":
+    half a cosine from 1 to 0; "onecycle": a linear rise from 1/25 over the first 20% of the
+    steps, then half a cosine to 0 (Smith & Topin's one-cycle, without momentum cycling);
+    "constant": 1.
+    """
+    t = min(max(step, 0), total_steps) / max(total_steps, 1)
+    if schedule == "step":
+        return gamma if decay_step is not None and step >= decay_step else 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "onecycle":
+        if t < WARMUP:
+            return 1.0 / 25 + (1.0 - 1.0 / 25) * t / WARMUP
+        return 0.5 * (1.0 + math.cos(math.pi * (t - WARMUP) / (1.0 - WARMUP)))
+    if schedule == "constant":
+        return 1.0
+    raise ValueError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
 
 
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, epochs: int, decay_at: float | None = 0.8, gamma: float = 0.1
-) -> torch.optim.lr_scheduler.MultiStepLR:
-    """lr × gamma once, after ``decay_at`` of the epochs (epoch 80 of 100). Step once per epoch.
+    optimizer: torch.optim.Optimizer, epochs: int, decay_at: float | None = 0.8,
+    gamma: float = 0.1, *, schedule: str = "step", steps_per_epoch: int = 1,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr schedule over ``epochs`` × ``steps_per_epoch`` optimiser steps; call ``step()``
+    after every optimiser step (``train_epoch(scheduler=...)`` does).
 
-    ``decay_at=None`` keeps the lr constant (the paper's real-data runs: 5 epochs, no decay).
+    "step" cuts the lr × ``gamma`` at the epoch boundary nearest ``decay_at`` of the epochs
+    (epoch 80 of 100); ``decay_at=None`` keeps it constant (the paper's real-data runs).
     """
-    milestones = [] if decay_at is None else [max(1, round(decay_at * epochs))]
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=gamma)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
+    total = max(1, epochs * steps_per_epoch)
+    decay_step = None if decay_at is None else max(1, round(decay_at * epochs)) * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(schedule, step, total, decay_step, gamma)
+    )
+
+
+def sigmoid_rampup(step: int, rampup_steps: int) -> float:
+    """Tarvainen & Valpola's consistency ramp-up: exp(−5(1 − t)²) for t = step / rampup_steps
+    in [0, 1], then 1. A fresh T's predictions are noise, so the unlabelled term starts near 0."""
+    if rampup_steps <= 0:
+        return 1.0
+    t = min(max(step, 0), rampup_steps) / rampup_steps
+    return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +224,10 @@ def train_epoch(
     distance: str = "mse_logits",
     alpha: float = 0.999,
     unlabelled_batches: Iterable | None = None,
+    lam_unlabelled: float | Callable[[int], float] | None = None,
+    augmentation: Augmentation | None = None,
+    generator: torch.Generator | None = None,
+    scheduler=None,
     amp_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     scaler: torch.amp.GradScaler | None = None,
@@ -169,16 +235,23 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over ``batches`` of (x, y): step T on CE + lam·D_reg(T, M), then EMA-update M.
 
-    ``model`` may be DDP-wrapped; ``mean_model`` is the bare M (see ``orchestrator.ema``). With
-    ``unlabelled_batches`` (semi-supervised), each step also adds lam·D_reg on one unlabelled
-    batch; it shares T's forward with the labelled batch (so BatchNorm sees both). M runs in eval
-    mode, as when it scores. ``lam == 0`` skips M's forward (the reg metric is then 0).
+    ``model`` may be DDP-wrapped; ``mean_model`` is the bare M (see ``orchestrator.ema``). M runs
+    in eval mode, as when it scores. ``lam == 0`` with no unlabelled batches is plain
+    cross-entropy: M gets no forward (the reg metric is then 0) but still follows T's weights.
+
+    With ``augmentation`` each batch is transformed (``orchestrator.augment``, draws from
+    ``generator``) before T sees it. With ``unlabelled_batches`` (semi-supervised: Tarvainen &
+    Valpola's mean teacher), each step also adds ``lam_unlabelled``·D_reg(T, M) on one unlabelled
+    batch, which shares T's forward with the labelled batch (so BatchNorm sees both), and, when
+    augmenting, M sees its own augmentation of every volume (two views, as the mean teacher
+    does). ``lam_unlabelled`` is a weight or a function of the step index within this epoch
+    (for a ramp-up); None means ``lam``. ``scheduler.step()`` runs after every optimiser step.
     fp16 on CUDA uses a GradScaler: pass one to keep its scale across epochs.
 
     ``extra_loss(x, y, logits, stages)`` (a strategy's auxiliary module trained jointly with T,
-    e.g. LL4AL's loss predictor) gets the labelled part of the step: volumes, labels, T's logits
-    and T's stage outputs (``model(x, return_stages=True)``, the same forward); a tensor it
-    returns is added to the loss, None adds nothing.
+    e.g. LL4AL's loss predictor) gets the labelled part of the step: volumes as T saw them,
+    labels, T's logits and T's stage outputs (``model(x, return_stages=True)``, the same
+    forward); a tensor it returns is added to the loss, None adds nothing.
 
     Returns sample-weighted means over the labelled samples: loss, ce, reg (+ reg_unlabelled,
     + extra), and n (labelled samples) and steps.
@@ -186,6 +259,9 @@ def train_epoch(
     device = torch.device(device)
     if scaler is None and amp_dtype == torch.float16 and device.type == "cuda":
         scaler = torch.amp.GradScaler("cuda")
+    if augmentation is not None and generator is None:
+        raise ValueError("augmentation needs a torch.Generator (seeded, for reproducible epochs)")
+    weight_u = _as_schedule(lam if lam_unlabelled is None else lam_unlabelled)
     model.train()
     mean_model.eval()
     sums = {k: torch.zeros((), device=device)
@@ -197,23 +273,27 @@ def train_epoch(
         b = len(x)
         if xu is not None:
             x = torch.cat([x, _volumes(xu, device)])
+        x_t = x if augmentation is None else augment(x, generator, augmentation)
+        # the mean teacher's second view; without unlabelled data M judges T's own input
+        x_m = x_t if xu is None or augmentation is None else augment(x, generator, augmentation)
+        w_u = weight_u(steps) if xu is not None else 0.0
         with _autocast(device, amp_dtype):
             if extra_loss is None:
-                logits_t = model(x)
+                logits_t = model(x_t)
             else:
-                logits_t, stages = model(x, return_stages=True)
-            if lam:
+                logits_t, stages = model(x_t, return_stages=True)
+            if lam or w_u:
                 with torch.no_grad():
-                    logits_m = mean_model(x)
+                    logits_m = mean_model(x_m)
             else:
                 logits_m = logits_t.detach()
             loss, parts = objective(logits_t[:b], logits_m[:b], y, lam, distance)
             if xu is not None:
                 reg_u = regulariser(logits_t[b:], logits_m[b:], distance)
-                loss = loss + lam * reg_u
+                loss = loss + w_u * reg_u
                 sums["reg_unlabelled"] += reg_u.detach() * b
             if extra_loss is not None:
-                extra = extra_loss(x[:b], y, logits_t[:b], [h[:b] for h in stages])
+                extra = extra_loss(x_t[:b], y, logits_t[:b], [h[:b] for h in stages])
                 if extra is not None:
                     loss = loss + extra
                     sums["extra"] += extra.detach() * b
@@ -225,6 +305,8 @@ def train_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         update_mean_model(mean_model, model, alpha)
 
         sums["loss"] += loss.detach() * b
@@ -238,6 +320,10 @@ def train_epoch(
         del sums["extra"]
     out = {k: (v.item() / n if n else math.nan) for k, v in sums.items()}
     return {**out, "n": n, "steps": steps}
+
+
+def _as_schedule(weight: float | Callable[[int], float]) -> Callable[[int], float]:
+    return weight if callable(weight) else (lambda step: float(weight))
 
 
 @contextlib.contextmanager

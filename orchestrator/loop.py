@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.config import BudgetConfig, CampaignConfig, config_to_dict
+from orchestrator.config import BudgetConfig, CampaignConfig, TrainConfig, config_to_dict
 from orchestrator.export import after_campaign
 from orchestrator.faults import maybe_fault
 from orchestrator.labels import JUNK, LabelLedger
@@ -210,31 +210,23 @@ class Campaign:
         ]
 
     def _train(self, cycle: int, record: dict) -> None:
-        labels = self.ledger.current()
-        pairs = sorted((self.row_of[sid], lab) for sid, lab in labels.items() if lab != JUNK)
+        pairs = self.training_pairs()
         val_rows, test_rows = self.view.rows_of("val"), self.view.rows_of("test")
         previous = model_path(self.cycle_dir(cycle - 1)) if cycle > 0 else None
-        unlabelled = np.setdiff1d(self.train_rows, [r for r, _ in pairs])
-        # Unlabelled volumes training may read: semi-supervised batches, and the sample the
-        # strategy's auxiliary model is fitted on (both declared by the strategy).
         strategy = make_strategy(self.cfg.strategy.name, **self.cfg.strategy.options)
-        wanted = 2 * len(pairs) if (self.cfg.train.semi_supervised or strategy.semi_supervised) else 0
-        if strategy.auxiliary is not None:
-            wanted = max(wanted, strategy.auxiliary.unlabelled_sample)
-        if wanted:
-            rng = np.random.default_rng([self.cfg.seed, cycle, 7])
-            size = min(len(unlabelled), wanted)
-            unlabelled = np.sort(rng.choice(unlabelled, size=size, replace=False))
+        train = strategy_training(self.cfg.train, strategy)
+        unlabelled = unlabelled_for_training(self.unlabelled_rows(), train, strategy,
+                                             [self.cfg.seed, cycle, 7])
         job = CycleJob(
             pool=self.view.info.path, out_dir=str(self.cycle_dir(cycle).resolve()),
             num_classes=self.view.info.num_classes,
             train_rows=[r for r, _ in pairs], train_labels=[int(lab) for _, lab in pairs],
             val_rows=val_rows.tolist(), val_labels=self.view.truth[val_rows].tolist(),
             test_rows=test_rows.tolist(), test_labels=self.view.truth[test_rows].tolist(),
-            unlabelled_rows=unlabelled.tolist() if wanted else [],
+            unlabelled_rows=unlabelled.tolist(),
             mean_model_path=str(previous) if previous else None,
             seed=self.cfg.seed * 1000 + cycle,
-            model=config_to_dict(self.cfg.model), train=config_to_dict(self.cfg.train),
+            model=config_to_dict(self.cfg.model), train=train,
             strategy=self.cfg.strategy.name, strategy_options=dict(self.cfg.strategy.options),
         )
         print(f"cycle {cycle}: training on {len(pairs)} labelled subtomograms", flush=True)
@@ -242,6 +234,16 @@ class Campaign:
         summary = run_training(job, run_name=f"train-c{cycle:02d}")
         record.update(summary, trained=True, seconds_train=time.perf_counter() - started)
         self._save()
+
+    def training_pairs(self) -> list[tuple[int, int]]:
+        """(pool row, class) of every labelled subtomogram, by row; junk answers are left out."""
+        labels = self.ledger.current()
+        return sorted((self.row_of[sid], lab) for sid, lab in labels.items() if lab != JUNK)
+
+    def unlabelled_rows(self) -> np.ndarray:
+        """Train-split rows nobody has answered yet. Junk answers are answered: a volume a
+        person called junk is neither a class to learn nor an unlabelled one to learn from."""
+        return np.setdiff1d(self.train_rows, self._labelled_rows())
 
     # -- files -------------------------------------------------------------------------------
     def cycle_dir(self, cycle: int) -> Path:
@@ -261,6 +263,35 @@ class Campaign:
     def _upload(self) -> None:
         if self.mirror is not None:
             self.mirror.upload()
+
+
+def strategy_training(train: TrainConfig, strategy) -> dict:
+    """The cycle's training settings for this strategy (a dict, as Ray Train workers get it).
+
+    Each method as its paper trains it: the λ·D_reg(T, M) term only for strategies that use
+    M (the EMA-KL family), plain cross-entropy for the rest; ``trainer: shared`` gives every
+    strategy the configured λ instead (one trainer for all: a comparison of selection only).
+    Semi-supervised training when the config or the strategy asks for it.
+    """
+    settings = config_to_dict(train)
+    if train.trainer == "per_strategy" and not strategy.uses_mean_model:
+        settings["lam"] = 0.0
+    settings["semi_supervised"] = bool(train.semi_supervised or strategy.semi_supervised)
+    return settings
+
+
+def unlabelled_for_training(unlabelled: np.ndarray, train: dict, strategy, seed) -> np.ndarray:
+    """The unlabelled rows a cycle's training may read: all of them (up to unlabelled_max, a
+    seeded sample beyond) for semi-supervised batches; the sample an auxiliary model is fitted
+    on; none otherwise."""
+    wanted = int(train["unlabelled_max"]) if train["semi_supervised"] else 0
+    if strategy.auxiliary is not None:
+        wanted = max(wanted, strategy.auxiliary.unlabelled_sample)
+    if not wanted:
+        return unlabelled[:0]
+    if len(unlabelled) <= wanted:
+        return unlabelled
+    return np.sort(np.random.default_rng(seed).choice(unlabelled, size=wanted, replace=False))
 
 
 def make_oracle(kind: str, view: PoolView):

@@ -224,6 +224,9 @@ class Strategy:
     needs_labelled: frozenset[str] = frozenset()  # ... and for the labelled set
     mc_passes: int = 0  # MC-dropout passes the scoring pass must run for "mc_probs"
     semi_supervised: bool = False  # training adds λ·D_reg on unlabelled batches
+    # trained with the λ·D_reg(T, M) term: only the EMA-KL family. The others train on plain
+    # cross-entropy as their papers do, unless train.trainer is "shared" (one trainer for all).
+    uses_mean_model: bool = False
     auxiliary = None  # an orchestrator.auxiliary.Auxiliary: trained and scored by the same hooks
 
     def select(self, candidates: Candidates, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -330,6 +333,7 @@ class EmaKL(RowwiseStrategy):
 
     name = "ema_kl"
     needs = frozenset({"logits", "mean_logits"})
+    uses_mean_model = True
     DISTANCES = ("kl", "reverse_kl", "js", "mse_logits")
 
     def __init__(self, distance: str = "kl", order: str = "highest"):
@@ -572,12 +576,14 @@ class LearningLoss(RowwiseStrategy):
     name = "ll4al"
     needs = frozenset({"predicted_loss"})
 
-    def __init__(self, weight: float = 1.0, margin: float = 1.0, order: str = "highest"):
+    def __init__(self, weight: float = 1.0, margin: float = 1.0, detach_after: float = 0.6,
+                 order: str = "highest"):
         super().__init__(order=order)
         from orchestrator import auxiliary
 
-        self.weight, self.margin = weight, margin
-        self.auxiliary = auxiliary.LearningLoss(weight=weight, margin=margin)
+        self.weight, self.margin, self.detach_after = weight, margin, detach_after
+        self.auxiliary = auxiliary.LearningLoss(weight=weight, margin=margin,
+                                                detach_after=detach_after)
 
     def utility(self, outputs):
         return _get(outputs, "predicted_loss", 1)

@@ -1,32 +1,44 @@
 """Training T (and its mean model M) for one cycle on Ray Train. The one module importing ray.train.
 
 Every worker reads the cycle's labelled volumes from the pool (they are a small fraction of
-it), takes its own slice of each epoch's shuffled order, and runs DDP. Weights are identical on
-every rank after each step, so each rank updates its own copy of M the same way and M stays
-identical across ranks. Rank 0 checkpoints T, M, the optimiser, the scheduler, the epoch and the
-RNG state after every epoch; a restarted worker group (FailureConfig) or a re-run of the same
-cycle after a driver crash resumes from there. Once a fit has succeeded, checkpoint folders Ray
-Train never registered (uploaded by rank 0 just before a worker died) are deleted; the ones it
-registered are its own to keep or evict (num_to_keep). The validation split chooses the epoch
-whose T and M are kept (`model.pt` in the cycle directory); the test split is only reported.
+it), takes its own slice of each epoch's order (class-balanced when the labelled classes are
+unequal), augments each batch in ways that keep the missing wedge, and runs DDP with the
+configured optimiser and per-step lr schedule. Weights are identical on every rank after each
+step, so each rank updates its own copy of M the same way and M stays identical across ranks.
 
-The cycle's strategy is rebuilt here by name, and its hooks are honoured whatever it is:
-``semi_supervised`` adds the unlabelled λ·D_reg term; an ``auxiliary`` with a joint loss is
-built with T, trained in T's steps (its parameters in T's optimiser, its state in the epoch
-checkpoint and in `model.pt` under "auxiliary"); then, on rank 0, ``fit_after`` fits it with
-the kept T, the labelled volumes and a seeded sample of unlabelled ones, and `model.pt` is
-re-saved with it (``auxiliary_fitted`` marks that done, so a re-run does not fit twice).
+How long a cycle trains and when it validates is `cycle_plan`'s: ``train.epochs``, or more for
+a small labelled set (``min_steps``), with validation over the second half. At each validation
+T and M are both scored on the validation split (BatchNorm statistics recomputed on a fixed
+labelled subset: "precise BN"), and the epoch whose chosen classifier (T, M, or the better of
+the two) validates best is kept as `model.pt` in the cycle directory; the test split is only
+reported, for both models. Rank 0 checkpoints T, M, the optimiser, the scheduler, the epoch and
+the RNG state at the plan's checkpoint epochs; a restarted worker group (FailureConfig) or a
+re-run of the same cycle after a driver crash resumes from there. Once a fit has succeeded,
+checkpoint folders Ray Train never registered (uploaded by rank 0 just before a worker died)
+are deleted; the ones it registered are its own to keep or evict (num_to_keep).
+
+What the cycle trains with is decided by the campaign (`loop.strategy_training`): the λ of the
+labelled consistency term (0 for strategies that do not use M), and semi-supervised batches
+(the mean teacher: one unlabelled batch a step from every unlabelled volume in turn, two
+augmented views, a ramped-up weight). The strategy is rebuilt here by name for its auxiliary:
+one with a joint loss is built with T, trained in T's steps (its parameters in T's optimiser,
+its state in the epoch checkpoint and in `model.pt` under "auxiliary"); then, on rank 0,
+``fit_after`` fits it with the kept T, the labelled volumes and a seeded sample of unlabelled
+ones, and `model.pt` is re-saved with it (``auxiliary_fitted`` marks that done, so a re-run
+does not fit twice).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +49,7 @@ import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from orchestrator.augment import Augmentation
 from orchestrator.ema import init_mean_model, unwrap
 from orchestrator.learning import (
     evaluate,
@@ -45,6 +58,7 @@ from orchestrator.learning import (
     make_optimizer,
     make_scheduler,
     set_rng_state,
+    sigmoid_rampup,
     train_epoch,
 )
 from orchestrator.model import build_model
@@ -167,106 +181,229 @@ def train_loop_per_worker(config: dict) -> dict | None:
     device = ray.train.torch.get_device()
     amp_dtype = AMP_DTYPES[tcfg["amp"]] if device.type == "cuda" else None
 
-    x_train = torch.from_numpy(read_volumes(job.pool, job.train_rows))
-    y_train = torch.as_tensor(job.train_labels, dtype=torch.int64)
-    x_val = torch.from_numpy(read_volumes(job.pool, job.val_rows)) if job.val_rows else None
-    y_val = torch.as_tensor(job.val_labels, dtype=torch.int64)
+    data = _read_data(job)
+    plan = cycle_plan(len(data.y_train), tcfg, world)
     strategy = make_strategy(job.strategy, **job.strategy_options) if job.strategy else None
-    auxiliary = getattr(strategy, "auxiliary", None)
-    semi = tcfg["semi_supervised"] or getattr(strategy, "semi_supervised", False)
-    x_unlabelled = (
-        torch.from_numpy(read_volumes(job.pool, job.unlabelled_rows))
-        if semi and job.unlabelled_rows else None
-    )
-
-    torch.manual_seed(job.seed)  # T is re-initialised each cycle, identically on every rank
-    model = ray.train.torch.prepare_model(_build(job))
-    mean = init_mean_model(model)  # after prepare_model, so M starts identical on every rank
-    if job.mean_model_path and not tcfg["reset_mean_model"]:
-        mean.load_state_dict(torch.load(job.mean_model_path, map_location=device)["mean"])
-    aux, extra_loss = None, None
-    if auxiliary is not None and auxiliary.joint:  # trained in T's steps, with T's optimiser
-        with torch.random.fork_rng(devices=[]):  # T trains as it would without it
-            torch.manual_seed(job.seed + 1)
-            aux = auxiliary.build(unwrap(model), job.num_classes)
-        aux = ray.train.torch.prepare_model(aux)
-
-        def extra_loss(x, y, logits, stages):
-            return auxiliary.joint_loss(aux, model, x, y, logits, stages)
-
+    model, mean, aux, extra_loss = _build_models(job, strategy, device)
     optimizer = make_optimizer(
-        model if aux is None else torch.nn.ModuleList([model, aux]),
-        lr=tcfg["lr"], momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"],
+        model if aux is None else torch.nn.ModuleList([model, aux]), lr=tcfg["lr"],
+        momentum=tcfg["momentum"], weight_decay=tcfg["weight_decay"], kind=tcfg["optimizer"],
     )
-    scheduler = make_scheduler(optimizer, tcfg["epochs"], decay_at=tcfg["decay_at"])
+    scheduler = make_scheduler(optimizer, plan.epochs, decay_at=tcfg["decay_at"],
+                               schedule=tcfg["schedule"], steps_per_epoch=plan.steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
-
     progress = {"epoch": 0, "best_val": -1.0, "best_epoch": -1}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / "state.pt", map_location=device, weights_only=False)
-        unwrap(model).load_state_dict(state["model"])
-        mean.load_state_dict(state["mean"])
-        if aux is not None:
-            unwrap(aux).load_state_dict(state["auxiliary"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        progress = state["progress"]
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        progress = _restore(checkpoint, device, model, mean, aux, optimizer, scheduler)
 
     trajectory_dir = Path(job.out_dir) / "trajectory"
     if job.record_trajectory and rank == 0 and progress["epoch"] == 0:
         trajectory_dir.mkdir(parents=True, exist_ok=True)
         torch.save(mean.state_dict(), trajectory_dir / "mean_initial.pt")
-    for epoch in range(progress["epoch"], tcfg["epochs"]):
+    augmentation = Augmentation(shift=tcfg["augment_shift"], intensity=tcfg["augment_intensity"])
+    for epoch in range(progress["epoch"], plan.epochs):
         started = time.perf_counter()
-        order = _epoch_order(len(x_train), job.seed, epoch, rank, world)
-        batches = _batches(x_train, y_train, order, tcfg["batch_size"])
-        unlabelled = None
-        if x_unlabelled is not None:
-            u_order = _epoch_order(len(x_unlabelled), job.seed + 1, epoch, rank, world)
-            unlabelled = (b for b, _ in _batches(x_unlabelled, None, u_order, tcfg["batch_size"]))
+        batches = _batches(data.x_train, data.y_train, _epoch_order(
+            data.y_train, job.seed, epoch, rank, world, tcfg["balanced"]), tcfg["batch_size"])
         step_hook = _trajectory_hook(trajectory_dir, rank, epoch) if job.record_trajectory else None
         stats = train_epoch(
             model, mean, _with_hook(batches, step_hook, model), optimizer,
             lam=tcfg["lam"], distance=tcfg["regulariser"], alpha=tcfg["ema_alpha"],
-            unlabelled_batches=unlabelled, amp_dtype=amp_dtype, device=device, scaler=scaler,
-            extra_loss=extra_loss,
+            unlabelled_batches=_unlabelled_batches(data, job, plan, epoch, rank, world),
+            lam_unlabelled=_unlabelled_weight(tcfg, plan, epoch),
+            augmentation=augmentation if tcfg["augment"] else None,
+            generator=torch.Generator().manual_seed(_seed(job.seed, 5, epoch, rank)),
+            scheduler=scheduler, amp_dtype=amp_dtype, device=device, scaler=scaler,
+            extra_loss=extra_loss and partial(extra_loss, progress=epoch / plan.epochs),
         )
-        scheduler.step()
-        calibration = list(_batches(x_train, y_train, np.arange(len(x_train)), tcfg["batch_size"]))
-        task_eval = recalibrated(model, calibration)
-        val_accuracy = _accuracy(task_eval, x_val, y_val, job, amp_dtype)
-        improved = x_val is None or val_accuracy > progress["best_val"]
-        if improved:
-            progress.update(best_val=val_accuracy, best_epoch=epoch)
-            if rank == 0:
-                _save_model(job, task_eval, recalibrated(mean, calibration), epoch, val_accuracy,
-                            aux)
         progress["epoch"] = epoch + 1
-        metrics = {
-            "epoch": epoch, "loss": stats["loss"], "ce": stats["ce"], "reg": stats["reg"],
-            "val_accuracy": val_accuracy, "seconds": time.perf_counter() - started,
-        }
-        if rank == 0:
-            print(
-                f"  epoch {epoch + 1}/{tcfg['epochs']}  loss {stats['loss']:.3f}  "
-                f"val acc {val_accuracy:.3f}  ({metrics['seconds']:.1f} s)", flush=True,
-            )
-        _report(metrics, rank, {
-            "model": unwrap(model).state_dict(), "mean": mean.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": get_rng_state(), "progress": dict(progress),
-            **({"auxiliary": unwrap(aux).state_dict()} if aux is not None else {}),
-        })
+        metrics = {"epoch": epoch, "loss": stats["loss"], "ce": stats["ce"], "reg": stats["reg"],
+                   "seconds": time.perf_counter() - started}
+        if epoch in plan.evaluate_at:
+            metrics.update(_select(job, data, model, mean, aux, epoch, progress, rank, amp_dtype))
+        if rank == 0 and (epoch in plan.evaluate_at or epoch == 0):
+            print(f"  epoch {epoch + 1}/{plan.epochs}  loss {stats['loss']:.3f}"
+                  + (f"  val T {metrics['val_task']:.3f} M {metrics['val_mean']:.3f}"
+                     if "val_task" in metrics else "")
+                  + f"  ({metrics['seconds']:.1f} s)", flush=True)
+        if epoch in plan.checkpoint_at:
+            _report(metrics, rank, {
+                "model": unwrap(model).state_dict(), "mean": mean.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": get_rng_state(), "progress": dict(progress),
+                **({"auxiliary": unwrap(aux).state_dict()} if aux is not None else {}),
+            })
     if job.record_trajectory:
         torch.save(mean.state_dict(), trajectory_dir / f"mean_rank{rank}.pt")
     if rank != 0:
         return None
-    if auxiliary is not None:
-        _fit_auxiliary(job, auxiliary, x_train, device)
-    return _final_summary(job, progress, amp_dtype, device)
+    if strategy is not None and strategy.auxiliary is not None:
+        _fit_auxiliary(job, strategy.auxiliary, data.x_train, device)
+    return {**_final_summary(job, progress, amp_dtype, device),
+            "epochs": plan.epochs, "steps": plan.epochs * plan.steps_per_epoch}
+
+
+@dataclass(frozen=True)
+class CyclePlan:
+    epochs: int  # train.epochs, or more to reach train.min_steps
+    steps_per_epoch: int  # optimiser steps of one rank per epoch
+    evaluate_at: frozenset[int]  # epochs (0-based) after which T and M are validated
+    checkpoint_at: frozenset[int]  # epochs after which rank 0 checkpoints (resume points)
+
+
+def cycle_plan(n_labelled: int, tcfg: dict, world: int = 1) -> CyclePlan:
+    """How long a cycle trains and when it validates: pure, from the labelled count.
+
+    Small labelled sets get more epochs, up to ``min_steps`` optimiser steps in all (a fixed
+    epoch count would give a 5% set a few dozen steps). Validation runs ``evaluations`` times,
+    evenly over the second half of the epochs and always after the last (with a one-cycle or
+    cosine schedule the first half is never the best); checkpoints follow every validation and
+    at least every eighth of the cycle, so a restarted worker group loses little.
+    """
+    per_rank = max(1, n_labelled // world) if n_labelled >= world else max(n_labelled, 1)
+    steps_per_epoch = math.ceil(per_rank / int(tcfg["batch_size"]))
+    epochs = max(int(tcfg["epochs"]), math.ceil(int(tcfg.get("min_steps", 0)) / steps_per_epoch))
+    evaluate_at = frozenset(
+        max(1, math.ceil(e)) - 1
+        for e in np.linspace(epochs / 2, epochs, int(tcfg.get("evaluations", 8)))
+    ) | {epochs - 1}
+    every = max(1, epochs // 8)
+    checkpoint_at = evaluate_at | {e for e in range(epochs) if (e + 1) % every == 0}
+    return CyclePlan(epochs, steps_per_epoch, evaluate_at, frozenset(checkpoint_at))
+
+
+@dataclass
+class CycleData:
+    """The volumes a worker trains on, read once per cycle: labelled (train), validation, and
+    for semi-supervised training the unlabelled ones (kept in storage dtype: float16 halves it)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor | None
+    y_val: torch.Tensor
+    x_unlabelled: torch.Tensor | None
+    calibration: list  # (x, y) batches of up to train.calibration_samples labelled volumes
+
+
+def _read_data(job: CycleJob) -> CycleData:
+    tcfg = job.train
+    x_train = torch.from_numpy(read_volumes(job.pool, job.train_rows))
+    y_train = torch.as_tensor(job.train_labels, dtype=torch.int64)
+    x_val = torch.from_numpy(read_volumes(job.pool, job.val_rows)) if job.val_rows else None
+    semi = tcfg["semi_supervised"] and job.unlabelled_rows
+    x_unlabelled = torch.from_numpy(read_volumes(job.pool, job.unlabelled_rows)) if semi else None
+    # BatchNorm statistics for evaluation from a fixed subset: the same for T and M, and cheap
+    # when the labelled set is large (a few hundred volumes pin the statistics down)
+    order = np.random.default_rng([job.seed, 17]).permutation(len(y_train))
+    order = np.sort(order[:int(tcfg["calibration_samples"])])
+    calibration = list(_batches(x_train, y_train, order, int(tcfg["batch_size"])))
+    return CycleData(x_train, y_train, x_val, torch.as_tensor(job.val_labels, dtype=torch.int64),
+                     x_unlabelled, calibration)
+
+
+def _build_models(job: CycleJob, strategy, device):
+    """T (re-initialised each cycle, identically on every rank), M (the previous cycle's unless
+    reset), and the strategy's jointly trained auxiliary with its loss, if it has one."""
+    tcfg = job.train
+    torch.manual_seed(job.seed)
+    model = _build(job)
+    if tcfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last_3d)
+    model = ray.train.torch.prepare_model(model)
+    mean = init_mean_model(model)  # after prepare_model, so M starts identical on every rank
+    if job.mean_model_path and not tcfg["reset_mean_model"]:
+        mean.load_state_dict(torch.load(job.mean_model_path, map_location=device)["mean"])
+    auxiliary = getattr(strategy, "auxiliary", None)
+    if auxiliary is None or not auxiliary.joint:
+        return model, mean, None, None
+    with torch.random.fork_rng(devices=[]):  # T trains as it would without it
+        torch.manual_seed(job.seed + 1)
+        aux = auxiliary.build(unwrap(model), job.num_classes)
+    aux = ray.train.torch.prepare_model(aux)
+
+    def extra_loss(x, y, logits, stages, progress):
+        return auxiliary.joint_loss(aux, model, x, y, logits, stages, progress)
+
+    return model, mean, aux, extra_loss
+
+
+def _restore(checkpoint, device, model, mean, aux, optimizer, scheduler) -> dict:
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / "state.pt", map_location=device, weights_only=False)
+    unwrap(model).load_state_dict(state["model"])
+    mean.load_state_dict(state["mean"])
+    if aux is not None:
+        unwrap(aux).load_state_dict(state["auxiliary"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["progress"]
+
+
+def _select(job, data: CycleData, model, mean, aux, epoch, progress, rank, amp_dtype) -> dict:
+    """Validate T and M (each with BatchNorm statistics recomputed on the calibration set);
+    when the chosen classifier beats the best so far, rank 0 saves this epoch's pair."""
+    task_eval = recalibrated(model, data.calibration)
+    mean_eval = recalibrated(mean, data.calibration)
+    val_task = _accuracy(task_eval, data.x_val, data.y_val, job, amp_dtype)
+    val_mean = _accuracy(mean_eval, data.x_val, data.y_val, job, amp_dtype)
+    classifier, score = choose_classifier(job.train["classifier"], val_task, val_mean)
+    if data.x_val is None or score > progress["best_val"]:
+        progress.update(best_val=score, best_epoch=epoch)
+        if rank == 0:
+            _save_model(job, task_eval, mean_eval, epoch, aux, classifier=classifier,
+                        val_task=val_task, val_mean=val_mean)
+    return {"val_task": val_task, "val_mean": val_mean, "val_accuracy": score}
+
+
+def choose_classifier(rule: str, val_task: float, val_mean: float) -> tuple[str, float]:
+    """Which of T and M a cycle reports, and its validation accuracy. "best" takes M only when
+    it validates strictly better (T on ties: it is what the selection strategies score)."""
+    if rule == "task" or (rule == "best" and not val_mean > val_task):
+        return "task", val_task
+    if rule in ("mean", "best"):
+        return "mean", val_mean
+    raise ValueError(f"classifier {rule!r}: valid are task, mean, best")
+
+
+def _unlabelled_batches(data: CycleData, job: CycleJob, plan: CyclePlan, epoch, rank, world):
+    """One unlabelled batch per step, read in turn from a seeded order of every unlabelled
+    volume that continues across epochs (reshuffled at each pass), so a cycle sees all of
+    them, not a fixed sample; None without semi-supervised training."""
+    if data.x_unlabelled is None:
+        return None
+    first = epoch * plan.steps_per_epoch
+    b = int(job.train["batch_size"])
+    return (data.x_unlabelled[unlabelled_indices(len(data.x_unlabelled), b, job.seed, step,
+                                                 rank, world)]
+            for step in range(first, first + plan.steps_per_epoch))
+
+
+def unlabelled_indices(n: int, batch: int, seed: int, step: int, rank: int = 0, world: int = 1
+                       ) -> torch.Tensor:
+    """Rank ``rank``'s unlabelled batch at global step ``step``: positions ``step·batch·world``
+    onwards in a stream of seeded permutations of range(n), one per pass; pure, so a resumed
+    cycle draws what it would have drawn."""
+    start = (step * world + rank) * batch
+    positions = np.arange(start, start + batch)
+    passes, offsets = np.divmod(positions, n)
+    out = np.empty(batch, np.int64)
+    for p in np.unique(passes):
+        order = np.random.default_rng([seed, 11, int(p)]).permutation(n)
+        out[passes == p] = order[offsets[passes == p]]
+    return torch.from_numpy(out)
+
+
+def _unlabelled_weight(tcfg: dict, plan: CyclePlan, epoch: int):
+    """The unlabelled term's weight at each step of this epoch: lam_unlabelled after a sigmoid
+    ramp-up over the first ``rampup`` of the cycle's steps."""
+    rampup_steps = round(tcfg["rampup"] * plan.epochs * plan.steps_per_epoch)
+    first = epoch * plan.steps_per_epoch
+    return lambda i: tcfg["lam_unlabelled"] * sigmoid_rampup(first + i, rampup_steps)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.default_rng(list(parts)).integers(2**62))
 
 
 def _build(job: CycleJob) -> torch.nn.Module:
@@ -277,10 +414,24 @@ def _build(job: CycleJob) -> torch.nn.Module:
     )
 
 
-def _epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> np.ndarray:
-    """This rank's slice of the epoch's shuffled order; every rank gets as many rows, so DDP
-    ranks take the same number of steps (the few left over rotate from epoch to epoch)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+def _epoch_order(labels: torch.Tensor, seed: int, epoch: int, rank: int, world: int,
+                 balanced: bool = False) -> np.ndarray:
+    """This rank's slice of the epoch's order of the labelled rows; every rank gets as many
+    rows, so DDP ranks take the same number of steps (the few left over rotate each epoch).
+
+    Balanced: when the labelled classes are unequal (queries rarely are equal), the epoch draws
+    as many rows as there are, with replacement, each class equally likely; equal classes get a
+    plain permutation either way.
+    """
+    y = np.asarray(labels)
+    n = len(y)
+    rng = np.random.default_rng([seed, epoch])
+    counts = np.bincount(y) if n else np.zeros(0, np.int64)
+    if balanced and len(set(counts[counts > 0].tolist())) > 1:
+        weights = 1.0 / counts[y]
+        order = rng.choice(n, size=n, replace=True, p=weights / weights.sum())
+    else:
+        order = rng.permutation(n)
     per_rank = max(1, n // world) if n >= world else n
     return order[rank * per_rank:(rank + 1) * per_rank] if n >= world else order
 
@@ -325,10 +476,12 @@ def _accuracy(model, x, y, job: CycleJob, amp_dtype) -> float:
     return float(evaluate(model, batches, job.num_classes, amp_dtype=amp_dtype)["accuracy"])
 
 
-def _save_model(job: CycleJob, model, mean, epoch: int, val_accuracy: float, aux=None) -> None:
+def _save_model(job: CycleJob, model, mean, epoch: int, aux=None, *, classifier: str,
+                val_task: float, val_mean: float) -> None:
     state = {
         "model": unwrap(model).state_dict(), "mean": mean.state_dict(), "epoch": epoch,
-        "val_accuracy": val_accuracy, "num_classes": job.num_classes, "model_config": job.model,
+        "classifier": classifier, "val_accuracy_task": val_task, "val_accuracy_mean": val_mean,
+        "num_classes": job.num_classes, "model_config": job.model,
     }
     if aux is not None:  # the jointly trained auxiliary of the same epoch as T
         state["auxiliary"] = unwrap(aux).state_dict()
@@ -382,21 +535,30 @@ def _report(metrics: dict, rank: int, state: dict) -> None:
 
 
 def _final_summary(job: CycleJob, progress: dict, amp_dtype, device) -> dict:
-    """Rank 0: the kept (best-validation) model's accuracy on the test split."""
+    """Rank 0: the kept epoch's accuracies. ``test_accuracy`` is the chosen classifier's (T or
+    M, chosen on validation); both models' are kept too, to measure which is better."""
     saved = torch.load(model_path(job.out_dir), map_location=device)
-    model = _build(job).to(device)
-    model.load_state_dict(saved["model"])
     summary = {
         "best_epoch": progress["best_epoch"], "val_accuracy": progress["best_val"],
-        "test_accuracy": float("nan"), "per_class_accuracy": [],
+        "classifier": saved.get("classifier", "task"),
+        "val_accuracy_task": saved.get("val_accuracy_task", float("nan")),
+        "val_accuracy_mean": saved.get("val_accuracy_mean", float("nan")),
+        "test_accuracy": float("nan"), "per_class_accuracy": [], "confusion": [],
     }
-    if job.test_rows:
-        x_test = torch.from_numpy(read_volumes(job.pool, job.test_rows))
-        y_test = torch.as_tensor(job.test_labels, dtype=torch.int64)
+    if not job.test_rows:
+        return summary
+    x_test = torch.from_numpy(read_volumes(job.pool, job.test_rows))
+    y_test = torch.as_tensor(job.test_labels, dtype=torch.int64)
+    for key, name in (("model", "task"), ("mean", "mean")):
+        model = _build(job).to(device)
+        model.load_state_dict(saved[key])
         batches = _batches(x_test, y_test, np.arange(len(x_test)), job.train["batch_size"] * 2)
         result = evaluate(model, batches, job.num_classes, amp_dtype=amp_dtype)
-        summary.update(
-            test_accuracy=float(result["accuracy"]),
-            per_class_accuracy=[float(a) for a in result["per_class_accuracy"]],
-        )
+        summary[f"test_accuracy_{name}"] = float(result["accuracy"])
+        if name == summary["classifier"]:
+            summary.update(
+                test_accuracy=float(result["accuracy"]),
+                per_class_accuracy=[float(a) for a in result["per_class_accuracy"]],
+                confusion=result["confusion"],
+            )
     return summary

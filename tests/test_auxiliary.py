@@ -129,7 +129,7 @@ def test_learning_loss_trains_jointly_through_train_epochs_extra_loss():
     optimizer = make_optimizer(torch.nn.ModuleList([model, aux]), lr=0.01)
 
     def extra(xb, yb, logits, stages):
-        return hook.joint_loss(aux, model, xb, yb, logits, stages)
+        return hook.joint_loss(aux, model, xb, yb, logits, stages, progress=0.9)
 
     stats = train_epoch(model, init_mean_model(model), [(x[:8], y[:8]), (x[8:], y[8:])],
                         optimizer, lam=0.0, extra_loss=extra)
@@ -137,6 +137,29 @@ def test_learning_loss_trains_jointly_through_train_epochs_extra_loss():
     assert any(not torch.equal(start[k], v) for k, v in snapshot(aux).items())
     out = hook.outputs(aux, model, volumes(5))
     assert out["predicted_loss"].shape == (5,)
+
+
+def task_gradient_of_learning_loss(progress: float, detach_after: float = 0.6) -> float:
+    """The size of the gradient LL4AL's loss alone sends into T's parameters."""
+    model = tiny_model().train()
+    hook = auxiliary.LearningLoss(detach_after=detach_after)
+    torch.manual_seed(0)
+    aux = hook.build(model, 3)
+    x, y = volumes(8, seed=2)[:, None], torch.arange(8) % 3
+    logits, stages = model(x, return_stages=True)
+    hook.joint_loss(aux, model, x, y, logits, stages, progress=progress).backward()
+    return sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None)
+
+
+def test_learning_loss_trains_t_features_until_detach_after_then_only_itself():
+    assert task_gradient_of_learning_loss(progress=0.3) > 0.0
+    assert task_gradient_of_learning_loss(progress=0.6) == 0.0
+    assert task_gradient_of_learning_loss(progress=0.0, detach_after=0.0) == 0.0
+
+
+def test_learning_loss_refuses_a_detach_point_outside_the_cycle():
+    with pytest.raises(ValueError, match="detach_after"):
+        auxiliary.LearningLoss(detach_after=1.5)
 
 
 def test_train_epoch_without_extra_loss_reports_no_extra():

@@ -21,7 +21,7 @@ from orchestrator.train import CycleJob, run_training
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TINY = [
-    "model.width=4", "model.stem=small", "train.epochs=2", "train.batch_size=8", "train.num_workers=2",
+    "model.width=4", "model.stem=small", "train.epochs=2", "train.min_steps=0", "train.batch_size=8", "train.num_workers=2",
     "score.batch_size=16", "score.actors=2", "budget.counts=[12, 18]",
 ]
 
@@ -154,7 +154,7 @@ def test_the_mean_model_is_the_ema_of_the_task_models_trajectory_on_every_rank(
         pool=shape_pool.path, out_dir=str(tmp_path), num_classes=3,
         train_rows=list(range(24)), train_labels=[r % 3 for r in range(24)],
         model=config_to_dict(ModelConfig(width=4, stem="small")),
-        train=config_to_dict(TrainConfig(epochs=1, batch_size=4, num_workers=2, ema_alpha=alpha)),
+        train=config_to_dict(TrainConfig(epochs=1, min_steps=0, batch_size=4, num_workers=2, ema_alpha=alpha)),
         record_trajectory=True,
     )
     run_training(job, run_name="ema-trajectory")

@@ -23,9 +23,15 @@ def test_a_cpu_training_config_asks_for_no_gpu_and_uses_gloo():
     assert backend.backend == "gloo"
 
 
-def test_an_unknown_mixed_precision_is_refused_before_any_worker_starts():
+def test_an_unknown_mixed_precision_is_refused_when_the_config_loads():
+    with pytest.raises(ValueError, match="train.amp: 'fp8' is not one of"):
+        TrainConfig(amp="fp8")
+
+
+def test_an_unknown_mixed_precision_in_a_job_is_refused_before_any_worker_starts():
+    settings = {**config_to_dict(TrainConfig()), "amp": "fp8"}
     with pytest.raises(ValueError, match="train.amp='fp8'"):
-        distributed_setup(config_to_dict(TrainConfig(amp="fp8")))
+        distributed_setup(settings)
 
 
 def test_scoring_actors_may_share_a_gpu_through_a_fraction():

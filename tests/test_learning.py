@@ -10,18 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from orchestrator.augment import Augmentation
 from orchestrator.ema import init_mean_model
 from orchestrator.learning import (
     OUTPUTS,
     evaluate,
     forward_outputs,
     get_rng_state,
+    lr_factor,
     make_optimizer,
     make_scheduler,
     objective,
     regulariser,
     seed_everything,
     set_rng_state,
+    sigmoid_rampup,
     train_epoch,
 )
 from orchestrator.model import build_model
@@ -368,3 +371,132 @@ def test_seed_everything_returns_a_generator_seeded_alike():
     a = torch.rand(3, generator=seed_everything(11))
     b = torch.rand(3, generator=seed_everything(11))
     assert torch.equal(a, b)
+
+
+# --- the recipe: AdamW, schedules, ramp-up, augmentation, two views ----------------------------
+
+
+def test_adamw_decays_conv_and_linear_weights_but_not_batchnorm_or_biases():
+    model = tiny_model()
+    groups = make_optimizer(model, lr=0.003, weight_decay=0.05, kind="adamw").param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    assert id(model.fc.weight) in decayed and id(model.stem[0].weight) in decayed
+    assert id(model.fc.bias) not in decayed and id(model.stem[1].weight) not in decayed
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_an_unknown_optimizer_or_schedule_names_the_valid_ones():
+    with pytest.raises(ValueError, match="adamw"):
+        make_optimizer(nn.Linear(2, 2), kind="adam")
+    with pytest.raises(ValueError, match="onecycle"):
+        make_scheduler(make_optimizer(nn.Linear(2, 2)), epochs=3, schedule="linear")
+
+
+def test_one_cycle_rises_from_a_25th_to_the_peak_at_20_percent_then_falls_to_zero():
+    assert lr_factor("onecycle", 0, 100) == pytest.approx(1 / 25)
+    assert lr_factor("onecycle", 20, 100) == pytest.approx(1.0)
+    assert lr_factor("onecycle", 60, 100) == pytest.approx(0.5)
+    assert lr_factor("onecycle", 100, 100) == pytest.approx(0.0, abs=1e-12)
+    rising = [lr_factor("onecycle", s, 100) for s in range(21)]
+    assert rising == sorted(rising)
+
+
+def test_cosine_halves_at_the_middle_and_step_cuts_at_its_decay_step():
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+    assert (lr_factor("step", 79, 100, decay_step=80), lr_factor("step", 80, 100, decay_step=80)) \
+        == (1.0, 0.1)
+
+
+def test_a_per_step_schedule_reaches_its_end_after_epochs_times_steps():
+    opt = make_optimizer(nn.Linear(2, 2), lr=1.0)
+    sched = make_scheduler(opt, epochs=2, schedule="cosine", steps_per_epoch=5)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+
+
+def test_the_consistency_ramp_up_starts_near_zero_and_reaches_one():
+    assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(100, 100) == 1.0 == sigmoid_rampup(500, 100) == sigmoid_rampup(3, 0)
+
+
+def test_training_with_augmentation_needs_a_generator():
+    x, y = separable_problem(n=8)
+    model = tiny_model(num_classes=2, dropout=0.0)
+    with pytest.raises(ValueError, match="Generator"):
+        train_epoch(model, init_mean_model(model), in_batches(x, y), make_optimizer(model),
+                    lam=0.0, augmentation=Augmentation())
+
+
+def test_augmented_training_is_reproducible_from_its_generator_and_differs_without_it():
+    x, y = separable_problem(n=16)
+
+    def trained(augmentation, seed=0):
+        model = tiny_model(num_classes=2, dropout=0.0)
+        train_epoch(model, init_mean_model(model), in_batches(x, y), make_optimizer(model),
+                    lam=0.0, augmentation=augmentation, generator=torch.Generator().manual_seed(seed))
+        return model.fc.weight.detach().clone()
+
+    assert torch.equal(trained(Augmentation()), trained(Augmentation()))
+    assert not torch.equal(trained(Augmentation()), trained(Augmentation(), seed=1))
+    assert not torch.equal(trained(Augmentation()), trained(None))
+
+
+class RecordingModel(nn.Module):
+    """Logits from a linear map of the volume's mean; remembers every input it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, 2)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return self.fc(x.mean(dim=(1, 2, 3, 4))[:, None])
+
+
+def test_the_mean_teacher_sees_its_own_augmentation_of_every_volume():
+    x, y = separable_problem(n=4)
+    model, mean = RecordingModel(), RecordingModel()
+    train_epoch(model, mean, [(x, y)], torch.optim.SGD(model.parameters(), lr=0.1), lam=0.1,
+                unlabelled_batches=[x[:2]], augmentation=Augmentation(flips=True, shift=1),
+                generator=torch.Generator().manual_seed(0))
+    (seen_t,), (seen_m,) = model.seen, mean.seen
+    assert seen_t.shape == seen_m.shape == (6, 1, 8, 8, 8)
+    assert not torch.equal(seen_t, seen_m)
+
+
+def test_without_unlabelled_data_the_mean_model_judges_the_task_models_own_input():
+    x, y = separable_problem(n=4)
+    model, mean = RecordingModel(), RecordingModel()
+    train_epoch(model, mean, [(x, y)], torch.optim.SGD(model.parameters(), lr=0.1), lam=0.1,
+                augmentation=Augmentation(), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.seen[0], mean.seen[0])
+
+
+def test_plain_cross_entropy_never_runs_the_mean_model():
+    x, y = separable_problem(n=4)
+    model, mean = RecordingModel(), RecordingModel()
+    train_epoch(model, mean, [(x, y)], torch.optim.SGD(model.parameters(), lr=0.1), lam=0.0)
+    assert mean.seen == []
+
+
+def test_the_unlabelled_weight_may_change_from_step_to_step():
+    x, y = separable_problem(n=16)
+    model = tiny_model(num_classes=2, dropout=0.0)
+    weights = {0: 0.0, 1: 2.0}
+    stats = train_epoch(model, init_mean_model(model), in_batches(x, y), make_optimizer(model),
+                        lam=0.0, unlabelled_batches=[x[:4]], lam_unlabelled=weights.__getitem__)
+    assert stats["steps"] == 2
+    assert stats["loss"] > stats["ce"]  # the second step's unlabelled term counted
+
+
+def test_a_scheduler_given_to_train_epoch_steps_once_per_optimizer_step():
+    x, y = separable_problem(n=16)
+    model = tiny_model(num_classes=2, dropout=0.0)
+    opt = make_optimizer(model)
+    sched = make_scheduler(opt, epochs=1, schedule="cosine", steps_per_epoch=4)
+    train_epoch(model, init_mean_model(model), in_batches(x, y, size=4), opt, lam=0.0,
+                scheduler=sched)
+    assert sched.last_epoch == 4

@@ -14,7 +14,7 @@ from orchestrator.pool import decode_volumes, iter_batches
 COLUMNS = ["row", "subtomo_id", "volume"]
 
 
-def _saved_models(path, num_classes):
+def _saved_models(path, num_classes, **extra):
     torch.manual_seed(0)
     model = build_model("resnet10", num_classes=num_classes, width=4, stem="full")
     mean = init_mean_model(model)
@@ -22,8 +22,8 @@ def _saved_models(path, num_classes):
         for p in mean.parameters():
             p.add_(0.05 * torch.randn_like(p))
     torch.save({"model": model.state_dict(), "mean": mean.state_dict(), "num_classes": num_classes,
-                "model_config": {"name": "resnet10", "width": 4, "stem": "full", "dropout": 0.0}},
-               path)
+                "model_config": {"name": "resnet10", "width": 4, "stem": "full", "dropout": 0.0},
+                **extra}, path)
     return model.eval(), mean.eval()
 
 
@@ -52,3 +52,15 @@ def test_channels_last_scores_equal_the_default_layouts(shape_pool, tmp_path):
     kl = (expected["probs"] * (log_p - log_q)).sum(axis=1)
     np.testing.assert_allclose(scored["score"], kl, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(scored["probs"], expected["probs"], rtol=1e-4, atol=1e-6)
+
+
+def test_predictions_come_from_the_mean_model_when_training_chose_it(shape_pool, tmp_path):
+    model, mean = _saved_models(tmp_path / "model.pt", shape_pool.num_classes, classifier="mean")
+    scorer = PoolScorer(str(tmp_path / "model.pt"), shape_pool.path, "ema_kl", {})
+    batch = _first_batch(shape_pool)
+    scored = scorer(batch)
+    volumes = torch.from_numpy(decode_volumes(batch["volume"], shape_pool))
+    expected = forward_outputs(model, mean, volumes, {"probs", "mean_probs"})
+    np.testing.assert_allclose(scored["probs"], expected["mean_probs"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(scored["pred"], expected["mean_probs"].argmax(axis=1))
+    assert not np.allclose(expected["probs"], expected["mean_probs"], rtol=1e-4, atol=1e-6)

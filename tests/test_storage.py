@@ -36,7 +36,7 @@ from orchestrator.storage import STAGING_ENV, RunMirror, StorageError, is_uri, j
 
 # tests/test_strategy_campaigns.py's tiny campaign; scoring in this process (no Ray Data actors)
 TINY = [
-    "model.width=4", "model.stem=small", "train.epochs=1", "train.batch_size=8",
+    "model.width=4", "model.stem=small", "train.epochs=1", "train.min_steps=0", "train.batch_size=8",
     "train.num_workers=0", "score.batch_size=32", "score.actors=0", "budget.counts=[12, 18]",
 ]
 

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TINY = [
     "model.width=4", "model.stem=small", "model.dropout=0.3",  # dropout: MC strategies need it
-    "train.epochs=1", "train.batch_size=8", "train.num_workers=0",
+    "train.epochs=1", "train.min_steps=0", "train.batch_size=8", "train.num_workers=0",
     "score.batch_size=32", "score.cpus_per_actor=1", "budget.counts=[12, 18]",
 ]
 # CPU-sized auxiliaries: a couple of epochs of their small nets is enough to exercise them.

@@ -48,7 +48,7 @@ def test_a_killed_train_worker_resumes_from_the_last_epoch_checkpoint(ray_local,
         train_rows=list(range(60)), train_labels=[r % 3 for r in range(60)],
         val_rows=list(range(60, 72)), val_labels=[r % 3 for r in range(12)],
         model=config_to_dict(ModelConfig(width=4, stem="small")),
-        train=config_to_dict(TrainConfig(epochs=epochs, batch_size=4, num_workers=2, max_failures=2)),
+        train=config_to_dict(TrainConfig(epochs=epochs, min_steps=0, batch_size=4, num_workers=2, max_failures=2)),
         record_trajectory=True,  # t_steps_epoch{e}.pt per epoch (rank 0), mean_rank{r}.pt at the end
     )
     trajectory = tmp_path / "trajectory"
