@@ -1,23 +1,32 @@
-"""Label efficiency: every strategy against full supervision, the same model, data and epochs.
+"""Label efficiency: every strategy against random and full supervision, with seeds to tell.
 
-For each data set (the 13 SHREC'21 structures at SNR 0.05, 0.03 and noise-free, and the
-built-in 50-class set) one pool is simulated; on it every strategy runs a simulated-oracle
-campaign per seed, and "full supervision" trains once on the whole train split. Campaigns run
-in-process (`train.num_workers=0`, `score.actors=0`: on 2 cores Ray's per-cycle start-up would
-cost more than the training), `--jobs` at a time, one torch thread each.
+For each data set one pool is simulated (the 13 SHREC'21 structures at SNR 0.05, then 0.03 and
+noise-free, and the built-in 50 classes), with train, validation and test splits. On it every
+strategy runs a simulated-oracle campaign per seed over the budgets 5, 10, 15, 20, 30 and 40%
+of the train split, and "full supervision" trains once on the whole train split with the same
+recipe. Cycle 0 of a seed is the same random draw for every strategy, and so are T's initial
+weights: differences are paired by seed. Model selection uses the validation split only.
 
-Prints, per data set, test accuracy at each budget (mean ± std over seeds), AUBC, accuracy at
-20% labels as a % of full supervision and the labelled fraction needed to reach 95% of it, and
-plots accuracy against labelled fraction (one line per strategy). Run directories are kept
-under --out; running again skips finished campaigns, so an interrupted benchmark resumes.
+Campaigns run in-process (`train.num_workers=0`, `score.actors=0`: on 2 cores Ray's per-cycle
+start-up would cost more than the training), `--jobs` at a time, one torch thread each. Each
+finished campaign adds its cycles to `docs/results/label_efficiency.csv`
+(`dataset,strategy,seed,labelled,fraction,val_accuracy,test_accuracy`; full supervision is
+strategy `full` at fraction 1.0) and every table and plot is computed from that file alone:
 
-    python bench/label_efficiency.py                        # everything: ~1 h on 2 cores
-    python bench/label_efficiency.py --datasets shrec13_snr0.05 --seeds 0 --strategies random ema_kl
+    python bench/label_efficiency.py                         # the planned campaigns, resumable
+    python bench/label_efficiency.py --report-only           # tables and plots from the CSV
+    python bench/label_efficiency.py --datasets shrec13_snr0.05 --strategies random ema_kl --seeds 0 1
+
+Per data set: accuracy per budget (mean and 95% CI over seeds), AUBC, accuracy at 20% as a
+share of full supervision, the labels needed to reach 95% and 98% of it, and each strategy's
+AUBC minus random's, paired by seed, with its 95% CI. Run directories stay under --out, so an
+interrupted benchmark resumes where it stopped (a campaign resumes mid-way too).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -30,49 +39,60 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.sweep import mean_std, plot_sweep, summarise  # noqa: E402
+from orchestrator.sweep import aubc  # noqa: E402
 
 SHREC_MAPS = ROOT.parent / "shared" / "data" / "structures_10A"
+RESULTS = ROOT / "docs" / "results" / "label_efficiency.csv"
+DETAILS = ROOT / "docs" / "results" / "label_efficiency_models.csv"
+COLUMNS = ["dataset", "strategy", "seed", "labelled", "fraction", "val_accuracy", "test_accuracy"]
+DETAIL_COLUMNS = ["dataset", "strategy", "seed", "labelled", "classifier", "val_accuracy_task",
+                  "val_accuracy_mean", "test_accuracy_task", "test_accuracy_mean", "epochs",
+                  "seconds_train", "seconds_score"]
 
 # 13 maps at 12.5 Å in a 32³ box (400 Å: the largest SHREC'21 structures exceed 320 Å, i.e. a
-# 32³ box at 10 Å), 40 per class: 28 train, 4 validation, 8 test.
-SHREC = {"structures": str(SHREC_MAPS), "box": 32, "voxel_size_A": 12.5, "per_class": 40,
-         "val_fraction": 0.1, "test_fraction": 0.2, "seed": 0}
+# 32³ box at 10 Å). 200 a class: 150 train (1,950 in all), 20 validation, 30 test.
+SHREC = {"structures": str(SHREC_MAPS), "box": 32, "voxel_size_A": 12.5, "per_class": 200,
+         "val_fraction": 0.1, "test_fraction": 0.15, "seed": 0}
 DATASETS = {
     "shrec13_snr0.05": {**SHREC, "snr": 0.05},
     "shrec13_snr0.03": {**SHREC, "snr": 0.03},
     "shrec13_noise_free": {**SHREC, "snr": float("inf")},
     "builtin50_snr0.05": {"structures": "builtin:50", "box": 32, "voxel_size_A": 10.0,
-                          "per_class": 14, "val_fraction": 0.1, "test_fraction": 0.2,
+                          "per_class": 60, "val_fraction": 0.1, "test_fraction": 0.2,
                           "snr": 0.05, "seed": 0},
 }
 
-# Labelled fractions of the train split, one per cycle.
-FRACTIONS = (0.05, 0.1, 0.2, 0.4)
+FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)  # labelled share of the train split, per cycle
 
-# The same CPU-sized model and schedule for every run; dropout for the MC-dropout strategies.
-CAMPAIGN = [
-    "model.name=resnet10", "model.width=16", "model.stem=full", "model.dropout=0.2",
-    "train.epochs=8", "train.batch_size=16", "train.num_workers=0",
-    "score.actors=0", "score.batch_size=64",
-]
+# The CPU default recipe (tune_configs/default.yaml) for every campaign; dropout for the
+# MC-dropout strategy (BALD), kept for all so that training is the same for every strategy.
+CAMPAIGN = ["model.dropout=0.2", "train.num_workers=0", "score.actors=0", "score.batch_size=64"]
 
-# (row name, strategy, options): the baselines of issue 7 with CPU-sized auxiliaries.
-RUNS = [
-    ("random", "random", {}),
-    ("entropy", "entropy", {}),
-    ("bald", "bald", {"mc_passes": 8}),
-    ("coreset", "coreset", {}),
-    ("badge", "badge", {}),
-    ("ll4al", "ll4al", {}),
-    ("vaal", "vaal", {"epochs": 8}),
-    ("hal", "hal", {"epochs": 8}),
-    ("noise_stability", "noise_stability", {"passes": 8}),
-    ("two_stream", "two_stream", {"epochs": 8}),
-    ("ema_kl", "ema_kl", {}),
-    ("ema_kl_semi", "ema_kl_semi", {}),
+FULL = "full"
+RANDOM = "random"
+# (row name, strategy, options, extra settings), in the order they run: the first wave is the
+# headline comparison, each later wave runs only once every seed of the one before is done.
+WAVES = [
+    [("random", "random", {}, []),
+     ("ema_kl", "ema_kl", {"distance": "kl"}, []),
+     ("ema_kl_reverse", "ema_kl", {"distance": "reverse_kl"}, [])],
+    [("entropy", "entropy", {}, []),
+     ("badge", "badge", {}, []),
+     ("bald", "bald", {"mc_passes": 10}, []),
+     ("hal", "hal", {"epochs": 8}, []),
+     ("ema_kl_semi", "ema_kl_semi", {"distance": "kl"}, [])],
+    [("ema_kl_selection_only", "ema_kl", {"distance": "kl"}, ["train.lam=0"]),
+     ("margin", "margin", {}, []),
+     ("coreset", "coreset", {}, []),
+     ("ll4al", "ll4al", {}, []),
+     ("vaal", "vaal", {"epochs": 8}, []),
+     ("noise_stability", "noise_stability", {"passes": 8}, []),
+     ("two_stream", "two_stream", {"epochs": 8}, [])],
 ]
-FULL = "full supervision"
+RUNS = [run for wave in WAVES for run in wave]
+
+
+# --- running the campaigns ---------------------------------------------------------------------
 
 
 def simulate(name: str, out: Path):
@@ -83,7 +103,7 @@ def simulate(name: str, out: Path):
     path = out / "pools" / name
     if (path / "pool.json").exists():
         return open_pool(path)
-    if not SHREC_MAPS.is_dir() and DATASETS[name]["structures"] == str(SHREC_MAPS):
+    if DATASETS[name]["structures"] == str(SHREC_MAPS) and not SHREC_MAPS.is_dir():
         raise SystemExit(f"{name}: needs the SHREC'21 maps in {SHREC_MAPS} (../shared/data)")
     started = time.perf_counter()
     info = simulate_pool(None, SimulationConfig(**DATASETS[name]), path, workers=2, progress=False)
@@ -102,7 +122,7 @@ def run_one(pool: str, run_dir: str, sets: list[str]) -> dict:
     from orchestrator.pool import open_pool
 
     info = open_pool(pool)
-    cfg = load_config(None, CAMPAIGN + [f"data.pool={pool}"] + sets)
+    cfg = load_config(None, CAMPAIGN + [f"data.pool={pool}", "train.cpus_per_worker=1"] + sets)
     started = time.perf_counter()
     with open(Path(run_dir).with_suffix(".log"), "a") as log:
         stdout = sys.stdout
@@ -116,14 +136,142 @@ def run_one(pool: str, run_dir: str, sets: list[str]) -> dict:
 
 
 def campaign_sets(run: tuple, seed: int, n_train: int) -> list[str]:
-    _, strategy, options = run
-    counts = [max(1, round(f * n_train)) for f in FRACTIONS]
+    _, strategy, options, extra = run
     return [f"seed={seed}", f"strategy.name={strategy}", f"strategy.options={json.dumps(options)}",
-            f"budget.counts={counts}"]
+            f"budget.counts={budget_counts(n_train)}", *extra]
+
+
+def budget_counts(n_train: int) -> list[int]:
+    return [max(1, round(f * n_train)) for f in FRACTIONS]
 
 
 def full_supervision_sets(seed: int, n_train: int) -> list[str]:
     return [f"seed={seed}", "strategy.name=random", f"budget.counts=[{n_train}]"]
+
+
+def run_dir_of(out: Path, name: str, row: str, seed: int) -> Path:
+    return out / "runs" / name / f"{row}-seed{seed}"
+
+
+def planned(datasets: list[str], seeds: list[int], rows: list[str]) -> list[tuple[str, str, int]]:
+    """(data set, row, seed) in the order they run: the first data set wave by wave (full
+    supervision with the first wave), each wave seed by seed, so a stopped run leaves complete
+    seeds for pairing; then the other data sets the same way."""
+    order = []
+    for dataset in datasets:
+        for i, wave in enumerate(WAVES):
+            names = ([FULL] if i == 0 else []) + [run[0] for run in wave if run[0] in rows]
+            order += [(dataset, row, seed) for seed in seeds for row in names]
+    return order
+
+
+def finished_state(run_dir: Path) -> dict | None:
+    path = run_dir / "state.json"
+    state = json.loads(path.read_text()) if path.exists() else None
+    return state if state and state.get("done") else None
+
+
+def run_all(args, rows: list[str]) -> None:
+    """Every planned campaign not yet finished, `--jobs` at a time; the CSV after each."""
+    pools = {name: simulate(name, args.out) for name in args.datasets}
+    runs = {run[0]: run for run in RUNS}
+    tasks = {}
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as executor:
+        for name, row, seed in planned(args.datasets, args.seeds, rows):
+            run_dir = run_dir_of(args.out, name, row, seed)
+            if finished_state(run_dir):
+                continue
+            n_train = _train_count(pools[name])
+            sets = (full_supervision_sets(seed, n_train) if row == FULL
+                    else campaign_sets(runs[row], seed, n_train)) + args.set
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            tasks[executor.submit(run_one, pools[name].path, str(run_dir), sets)] = (name, row, seed)
+        for done, future in enumerate(as_completed(tasks), 1):
+            name, row, seed = tasks[future]
+            try:
+                state = future.result()
+            except Exception as error:  # one failed campaign must not stop the others
+                print(f"[{done}/{len(tasks)}] {name} {row} seed {seed}: FAILED {error!r}", flush=True)
+                continue
+            last = state["cycles"][-1]
+            print(f"[{done}/{len(tasks)} {time.perf_counter() - started:.0f} s] {name} {row} "
+                  f"seed {seed}: test {last.get('test_accuracy', float('nan')):.3f} at "
+                  f"{100 * last['labelled_fraction']:.0f}% ({state['seconds']:.0f} s)", flush=True)
+            write_results(args.out, args.results)
+
+
+def write_results(out: Path, path: Path) -> None:
+    """Every finished campaign under `out` as CSV rows (one per cycle), sorted; the models'
+    details (T or M, both accuracies, epochs, seconds) beside it."""
+    rows, details = [], []
+    for state_file in sorted((out / "runs").glob("*/*/state.json")):
+        run_dir = state_file.parent
+        state = finished_state(run_dir)
+        if not state:
+            continue
+        row, _, seed = run_dir.name.rpartition("-seed")
+        for c in state["cycles"]:
+            key = [run_dir.parent.name, row, int(seed), int(c["labelled"])]
+            fraction = 1.0 if row == FULL else c["labelled_fraction"]
+            rows.append(key + [round(fraction, 6), c.get("val_accuracy"), c.get("test_accuracy")])
+            details.append(key + [c.get(k) for k in DETAIL_COLUMNS[4:]])
+    _write_csv(path, COLUMNS, sorted(rows, key=lambda r: r[:4]))
+    _write_csv(path.with_name(DETAILS.name), DETAIL_COLUMNS, sorted(details, key=lambda r: r[:4]))
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([[_cell(v) for v in r] for r in rows])
+    tmp.replace(path)
+
+
+def _cell(value):
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def _train_count(info) -> int:
+    from orchestrator.pool import read_index
+
+    split = read_index(info.path, ["split"]).column("split").fill_null("train").to_pylist()
+    return split.count("train")
+
+
+# --- statistics, from the CSV alone ------------------------------------------------------------
+
+
+def read_results(path: Path) -> dict:
+    """{dataset: {strategy: {seed: (fractions, val, test)}}}, cycles in order."""
+    curves: dict = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            seeds = curves.setdefault(r["dataset"], {}).setdefault(r["strategy"], {})
+            fractions, val, test = seeds.setdefault(int(r["seed"]), ([], [], []))
+            fractions.append(float(r["fraction"]))
+            val.append(_float(r["val_accuracy"]))
+            test.append(_float(r["test_accuracy"]))
+    return curves
+
+
+def _float(text: str) -> float:
+    return float(text) if text not in ("", "None") else float("nan")
+
+
+def mean_ci(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student's t over the n finite
+    values; NaN half-width for n < 2)."""
+    from scipy.stats import t
+
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
 def labels_to_reach(fractions, accuracies, target: float) -> float:
@@ -145,136 +293,147 @@ def accuracy_at(fractions, accuracies, fraction: float) -> float:
     return float(np.interp(fraction, x, y))
 
 
-def table(name: str, rows: list[dict], full: tuple[float, float]) -> str:
-    full_mean, full_std = full
-    head = ["strategy", "n"] + [f"{100 * f:g}%" for f in FRACTIONS] + [
-        "AUBC", "acc@20% / full", "labels to 95% of full"]
+def summarise_strategy(seeds: dict, random_seeds: dict | None) -> dict:
+    """One strategy over its seeds: mean and CI per budget, AUBC, and the AUBC difference from
+    random over the seeds both have (paired)."""
+    complete = {s: c for s, c in seeds.items() if len(c[0]) == len(FRACTIONS)}
+    fractions = list(FRACTIONS)
+    per_budget = [mean_ci([c[2][i] for c in complete.values()]) for i in range(len(fractions))]
+    aubcs = {s: aubc(c[0], c[2]) for s, c in complete.items()}
+    paired = [aubcs[s] - aubc(random_seeds[s][0], random_seeds[s][2])
+              for s in aubcs if random_seeds and s in random_seeds
+              and len(random_seeds[s][0]) == len(FRACTIONS)]
+    return {
+        "n": len(complete), "seeds": sorted(complete), "fractions": fractions,
+        "accuracy": [m for m, _ in per_budget], "ci": [h for _, h in per_budget],
+        "aubc": mean_ci(aubcs.values()), "vs_random": mean_ci(paired), "n_paired": len(paired),
+    }
+
+
+def full_accuracy(curves: dict) -> tuple[float, float]:
+    return mean_ci([c[2][-1] for c in curves.get(FULL, {}).values()])
+
+
+def table(name: str, summaries: dict, full: tuple[float, float]) -> str:
+    """The data set's table, strategies by AUBC, best first."""
+    full_mean = full[0]
+    head = (["strategy", "seeds"] + [f"{100 * f:g}%" for f in FRACTIONS]
+            + ["AUBC", "AUBC − random (paired)", "acc@20% / full", "labels to 95% of full",
+               "labels to 98% of full"])
     lines = [f"### {name}", "",
-             f"Full supervision (all train labels): {_pm(full_mean, full_std)}", "",
+             f"Full supervision (all train labels): {_pm(*full)} (mean ± 95% CI).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in sorted(rows, key=lambda r: -r["aubc_mean"] if np.isfinite(r["aubc_mean"]) else 0):
-        at20 = accuracy_at(row["fractions"], row["accuracy_mean"], 0.2)
-        reach = labels_to_reach(row["fractions"], row["accuracy_mean"], 0.95 * full_mean)
-        cells = [_pm(m, s) for m, s in zip(row["accuracy_mean"], row["accuracy_std"])]
+    ranked = sorted(summaries.items(), key=lambda kv: -np.nan_to_num(kv[1]["aubc"][0], nan=-1))
+    for strategy, s in ranked:
+        at20 = accuracy_at(s["fractions"], s["accuracy"], 0.2)
+        cells = [_pm(m, h) for m, h in zip(s["accuracy"], s["ci"])]
+        vs = "" if strategy == RANDOM else _signed(*s["vs_random"])
         lines.append("| " + " | ".join([
-            row["configuration"], f"{row['n_complete']}/{row['n_trials']}", *cells,
-            _pm(row["aubc_mean"], row["aubc_std"]),
-            f"{100 * at20 / full_mean:.0f}%" if full_mean > 0 else "",
-            "" if not np.isfinite(full_mean) else
-            f"{100 * reach:.0f}%" if np.isfinite(reach) else f"> {100 * FRACTIONS[-1]:g}%",
+            strategy, str(s["n"]), *cells, _pm(*s["aubc"]), vs,
+            f"{100 * at20 / full_mean:.0f}%" if np.isfinite(full_mean) and full_mean > 0 else "",
+            _reach(s, 0.95 * full_mean), _reach(s, 0.98 * full_mean),
         ]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _pm(mean: float, std: float) -> str:
+def _reach(summary: dict, target: float) -> str:
+    if not np.isfinite(target):
+        return ""
+    reach = labels_to_reach(summary["fractions"], summary["accuracy"], target)
+    return f"{100 * reach:.0f}%" if np.isfinite(reach) else f"> {100 * FRACTIONS[-1]:g}%"
+
+
+def _pm(mean: float, half: float) -> str:
     if not np.isfinite(mean):
         return ""
-    return f"{mean:.3f}" if not np.isfinite(std) else f"{mean:.3f} ± {std:.3f}"
+    return f"{mean:.3f}" if not np.isfinite(half) else f"{mean:.3f} ± {half:.3f}"
 
 
-def run_dir_of(out: Path, name: str, row: str, seed: int) -> Path:
-    return out / "runs" / name / f"{row.replace(' ', '_')}-seed{seed}"
+def _signed(mean: float, half: float) -> str:
+    if not np.isfinite(mean):
+        return ""
+    text = f"{mean:+.3f}" if not np.isfinite(half) else f"{mean:+.3f} ± {half:.3f}"
+    if np.isfinite(half) and abs(mean) > half:
+        text += " *"  # the 95% CI excludes zero
+    return text
 
 
-def planned(datasets: list[str], seeds: list[int]) -> list[tuple[str, int]]:
-    """(data set, seed) in the order they run: the first data set's seeds first (the headline
-    comparison), then one seed of every other data set before the next seed of any."""
-    first, others = datasets[0], datasets[1:]
-    return [(first, s) for s in seeds] + [(d, s) for s in seeds for d in others]
+def plot(name: str, summaries: dict, full: tuple[float, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    colours = plt.cm.tab20.colors
+    for (strategy, s), colour in zip(sorted(summaries.items()), colours):
+        x, m, h = 100 * np.asarray(s["fractions"]), np.asarray(s["accuracy"]), np.asarray(s["ci"])
+        style = {"linewidth": 2.4, "color": "black"} if strategy == RANDOM else {"color": colour}
+        axis.plot(x, m, marker="o", markersize=3, label=f"{strategy} (n={s['n']})", **style)
+        band = np.isfinite(h)
+        if band.any():
+            axis.fill_between(x[band], (m - h)[band], (m + h)[band],
+                              color=style["color"], alpha=0.12)
+    if np.isfinite(full[0]):
+        axis.axhline(full[0], color="grey", linestyle="--", label=f"full supervision {full[0]:.3f}")
+    axis.set_xlabel("labelled (% of the train split)")
+    axis.set_ylabel("test accuracy (mean, 95% CI band)")
+    axis.set_title(name)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str:
+    """The tables (markdown) and one plot per data set, from the CSV."""
+    curves = read_results(results)
+    parts = []
+    for name in datasets or sorted(curves):
+        if name not in curves:
+            continue
+        by_strategy = curves[name]
+        random_seeds = by_strategy.get(RANDOM)
+        summaries = {strategy: summarise_strategy(seeds, random_seeds)
+                     for strategy, seeds in by_strategy.items() if strategy != FULL}
+        full = full_accuracy(by_strategy)
+        plot(name, summaries, full, plots / f"label_efficiency_{name}.png")
+        parts.append(table(name, summaries, full))
+    return "\n".join(parts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--strategies", nargs="+", default=[r[0] for r in RUNS])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--datasets", nargs="+", default=["shrec13_snr0.05"], choices=list(DATASETS))
+    parser.add_argument("--strategies", nargs="+", default=[run[0] for run in RUNS],
+                        help="rows to run (full supervision always runs)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--jobs", type=int, default=2, help="campaigns at a time")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "label_efficiency")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the CSV to write")
+    parser.add_argument("--plots", type=Path, default=ROOT / "docs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override every campaign's config, e.g. for a GPU cluster: "
                              "--set model.name=resnet18 --set model.width=64 --set train.epochs=100 "
-                             "(use another --out: finished runs are not rerun)")
+                             "(use another --out and --results: finished runs are not rerun)")
     parser.add_argument("--per-class", type=int, default=None,
-                        help="subtomograms simulated per class (default: 40 SHREC, 14 built-in)")
+                        help="subtomograms simulated per class (default: 200 SHREC, 60 built-in)")
     parser.add_argument("--report-only", action="store_true",
-                        help="summarise the finished campaigns under --out, run nothing")
+                        help="tables and plots from --results, run nothing")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.per_class:
         for settings in DATASETS.values():
             settings["per_class"] = args.per_class
-    runs = [r for r in RUNS if r[0] in args.strategies]
-    started = time.perf_counter()
+    unknown = sorted(set(args.strategies) - {run[0] for run in RUNS})
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; valid: {[run[0] for run in RUNS]}")
     if not args.report_only:
-        run_all(args, runs)
-    results = {(name, row, seed): state
-               for name in args.datasets for row in [FULL] + [r[0] for r in runs]
-               for seed in args.seeds
-               if (state := finished_state(run_dir_of(args.out, name, row, seed)))}
-    expected = len(args.datasets) * len(args.seeds) * (len(runs) + 1)
-    report = [f"Campaigns: {', '.join(CAMPAIGN[:6] + args.set)}, labelled fractions "
-              f"{', '.join(f'{100 * f:g}%' for f in FRACTIONS)}; seeds {args.seeds}; "
-              f"{len(results)} of {expected} campaigns finished"
-              + ("" if args.report_only else f" ({time.perf_counter() - started:.0f} s)") + ".", ""]
-    for name in args.datasets:
-        report.append(summarise_dataset(name, results, runs, args.seeds, args.out))
-    text = "\n".join(report)
-    (args.out / "results.md").write_text(text)
+        run_all(args, args.strategies)
+        write_results(args.out, args.results)
+    text = report(args.results, args.plots, args.datasets)
     print("\n" + text)
-
-
-def run_all(args, runs: list) -> None:
-    """Every campaign not yet finished, `--jobs` at a time, in the planned order."""
-    pools = {name: simulate(name, args.out) for name in args.datasets}
-    tasks = {}  # future → (data set, row name, seed)
-    started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs) as executor:
-        for name, seed in planned(args.datasets, args.seeds):
-            info = pools[name]
-            n_train = _train_count(info)
-            jobs = [(FULL, full_supervision_sets(seed, n_train))]
-            jobs += [(run[0], campaign_sets(run, seed, n_train)) for run in runs]
-            for row, sets in jobs:
-                sets = sets + args.set
-                run_dir = run_dir_of(args.out, name, row, seed)
-                if finished_state(run_dir):
-                    continue
-                run_dir.parent.mkdir(parents=True, exist_ok=True)
-                tasks[executor.submit(run_one, info.path, str(run_dir), sets)] = (name, row, seed)
-        for done, future in enumerate(as_completed(tasks), 1):
-            name, row, seed = tasks[future]
-            state = future.result()
-            last = state["cycles"][-1]
-            print(f"[{done}/{len(tasks)} {time.perf_counter() - started:.0f} s] {name} {row} "
-                  f"seed {seed}: test {last.get('test_accuracy', float('nan')):.3f} at "
-                  f"{100 * last['labelled_fraction']:.0f}% ({state['seconds']:.0f} s)", flush=True)
-
-
-def finished_state(run_dir: Path) -> dict | None:
-    path = run_dir / "state.json"
-    state = json.loads(path.read_text()) if path.exists() else None
-    return state if state and state.get("done") else None
-
-
-def summarise_dataset(name: str, results: dict, runs: list, seeds: list[int], out: Path) -> str:
-    full = mean_std([results[(name, FULL, s)]["cycles"][-1]["test_accuracy"]
-                     for s in seeds if (name, FULL, s) in results])
-    trials = [{
-        "configuration": row, "values": {"strategy": row}, "seed": seed, "n_cycles": len(FRACTIONS),
-        "cycles": [c for c in results[(name, row, seed)]["cycles"] if c.get("trained")],
-    } for row, _, _ in runs for seed in seeds if (name, row, seed) in results]
-    if not trials:
-        return f"### {name}\n\nNo finished campaigns.\n"
-    rows = summarise(trials)
-    plot_sweep(rows, out / f"{name}.png", title=f"{name} (full supervision {full[0]:.3f})")
-    return table(name, rows, full)
-
-
-def _train_count(info) -> int:
-    from orchestrator.pool import read_index
-
-    split = read_index(info.path, ["split"]).column("split").fill_null("train").to_pylist()
-    return split.count("train")
 
 
 if __name__ == "__main__":
