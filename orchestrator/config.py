@@ -123,6 +123,16 @@ class BudgetConfig:
     step: float = 0.1  # labels added per cycle, fraction of the train split (paper: 0.05)
     final: float = 0.5  # stop when this fraction is labelled (paper: 0.4)
     counts: tuple[int, ...] = ()  # absolute cumulative counts per cycle; overrides the fractions
+    # Stabilising predictions (Bloodgood & Vijay-Shanker 2009): end before the budget is spent
+    # once consecutive models agree on the unlabelled pool (orchestrator/stopping.py).
+    stop_when_stable: bool = False  # off: the whole budget schedule runs, as before
+    stable_kappa: float = 0.99  # Cohen's κ between cycle c−1's and c's predictions that counts as stable
+    stable_cycles: int = 3  # ... in this many consecutive cycles (one unstable cycle starts over)
+
+    def __post_init__(self):
+        if not -1.0 <= self.stable_kappa <= 1.0 or self.stable_cycles < 1:
+            raise ConfigError(f"budget: stable_kappa must be in [-1, 1] and stable_cycles at least 1, "
+                              f"got {self.stable_kappa} and {self.stable_cycles}")
 
 
 @dataclass(frozen=True)

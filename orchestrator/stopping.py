@@ -1,0 +1,64 @@
+"""When to stop labelling: do the model's predictions on the unlabelled pool still change?
+
+Stabilising predictions (Bloodgood & Vijay-Shanker, CoNLL 2009): once two consecutive models
+agree on almost every unlabelled subtomogram, more labels of the same kind change little, and
+the campaign can end. The agreement is Cohen's kappa (chance-corrected), between the
+predictions of model c−1 and model c on the train-split rows still unlabelled after cycle c's
+labels (both models scored exactly those rows: `loop.Campaign._score_model`).
+
+Pure functions over arrays; the campaign reads the scores and calls them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def cohens_kappa(a: Sequence[int], b: Sequence[int], num_classes: int | None = None) -> float:
+    """Cohen's kappa between two prediction vectors of class indices (same rows, same order).
+
+    (p_o − p_e) / (1 − p_e), p_o the share of rows on which they agree, p_e the agreement
+    expected by chance from each vector's class frequencies. Two identical constant vectors
+    give p_e = 1: they agree completely, so 1.0 (as small-text does), not 0/0. No rows: NaN.
+    """
+    a, b = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    if a.shape != b.shape:
+        raise ValueError(f"kappa needs predictions of the same rows: {a.shape} vs {b.shape}")
+    if a.size == 0:
+        return float("nan")
+    k = int(max(a.max(), b.max()) + 1) if num_classes is None else int(num_classes)
+    observed = float(np.mean(a == b))
+    expected = float(np.dot(np.bincount(a, minlength=k), np.bincount(b, minlength=k))) / a.size**2
+    if expected >= 1.0:
+        return 1.0
+    return (observed - expected) / (1.0 - expected)
+
+
+def aligned(rows_a: np.ndarray, pred_a: np.ndarray, rows_b: np.ndarray, pred_b: np.ndarray,
+            keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two models' predictions on the rows in `keep` that both scored, in row order."""
+    common = np.intersect1d(np.intersect1d(rows_a, rows_b), keep)
+    return (pred_a[np.searchsorted(rows_a, common)] if len(common) else pred_a[:0],
+            pred_b[np.searchsorted(rows_b, common)] if len(common) else pred_b[:0])
+
+
+def mean_uncertainty(probs: np.ndarray) -> float:
+    """Mean entropy of the rows' class probabilities, over log(classes): 0 when every row is
+    certain, 1 when every row is uniform. NaN without rows."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) == 0:
+        return float("nan")
+    if probs.shape[1] < 2:
+        return 0.0
+    entropy = -np.sum(np.where(probs > 0, probs * np.log(np.clip(probs, 1e-300, None)), 0.0), axis=1)
+    return float(np.mean(entropy) / math.log(probs.shape[1]))
+
+
+def is_stable(kappas: Sequence[float], threshold: float, cycles: int) -> bool:
+    """True when each of the last `cycles` agreements is at least `threshold` (a NaN, e.g.
+    cycle 0's, which has no previous model, never counts as stable)."""
+    recent = list(kappas)[-cycles:] if cycles > 0 else []
+    return cycles > 0 and len(recent) == cycles and all(k >= threshold for k in recent)  # NaN >= x: False
