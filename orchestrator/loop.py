@@ -5,10 +5,15 @@ Cycle r (0 … R) first brings the labelled set up to the r-th count of the budg
 the previous model's scores), then trains model r on it. After the last cycle the final model
 predicts every subtomogram of the pool.
 
+Once model r is trained it scores the pool: the next cycle selects from those scores, and after
+the last cycle they are the predictions. Its predictions on the still unlabelled subtomograms,
+compared with model r−1's, say how much the model still changes (Cohen's κ) and how uncertain it
+is; `budget.stop_when_stable` ends the campaign early once κ stays high (orchestrator/stopping.py).
+
 Every step is idempotent and recorded in `state.json` only after its outputs are on disk, so a
 campaign killed at any point is finished by running it again with `--resume`: labels are in the
 ledger (atomic writes), scores and selections are files written whole or not at all, and
-training resumes from its last epoch checkpoint.
+training resumes from its last epoch checkpoint. After every cycle `report.html` is rewritten.
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ from orchestrator.faults import maybe_fault
 from orchestrator.labels import JUNK, LabelLedger
 from orchestrator.oracle import AwaitingLabels, FileOracle, Query, SimulatedOracle, pick_initial
 from orchestrator.pool import PoolInfo, atomic_write_text, open_pool, read_index
-from orchestrator.score import column_array, read_scores, score_pool
+from orchestrator.progress import Display, RowCounter, scoring_watch, training_watch
+from orchestrator.report import number_text, write_report
+from orchestrator.score import column_array, partial_dir, read_scores, score_pool
+from orchestrator.stopping import aligned, cohens_kappa, is_stable, mean_uncertainty
 from orchestrator.storage import RunMirror
 from orchestrator.strategies import Candidates, make_strategy, select, top_k
 from orchestrator.train import CycleJob, model_path, run_training
@@ -89,12 +97,15 @@ class PoolView:
 
 class Campaign:
     def __init__(self, cfg: CampaignConfig, run_dir: Path, info: PoolInfo,
-                 on_cycle: Callable[[dict], None] | None = None, mirror: RunMirror | None = None):
+                 on_cycle: Callable[[dict], None] | None = None, mirror: RunMirror | None = None,
+                 display: Display | None = None):
         """on_cycle: called with each cycle's record once it is trained, in cycle order, also for
         cycles a resumed campaign finds already trained (a sweep reports progress with it).
         mirror: for a run directory at a URI, run_dir is its staging copy and every save
-        uploads it (`orchestrator/storage.py`)."""
+        uploads it (`orchestrator/storage.py`). display: where progress goes (default: stdout,
+        live on a terminal, plain lines elsewhere)."""
         self.cfg = cfg
+        self.display = display or Display()
         self.on_cycle = on_cycle
         self.mirror = mirror
         self.run_dir = Path(run_dir).resolve()  # its paths go to Ray workers (other cwd)
@@ -113,10 +124,11 @@ class Campaign:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
-        print(f"campaign {self.cfg.name}: {len(self.train_rows)} train subtomograms, "
-              f"{self.view.info.num_classes} classes, budget {self.schedule}", flush=True)
+        self.display.line(f"campaign {self.cfg.name}: {len(self.train_rows)} train subtomograms, "
+                          f"{self.view.info.num_classes} classes, budget {self.schedule}")
         for cycle in range(len(self.schedule)):
             record = self._cycle_record(cycle)
+            finished_before = all(record.get(k) for k in ("labelled", "trained", "scored"))
             if not record.get("labelled"):
                 try:
                     self._label_up_to(cycle, record)
@@ -125,15 +137,53 @@ class Campaign:
                     raise
             if not record.get("trained"):
                 self._train(cycle, record)
-            print(_cycle_line(record), flush=True)
+            if not record.get("scored") and not self.state["done"]:
+                self._score_model(cycle, record)
+            self.display.line(_cycle_line(record))
+            if not finished_before:
+                self._report()
             if self.on_cycle is not None:
                 self.on_cycle(dict(record))
+            if self._stops_after(cycle):
+                break
         if not self.state["done"]:
-            write_predictions(self)
+            if self.final_cycle() < len(self.schedule) - 1:  # stopped early: predict with this model
+                folder = self.cycle_dir(self.final_cycle()) / "predictions"
+                with self.display.stage("predict", cycle=self.final_cycle(), total=len(self.view.ids),
+                                        unit="rows", watch=_scoring_watch(folder)):
+                    write_predictions(self)
             after_campaign(self.run_dir, self.view.info)  # predictions.star; copick picks for a copick pool
             self.state["done"] = True
             self._save()
+            self._report()
         return self.state
+
+    def final_cycle(self) -> int:
+        """The cycle whose model predicts: the last of the schedule, or the one it stopped at."""
+        stopped = self.state.get("stopped")
+        return stopped["cycle"] if stopped else len(self.schedule) - 1
+
+    def _stops_after(self, cycle: int) -> bool:
+        """budget.stop_when_stable: end after this cycle once each of the last stable_cycles
+        agreements reaches stable_kappa. Decided when the cycle ends, before the next starts
+        (a campaign already past this cycle goes on), and recorded so a resume stops there too."""
+        stopped = self.state.get("stopped")
+        if stopped:
+            return cycle >= stopped["cycle"]
+        budget = self.cfg.budget
+        if (not budget.stop_when_stable or cycle >= len(self.schedule) - 1
+                or len(self.state["cycles"]) > cycle + 1):
+            return False
+        kappas = [_float(c.get("agreement")) for c in self.state["cycles"][:cycle + 1]]
+        if not is_stable(kappas, budget.stable_kappa, budget.stable_cycles):
+            return False
+        reason = (f"agreement κ ≥ {budget.stable_kappa} in the last {budget.stable_cycles} cycles "
+                  f"({', '.join(f'{k:.3f}' for k in kappas[-budget.stable_cycles:])})")
+        self.state["stopped"] = {"cycle": cycle, "reason": reason}
+        self._save()
+        self.display.line(f"stopping after cycle {cycle}, {self.schedule[cycle]} labels of "
+                          f"{self.schedule[-1]} budgeted: {reason}")
+        return True
 
     def _cycle_record(self, cycle: int) -> dict:
         cycles = self.state["cycles"]
@@ -145,12 +195,15 @@ class Campaign:
         target = self.schedule[cycle]
         have = len(self.ledger.current())
         if have < target:
-            started = time.perf_counter()
-            queries = self._queries(cycle, target - have, record)
-            spent = time.perf_counter() - started
-            record["seconds_select"] = spent - record.get("seconds_score", 0.0)
-            self.oracle.answer(queries, cycle, self.ledger, self.run_dir)
-            maybe_fault("ledger-written")
+            with self.display.stage("select" if cycle else "initial draw", cycle=cycle) as stage:
+                started = time.perf_counter()
+                queries = self._queries(cycle, target - have, record)
+                record["seconds_select"] = time.perf_counter() - started  # the pool was scored before
+                how = f"by {self.cfg.strategy.name}" if cycle else "at random"
+                stage.result = f"{len(queries)} queries {how}"
+                self.oracle.answer(queries, cycle, self.ledger, self.run_dir)
+                maybe_fault("ledger-written")
+                stage.result += f", labelled by the {self.cfg.oracle} oracle"
         labelled = len(self.ledger.current())
         if labelled != target:
             raise CampaignError(f"cycle {cycle}: {labelled} labelled, expected {target}")
@@ -175,16 +228,7 @@ class Campaign:
 
     def _strategy_queries(self, cycle: int, k: int, labelled_rows, record: dict) -> list[Query]:
         strategy = make_strategy(self.cfg.strategy.name, **self.cfg.strategy.options)
-        previous = self.cycle_dir(cycle - 1)
-        not_train = np.setdiff1d(np.arange(len(self.view.ids)), self.train_rows)
-        exclude = not_train if strategy.needs_labelled else np.union1d(not_train, labelled_rows)
-        started = time.perf_counter()
-        scores_dir = score_pool(
-            self.view.info.path, str(model_path(previous)), previous / "scores",
-            strategy=self.cfg.strategy.name, strategy_options=self.cfg.strategy.options,
-            exclude_rows=exclude, cfg=self.cfg.score, seed=self.cfg.seed,
-        )
-        record["seconds_score"] = time.perf_counter() - started
+        scores_dir = self._selection_scores(cycle - 1, strategy, labelled_rows)  # already written
         table = read_scores(scores_dir)
         rows = table.column("row").to_numpy()
         is_labelled = np.isin(rows, labelled_rows)
@@ -229,11 +273,75 @@ class Campaign:
             model=config_to_dict(self.cfg.model), train=train,
             strategy=self.cfg.strategy.name, strategy_options=dict(self.cfg.strategy.options),
         )
-        print(f"cycle {cycle}: training on {len(pairs)} labelled subtomograms", flush=True)
-        started = time.perf_counter()
-        summary = run_training(job, run_name=f"train-c{cycle:02d}")
+        workers = self.cfg.train.num_workers
+        start = f"{len(pairs)} labelled, " + (f"{workers} Ray Train workers" if workers
+                                              else "in this process")
+        with self.display.stage("train", cycle=cycle, unit="epochs", start=start,
+                                watch=training_watch(self.cycle_dir(cycle))) as stage:
+            started = time.perf_counter()
+            summary = run_training(job, run_name=f"train-c{cycle:02d}")
+            epochs = summary["epochs"]
+            stage.result = (f"{epochs} epoch{'s' * (epochs != 1)}, kept epoch {summary['best_epoch'] + 1} "
+                            f"(val {_float(summary['val_accuracy']):.3f}, {summary['classifier']} model)")
         record.update(summary, trained=True, seconds_train=time.perf_counter() - started)
         self._save()
+
+    def _score_model(self, cycle: int, record: dict) -> None:
+        """Model `cycle` over the pool once it is trained: the scores the next cycle selects
+        from or, after the last cycle, the campaign's predictions. Its predictions on the train
+        subtomograms still unlabelled (after this cycle's labels) then give the agreement with
+        model cycle−1's on the same rows, and the pool's uncertainty."""
+        last = cycle == len(self.schedule) - 1
+        labelled = self._labelled_rows()
+        strategy = make_strategy(self.cfg.strategy.name, **self.cfg.strategy.options)
+        folder = self.cycle_dir(cycle) / ("predictions" if last else "scores")
+        total = len(self.view.ids) - (0 if last else len(self._score_exclusions(strategy, labelled)))
+        purpose = "the predictions" if last else "the next selection"
+        with self.display.stage("score", cycle=cycle, total=total, unit="rows",
+                                watch=_scoring_watch(folder)) as stage:
+            started = time.perf_counter()
+            if last:
+                write_predictions(self)
+            else:
+                self._selection_scores(cycle, strategy, labelled)
+            record["seconds_score"] = time.perf_counter() - started
+            stage.result = f"{total:,} rows, for {purpose}"
+        record.update(self._stability(cycle, folder, np.setdiff1d(self.train_rows, labelled)))
+        record["scored"] = True
+        self._save()
+
+    def _score_exclusions(self, strategy, labelled_rows) -> np.ndarray:
+        """Rows a selection pass skips: other splits, and the labelled unless the strategy reads them."""
+        not_train = np.setdiff1d(np.arange(len(self.view.ids)), self.train_rows)
+        return not_train if strategy.needs_labelled else np.union1d(not_train, labelled_rows)
+
+    def _selection_scores(self, cycle: int, strategy, labelled_rows) -> Path:
+        """Model `cycle`'s scores for the next selection (written once; later calls read them)."""
+        folder = self.cycle_dir(cycle)
+        return score_pool(
+            self.view.info.path, str(model_path(folder)), folder / "scores",
+            strategy=self.cfg.strategy.name, strategy_options=self.cfg.strategy.options,
+            exclude_rows=self._score_exclusions(strategy, labelled_rows), cfg=self.cfg.score,
+            seed=self.cfg.seed,
+        )
+
+    def _stability(self, cycle: int, folder: Path, unlabelled: np.ndarray) -> dict:
+        """κ(model cycle−1, model cycle) and mean uncertainty on the `unlabelled` rows, from the
+        two models' scoring passes (model cycle−1's scored these rows for this cycle's selection)."""
+        if not folder.exists():
+            return {}
+        now = read_scores(folder, ["row", "pred", "probs"])
+        rows = now.column("row").to_numpy()
+        keep = np.isin(rows, unlabelled)
+        result = {"uncertainty": mean_uncertainty(column_array(now, "probs")[keep]),
+                  "unlabelled": int(keep.sum())}
+        before = self.cycle_dir(cycle - 1) / "scores"
+        if cycle > 0 and before.exists():
+            earlier = read_scores(before, ["row", "pred"])
+            a, b = aligned(earlier.column("row").to_numpy(), earlier.column("pred").to_numpy(),
+                           rows, now.column("pred").to_numpy(), unlabelled)
+            result["agreement"] = cohens_kappa(a, b, self.view.info.num_classes)
+        return result
 
     def training_pairs(self) -> list[tuple[int, int]]:
         """(pool row, class) of every labelled subtomogram, by row; junk answers are left out."""
@@ -263,6 +371,15 @@ class Campaign:
     def _upload(self) -> None:
         if self.mirror is not None:
             self.mirror.upload()
+
+    def _report(self) -> None:
+        """report.html, from the files just saved; a failure is said, not fatal to the campaign."""
+        try:
+            write_report(self.run_dir)
+        except Exception as err:  # noqa: BLE001 - hours of training outweigh one page
+            self.display.line(f"report.html not written: {type(err).__name__}: {err}")
+            return
+        self._upload()
 
 
 def strategy_training(train: TrainConfig, strategy) -> dict:
@@ -327,7 +444,8 @@ def read_selection(path: Path) -> list[Query]:
 
 METRIC_COLUMNS = [
     "cycle", "labelled", "labelled_fraction", "val_accuracy", "test_accuracy",
-    "seconds_train", "seconds_score", "seconds_select", "best_epoch",
+    "seconds_train", "seconds_score", "seconds_select", "best_epoch", "classifier",
+    "agreement", "uncertainty",
 ]
 
 
@@ -368,7 +486,7 @@ def plot_learning_curve(cycles: list[dict], path: Path) -> None:
 
 def write_predictions(campaign: Campaign) -> Path:
     """The final model's class and probability for every subtomogram of the pool."""
-    final = campaign.cycle_dir(len(campaign.schedule) - 1)
+    final = campaign.cycle_dir(campaign.final_cycle())
     scores_dir = score_pool(
         campaign.view.info.path, str(model_path(final)), final / "predictions",
         strategy="entropy", strategy_options={}, exclude_rows=(), cfg=campaign.cfg.score,
@@ -399,21 +517,35 @@ def write_predictions(campaign: Campaign) -> Path:
 
 
 def _cycle_line(c: dict) -> str:
+    """The cycle's summary: accuracy, then whether the model still changes (κ with the previous
+    cycle's predictions on the unlabelled pool) and how unsure it is of that pool."""
     return (
         f"cycle {c['cycle']}: {c['labelled']} labelled ({100 * c['labelled_fraction']:.1f}%)  "
-        f"val {c.get('val_accuracy', float('nan')):.3f}  test {c.get('test_accuracy', float('nan')):.3f}"
+        f"val {_float(c.get('val_accuracy')):.3f}  test {_float(c.get('test_accuracy')):.3f}  "
+        f"κ {number_text(c.get('agreement'))}  uncertainty {number_text(c.get('uncertainty'))}"
         f"  (train {c.get('seconds_train', 0):.0f} s, score {c.get('seconds_score', 0):.0f} s)"
     )
 
 
 def accuracy_table(cycles: list[dict]) -> str:
-    lines = ["| cycle | labelled | fraction | val acc | test acc |", "|---|---|---|---|---|"]
+    lines = ["| cycle | labelled | fraction | val acc | test acc | κ | uncertainty |",
+             "|---|---|---|---|---|---|---|"]
     for c in cycles:
         lines.append(
             f"| {c['cycle']} | {c['labelled']} | {100 * c['labelled_fraction']:.1f}% | "
-            f"{c.get('val_accuracy', float('nan')):.3f} | {c.get('test_accuracy', float('nan')):.3f} |"
+            f"{_float(c.get('val_accuracy')):.3f} | {_float(c.get('test_accuracy')):.3f} | "
+            f"{number_text(c.get('agreement'))} | {number_text(c.get('uncertainty'))} |"
         )
     return "\n".join(lines)
+
+
+def _scoring_watch(folder: Path):
+    """Follows a scoring pass into `folder` by the rows of the files it has finished."""
+    return scoring_watch(RowCounter(partial_dir(folder), folder))
+
+
+def _float(value) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def _fmt(value) -> str:

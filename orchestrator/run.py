@@ -4,6 +4,7 @@
     python orchestrator/run.py --config paper --set train.epochs=50
     python orchestrator/run.py --resume runs/demo-20261122-101500
     python orchestrator/run.py export runs/demo-20261122-101500 --star classes.star
+    python orchestrator/run.py report runs/demo-20261122-101500     # rebuild its report.html
     python orchestrator/run.py --run-dir s3://bucket/runs/demo --set data.pool=s3://bucket/pools/p
     ray job submit --working-dir . -- python orchestrator/run.py --set train.num_workers=4
 
@@ -11,6 +12,9 @@ Connects to the Ray of `ray job submit` (RAY_ADDRESS) or `--address`; otherwise 
 Ray for the duration of the run. Pools and run directories may be URIs (s3://, gs://, file://):
 see orchestrator/storage.py. A campaign holds its run directory's lock while it runs
 (orchestrator/rundir_lock.py): a second campaign, resume or labelling page on it is refused.
+
+The terminal shows each stage's progress and one line per cycle; Ray's own output goes to
+RUN_DIR/logs/ (orchestrator/raylogs.py), or to the terminal as well with -v.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", help="where to write the run, a path or a URI such as "
                                           "s3://bucket/runs/x (default: RUN_ROOT/NAME-TIMESTAMP)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's own output (workers, Train, Data) as well, "
+                             "not only in RUN_DIR/logs/")
     return parser.parse_args(argv)
 
 
@@ -63,6 +70,10 @@ def main(argv=None) -> int:
         from orchestrator.export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["report"]:  # rebuild a run directory's report.html (no Ray)
+        from orchestrator.report import main as report_main
+
+        return report_main(argv[1:])
     if argv[:1] == ["sweep"]:  # many simulated campaigns on Ray Tune: `run.py sweep --config …`
         from orchestrator.sweep import main as sweep_main
 
@@ -78,35 +89,51 @@ def main(argv=None) -> int:
             lock.release()
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from orchestrator.pool import PoolError
+    from orchestrator.progress import STATUS, Display
+
+    display = Display(live=False if args.verbose else None, status_path=run_dir / STATUS)
+    started = time.perf_counter()
+    try:  # before Ray starts: a bad pool is said at once, and simulating has every CPU
+        info = prepare_pool(cfg, run_dir, display)
+    except PoolError as err:
+        lock.release()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     import ray
 
     from orchestrator.loop import Campaign, accuracy_table
     from orchestrator.oracle import AwaitingLabels
+    from orchestrator.raylogs import RayOutput
 
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    ray.init(
-        address=args.address,
-        runtime_env={"env_vars": {**RAY_ENV_DEFAULTS, "PYTHONPATH": _pythonpath()}}
-        if not (args.address or os.environ.get("RAY_ADDRESS")) else None,
-        logging_config=ray.LoggingConfig(log_level="WARNING"),
-    )
-    started = time.perf_counter()
+    local = not (args.address or os.environ.get("RAY_ADDRESS"))
+    output = RayOutput(run_dir / "logs", verbose=args.verbose)
     try:
-        info = prepare_pool(cfg, run_dir)
-        state = Campaign(cfg, run_dir, info, mirror=mirror).run()
+        with output:
+            ray.init(address=args.address, **output.init_kwargs(), runtime_env={
+                "env_vars": {**RAY_ENV_DEFAULTS, "PYTHONPATH": _pythonpath()}} if local else None)
+            output.started(local)
+            try:
+                state = Campaign(cfg, run_dir, info, mirror=mirror, display=display).run()
+            finally:
+                ray.shutdown()
     except AwaitingLabels as waiting:
         print(str(waiting))
         if mirror is not None:
             print(f"  (the run directory is {mirror.uri}, staged in {run_dir}: put the labels "
                   f"file there or in the staging copy, then --resume {mirror.uri})")
+        if (run_dir / "report.html").is_file():  # from cycle 1 on
+            print(f"report so far: {run_dir / 'report.html'}")
         return 0
     finally:
-        ray.shutdown()
         lock.release()
     print(f"\n{accuracy_table(state['cycles'])}\n")
     where = mirror.uri if mirror is not None else run_dir
     print(f"finished in {time.perf_counter() - started:.0f} s; run directory: {where}")
+    logs = "" if args.verbose else f"; Ray's logs: {run_dir / 'logs'}"
+    print(f"report: {run_dir / 'report.html'}{logs}")
     return 0
 
 
@@ -135,7 +162,7 @@ def prepare_run(args) -> tuple[CampaignConfig, Path, RunMirror | None]:
     return cfg, run_dir, mirror
 
 
-def prepare_pool(cfg: CampaignConfig, run_dir: Path):
+def prepare_pool(cfg: CampaignConfig, run_dir: Path, display):
     """The configured pool, or one simulated into the run directory (kept across resumes)."""
     from orchestrator.pool import PoolError, open_pool
 
@@ -149,8 +176,12 @@ def prepare_pool(cfg: CampaignConfig, run_dir: Path):
     from orchestrator.simulate import load_simulation_config, simulate_pool
 
     sim_cfg = load_simulation_config(cfg.data.simulate, {"seed": cfg.seed, **cfg.data.simulate_overrides})
-    print(f"simulating a pool from preset {cfg.data.simulate!r} into {pool_dir}", flush=True)
-    return simulate_pool(None, sim_cfg, pool_dir, workers=2, overwrite=True)
+    with display.stage("simulate", unit="subtomograms",
+                       start=f"a pool from preset {cfg.data.simulate!r} into {pool_dir}") as stage:
+        info = simulate_pool(None, sim_cfg, pool_dir, workers=2, overwrite=True,
+                             progress=lambda done, total, _: stage.update(done=done, total=total))
+        stage.result = f"{info.n_rows:,} subtomograms, {info.num_classes} classes"
+    return info
 
 
 def _pythonpath() -> str:

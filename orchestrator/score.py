@@ -48,7 +48,7 @@ def score_pool(
     out_dir = Path(out_dir)
     if out_dir.exists():
         return out_dir
-    partial = out_dir.with_name(out_dir.name + ".partial")
+    partial = partial_dir(out_dir)
     shutil.rmtree(partial, ignore_errors=True)
     scorer_kwargs = {
         "model_path": str(Path(model_path).resolve()),
@@ -68,6 +68,11 @@ def score_pool(
         _score_on_ray_data(pool_path, scorer_kwargs, exclude, partial, cfg)
     partial.rename(out_dir)
     return out_dir
+
+
+def partial_dir(out_dir: str | Path) -> Path:
+    """Where a pass writes until it is whole (then renamed to `out_dir`); progress watches it."""
+    return Path(out_dir).with_name(Path(out_dir).name + ".partial")
 
 
 def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, exclude: np.ndarray,

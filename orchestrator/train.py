@@ -63,6 +63,7 @@ from orchestrator.learning import (
 )
 from orchestrator.model import build_model
 from orchestrator.pool import read_volumes
+from orchestrator.progress import report_epoch
 from orchestrator.strategies import make_strategy
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -214,18 +215,18 @@ def train_loop_per_worker(config: dict) -> dict | None:
             augmentation=augmentation if tcfg["augment"] else None,
             generator=torch.Generator().manual_seed(_seed(job.seed, 5, epoch, rank)),
             scheduler=scheduler, amp_dtype=amp_dtype, device=device, scaler=scaler,
-            extra_loss=extra_loss and partial(extra_loss, progress=epoch / plan.epochs),
+            extra_loss=None if extra_loss is None else partial(extra_loss,
+                                                               progress=epoch / plan.epochs),
         )
         progress["epoch"] = epoch + 1
         metrics = {"epoch": epoch, "loss": stats["loss"], "ce": stats["ce"], "reg": stats["reg"],
                    "seconds": time.perf_counter() - started}
         if epoch in plan.evaluate_at:
             metrics.update(_select(job, data, model, mean, aux, epoch, progress, rank, amp_dtype))
-        if rank == 0 and (epoch in plan.evaluate_at or epoch == 0):
-            print(f"  epoch {epoch + 1}/{plan.epochs}  loss {stats['loss']:.3f}"
-                  + (f"  val T {metrics['val_task']:.3f} M {metrics['val_mean']:.3f}"
-                     if "val_task" in metrics else "")
-                  + f"  ({metrics['seconds']:.1f} s)", flush=True)
+        if rank == 0:  # one event per epoch: the driver's progress display follows them
+            report_epoch(job.out_dir, epoch=epoch + 1, epochs=plan.epochs, **{
+                k: metrics[k] for k in ("loss", "seconds", "val_task", "val_mean", "val_accuracy")
+                if k in metrics})
         if epoch in plan.checkpoint_at:
             _report(metrics, rank, {
                 "model": unwrap(model).state_dict(), "mean": mean.state_dict(),

@@ -14,6 +14,9 @@ import pytest
 from orchestrator.pool import PoolWriter
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 # Ray Train polls slowly and watches for preemption by default: both only slow tests down.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -94,3 +97,16 @@ def finished_run(run_dir: Path, pool: Path, pred: list[int], prob: list[float]) 
     rows = list(range(len(pred)))
     pq.write_table(pa.table({"row": rows, "pred": pred, "pred_prob": prob}), run_dir / "predictions.parquet")
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's) driven by Playwright, for the pages people open."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright "
+                                   "(pip install -e '.[test]')")
+    if not CHROMIUM.exists():
+        pytest.skip(f"the browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
