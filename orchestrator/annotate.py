@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +52,7 @@ import pyarrow.parquet as pq
 
 from orchestrator.labels import JUNK, LabelLedger, LabelRecord, LedgerError, parse_label
 from orchestrator.pool import PoolError, PoolInfo, atomic_write_text, decode_volumes, open_pool, read_index
+from orchestrator.progress import STATUS, duration_text
 from orchestrator.rundir_lock import RunDirLock, RunDirLockError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -500,7 +502,17 @@ class Annotator:
                 status["log"] = (self.cycle.folder / RESUME_LOG).read_text(errors="replace")[-4000:]
             except OSError:
                 pass
+            status["waited"] = round(time.time() - status["started"], 1)
+            status["progress"] = self._campaign_progress(status["started"])
         return status
+
+    def _campaign_progress(self, since: float) -> dict | None:
+        """The resumed campaign's current stage (its progress.json), once it has written one."""
+        try:
+            progress = json.loads((self.run_dir / STATUS).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return progress if isinstance(progress, dict) and progress.get("updated", 0) >= since else None
 
     def _reference_counts(self, in_ledger: dict[str, int]) -> list[int]:
         counts = [self.cycle.reference_counts.get(c, 0) for c in range(len(self.names))]
@@ -618,7 +630,8 @@ class Annotator:
             self._dry_run(cycle)
             self.checked = True
             if self.continue_campaign:
-                self.resume = {"state": "running", "log": "", "message": "resuming the campaign…"}
+                self.resume = {"state": "running", "log": "", "message": "resuming the campaign…",
+                               "started": time.time()}
                 threading.Thread(target=self._resume, args=(cycle,), daemon=True).start()
             return self.state()
 
@@ -653,6 +666,7 @@ class Annotator:
                                       stdin=subprocess.DEVNULL, env=env, pass_fds=fds).returncode
             self._lockfile.write_holder()
             tail = log_path.read_text(errors="replace")[-4000:]
+            waited = time.time() - self.resume["started"]
         except OSError as err:
             code, tail = -1, str(err)
         if code != 0:
@@ -667,7 +681,9 @@ class Annotator:
             number = pending_cycle(self.run_dir, set(labels))
             if number is not None and number != cycle.number:
                 self._open(number, labels)
-                message = f"the campaign trained on your labels and now waits for cycle {number}"
+                waited = time.time() - self.resume["started"]  # until the page can show them
+                message = (f"the campaign trained on your labels and now waits for cycle {number}: "
+                           f"its queries were ready {duration_text(waited)} after you pressed Finish")
             elif number is None:
                 with self._lock:
                     self.cycle = None
@@ -678,7 +694,7 @@ class Annotator:
         except (AnnotateError, PoolError, OSError, ValueError) as err:
             message = f"the resume ran, but the next cycle cannot be shown: {err}"
         with self._lock:
-            self.resume = {"state": "done", "log": tail, "message": message}
+            self.resume = {"state": "done", "log": tail, "message": message, "waited": round(waited, 1)}
 
     def _source(self, cycle: Cycle) -> str:
         return "initial" if cycle.number == 0 else "person"  # as FileOracle imports it

@@ -8,6 +8,7 @@ import csv
 import http.client
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -28,9 +29,6 @@ from orchestrator.pool import PoolWriter, read_index
 from orchestrator.rundir_lock import RunDirLock
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HOSTILE_IDS = ["<script>alert(1)</script>", "quo\"te's", "../../etc/passwd",
                "<img src=x onerror=alert(2)>", "a&amp;b\u00e9"]
 HOSTILE_CLASSES = ["<b>ball</b>", "sl\"ab'", "../rod"]
@@ -428,19 +426,47 @@ def test_parse_label_reads_a_cell_as_the_import_does(text, label):
     assert parse_label(text, ["ball", "slab"]) == label
 
 
+# A resume that takes its time: its training stage (progress.json, as run.py's display writes
+# it) lasts until the test creates the file `go`; then it opens cycle 2.
+SLOW_RESUME = FAKE_RESUME.replace('shutil.copytree(', """from orchestrator.progress import STATUS, Display
+import time
+from pathlib import Path
+with Display(open(os.devnull, "w"), status_path=Path(run) / STATUS).stage(
+        "train", cycle=1, total=40, unit="epochs") as stage:
+    stage.update(done=12, info="loss 0.612 · val 0.781")
+    while not Path(sys.argv[3]).exists():
+        time.sleep(0.05)
+shutil.copytree(""").replace("import shutil, sys", "import os, shutil, sys")
+
+
+def test_the_page_shows_the_retraining_then_the_next_queries_and_how_long_they_took(make, browser,
+                                                                                   tmp_path):
+    run_dir, info, queries = make("shapes")
+    following, go = tmp_path / "next-queries", tmp_path / "go"
+    write_queries([Query(r, f"train-{r:04d}", "synthetic") for r in (12, 13, 14)], following, info)
+    command = [sys.executable, "-c", SLOW_RESUME, str(run_dir), str(following), str(go)]
+    with serving(run_dir, continue_campaign=True, command=command) as server:
+        for q in queries:
+            post(server, "/api/label", {"subtomo_id": q.subtomo_id, "label": 0, "expect": None})
+        page = browser.new_page()
+        page.goto(server.url)
+        wait_progress(page, "6 of 6 labelled")
+        page.click("#finish")
+        page.wait_for_function("() => document.getElementById('retrain-text').textContent"
+                               ".startsWith('cycle 1 · train · 12/40 epochs · loss 0.612 · val 0.781')",
+                               timeout=20_000)
+        assert page.is_visible("#retrain-bar") and "waiting" in page.text_content("#retrain-text")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "annotate-retraining.png"))
+        go.touch()
+        wait_progress(page, "0 of 3 labelled")  # cycle 2, with no reload
+        done_text = page.text_content("#done-text")
+        page.close()
+    assert re.search(r"now waits for cycle 2: its queries were ready \d+ s after you pressed Finish",
+                     done_text), done_text
+
+
 # -- a person in a browser -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser tests need playwright "
-                                   "(pip install -e '.[test]')")
-    if not CHROMIUM.exists():
-        pytest.skip(f"the browser tests need Debian's chromium at {CHROMIUM} (apt-get install chromium)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def wait_progress(page, text: str) -> None:
