@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Collection, Iterable, Sequence
 
 from orchestrator.faults import maybe_fault
-from orchestrator.pool import fsync_dir, write_error
+from orchestrator.pool import JUNK, fsync_dir, write_error
 
-JUNK = -1
 LEDGER_FILE = "labels.csv"
 FIELDS = ("subtomo_id", "label", "cycle", "source", "annotator", "time")
 SOURCES = ("simulated_oracle", "person", "import", "initial")

@@ -8,9 +8,10 @@ shards that Ray Data (and the plain readers here) stream shard by shard. Layout:
 
 Columns: `row` (position in the pool), `subtomo_id` (unique), `volume` (fixed-size binary of
 box voxels in [z, y, x] order, `dtype`), `source` (file and section it came from),
-`voxel_size_A` (null = unknown), `label` (ground truth where known), `split`, `tomogram`,
-`x`, `y`, `z`. Nothing here loads the whole pool into memory, except the small index
-(every column but `volume`).
+`voxel_size_A` (null = unknown), `label` (ground truth where known: a class index, or
+JUNK = -1 for a non-particle, as the ledger spells it), `split`, `tomogram`, `x`, `y`, `z`.
+Nothing here loads the whole pool into memory, except the small index (every column but
+`volume`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ SHARD_DIR = "shards"
 FORMAT_VERSION = 1
 VOLUME_DTYPES = ("float16", "float32")
 ROW_GROUP_MB = 16  # volumes per Parquet row group, at most: bounds writer and reader memory
+# A row whose ground truth is "not a particle" (empty noise, a carbon edge, a fragment, ...):
+# the ledger's junk answer (orchestrator/labels.py imports it from here). Not a class, so it
+# never counts in num_classes and never in an accuracy.
+JUNK = -1
 INDEX_COLUMNS = (
     "row", "subtomo_id", "source", "voxel_size_A", "label", "split", "tomogram", "x", "y", "z",
 )
@@ -185,8 +190,9 @@ class PoolWriter:
         volume = np.asarray(volume)
         if volume.shape != self.box:
             raise PoolError(f"volume shape {volume.shape} differs from the pool's box {self.box}")
-        if label is not None and self.class_names and not 0 <= int(label) < len(self.class_names):
-            raise PoolError(f"label {label} outside 0..{len(self.class_names) - 1}")
+        if (label is not None and self.class_names and int(label) != JUNK
+                and not 0 <= int(label) < len(self.class_names)):
+            raise PoolError(f"label {label} outside 0..{len(self.class_names) - 1} (or {JUNK}: junk)")
         if self.normalisation == "zscore":
             volume = zscore(volume)
         elif not np.isfinite(volume).all():

@@ -39,7 +39,7 @@ import yaml
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from orchestrator.pool import PoolInfo, PoolWriter
+from orchestrator.pool import JUNK, PoolInfo, PoolWriter
 from orchestrator.volumes import MRC_SUFFIXES, read_sections
 
 log = logging.getLogger("cryoal.simulate")
@@ -54,6 +54,9 @@ PLAUSIBLE_VOXEL_A = (2.0, 30.0)  # header voxel sizes outside this are likely a 
 # Peak bytes per voxel of a resampled map while it is prepared (zoom output, the float64
 # coordinate grids of structure_extent, masks): 46.8 measured with tracemalloc on a 160³ map.
 PREPARE_BYTES_PER_VOXEL = 48
+# Non-particles a picker also returns (docs/SIMULATOR.md, "Junk"): noise with no particle,
+# a carbon or ice edge, a fragment of a structure, a particle far off-centre.
+JUNK_KINDS = ("empty", "edge", "fragment", "off_centre")
 
 
 class SimulationError(ValueError):
@@ -88,10 +91,15 @@ class SimulationConfig:
     input_voxel_size_A: float | None = None  # for maps whose header has no voxel size
     seed: int = 0  # everything random derives from (seed, sample index)
     dtype: str = "float16"  # volume storage in the pool
+    # Real picks hold non-particles that uncertainty strategies love to query: this share of
+    # the pool's subtomograms is junk (label JUNK, answered "junk" by the simulated oracle).
+    junk_fraction: float = 0.0
+    junk_kinds: tuple[str, ...] = JUNK_KINDS  # which non-particles, in turn
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defocus_um", tuple(float(v) for v in self.defocus_um))
         object.__setattr__(self, "snr", float(self.snr))
+        object.__setattr__(self, "junk_kinds", tuple(str(k) for k in self.junk_kinds))
         fractions_ok = (self.val_fraction >= 0 and self.test_fraction >= 0
                         and self.val_fraction + self.test_fraction < 1)
         low, high = (self.defocus_um + (0.0, 0.0))[:2]
@@ -122,16 +130,25 @@ class SimulationConfig:
             (unset_or_positive(self.pdb_resolution_A), "pdb_resolution_A", "> 0 or None"),
             (unset_or_positive(self.input_voxel_size_A), "input_voxel_size_A", "> 0 or None"),
             (self.dtype in ("float16", "float32"), "dtype", "'float16' or 'float32'"),
+            (0 <= self.junk_fraction < 1, "junk_fraction", "in [0, 1)"),
+            (len(self.junk_kinds) > 0 and set(self.junk_kinds) <= set(JUNK_KINDS), "junk_kinds",
+             f"a non-empty list of {', '.join(JUNK_KINDS)}"),
         ]
         for holds, name, rule in rules:  # `holds` is False for NaN, which fails every rule
             if not holds:
                 raise SimulationError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
-    def split_sizes(self) -> dict[str, int]:
-        """Per class: how many subtomograms go to train / val / test."""
-        n_val = round(self.per_class * self.val_fraction)
-        n_test = round(self.per_class * self.test_fraction)
-        return {"train": self.per_class - n_val - n_test, "val": n_val, "test": n_test}
+    def split_sizes(self, count: int | None = None) -> dict[str, int]:
+        """Per class (or of `count` subtomograms): how many go to train / val / test."""
+        count = self.per_class if count is None else count
+        n_val = round(count * self.val_fraction)
+        n_test = round(count * self.test_fraction)
+        return {"train": count - n_val - n_test, "val": n_val, "test": n_test}
+
+    def junk_count(self, n_classes: int) -> int:
+        """Junk subtomograms beside n_classes × per_class particles: junk_fraction of the pool."""
+        particles = n_classes * self.per_class
+        return round(self.junk_fraction * particles / (1 - self.junk_fraction))
 
 
 # Presets are tune_configs/data_<name>.yaml; a dict literal so an unknown name lists the valid ones.
@@ -149,7 +166,7 @@ def _coerce(name: str, value):
     if name in ("snr", "voxel_size_A", "val_fraction", "test_fraction", "tilt_range_deg",
                 "tilt_step_deg", "voltage_kv", "cs_mm", "amplitude_contrast",
                 "envelope_fraction", "noise_ctf_weight", "max_shift_fraction",
-                "pdb_resolution_A", "input_voxel_size_A"):
+                "pdb_resolution_A", "input_voxel_size_A", "junk_fraction"):
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -166,6 +183,8 @@ def _coerce(name: str, value):
         except (TypeError, ValueError):
             message = f"defocus_um must be two numbers [low, high], got {value!r}"
             raise SimulationError(message) from None
+    if name == "junk_kinds":
+        return tuple(value.replace(",", " ").split()) if isinstance(value, str) else tuple(value)
     return str(value)
 
 
@@ -1017,6 +1036,107 @@ def _fourier_imaging(volume, cfg, defocus_A, rng) -> tuple[np.ndarray, np.ndarra
     return signal, sfft.irfftn(spectrum, s=shape)
 
 
+# Junk: what a picker returns that is not a particle ---------------------------------------
+
+
+def simulate_junk(
+    kind: str,
+    structures: Sequence[PreparedStructure],
+    cfg: SimulationConfig,
+    rng: np.random.Generator,
+    return_parts: bool = False,
+) -> np.ndarray | SimulatedParts:
+    """One non-particle [box]³ float32, z-scored, imaged like a particle: the same CTF (defocus
+    drawn the same way), missing wedge and two noise terms (docs/SIMULATOR.md, "Junk").
+
+    - ``empty``: the noise a particle's subtomogram would have, without the particle (the
+      particle only sets the noise level; at SNR ∞ the noise of SNR 1: an empty, noise-free box
+      is constant);
+    - ``edge``: a carbon or ice film 4–12 voxels thick, tilted up to 30° from the x-y plane
+      (the grid), ending in a straight edge that passes within a quarter box of the centre;
+    - ``fragment``: 25–60% of a structure's density, cut off by a random plane, posed like a
+      particle;
+    - ``off_centre``: a whole structure centred 30–45% of the box away from the box centre (a
+      pick beside a particle), partly cropped away.
+
+    `structures` are the pool's prepared structures; one is drawn for every kind but ``edge``.
+    Draw order: structure, geometry, defocus, noise.
+    """
+    if kind not in JUNK_KINDS:
+        raise SimulationError(f"junk kind {kind!r} is not one of {', '.join(JUNK_KINDS)}")
+    box, n = cfg.box, cfg.box + 2 * cfg.pad
+    centre = np.full(3, (n - 1) / 2)
+    rotation, shift = Rotation.identity(), np.zeros(3)
+    if kind == "edge":
+        volume = _film_edge(n, box, rng)
+    else:
+        target = structures[rng.integers(len(structures))]
+        rotation = _random_rotation(rng)
+        if kind == "fragment":
+            target = _fragment(target, box, rng)
+        if kind == "off_centre":
+            shift = _unit(rng) * rng.uniform(0.3, 0.45) * box
+        elif kind == "fragment":
+            room = min(cfg.max_shift_fraction * box, max(0.0, (box - target.extent) / 2))
+            shift = rng.uniform(-room, room, 3)
+        volume = _pose(target, rotation, centre + shift, n)
+    defocus_um = float(rng.uniform(*cfg.defocus_um))
+    imaging_cfg = cfg
+    if kind == "empty" and math.isinf(cfg.snr):
+        imaging_cfg = dataclasses.replace(cfg, snr=1.0)
+    imaging = _tilt_series_reconstruction if cfg.reconstruction == "wbp" else _fourier_imaging
+    signal, noise = imaging(volume, imaging_cfg, defocus_um * 1e4, rng)
+    if kind == "empty":  # the particle set the noise level only
+        signal = np.zeros_like(signal)
+    out = _zscore(signal + noise)
+    if not return_parts:
+        return out
+    return SimulatedParts(out, signal, noise, rotation.as_matrix(), shift, defocus_um)
+
+
+def _film_edge(n: int, box: int, rng: np.random.Generator) -> np.ndarray:
+    """A film (density 1) tilted up to 30° from the x-y plane, 4–12 voxels thick, ending in a
+    straight edge; soft (0.75 voxel) borders, tapered to 0 over the padding so that the periodic
+    filtering sees no cut at the grid's border."""
+    tilt, turn = math.radians(rng.uniform(0.0, 30.0)), rng.uniform(0.0, 2 * math.pi)
+    normal = np.array([math.cos(tilt), math.sin(tilt) * math.sin(turn),
+                       math.sin(tilt) * math.cos(turn)])  # (z, y, x)
+    along = _unit(rng)
+    along -= (along @ normal) * normal
+    along /= np.linalg.norm(along)
+    thickness = rng.uniform(4.0, 12.0)
+    offset = rng.uniform(-0.15, 0.15) * box
+    edge = rng.uniform(-0.25, 0.25) * box
+    r = np.indices((n, n, n), dtype=np.float32) - np.float32((n - 1) / 2)
+    height = np.tensordot(normal.astype(np.float32), r, axes=1)
+    across = np.tensordot(along.astype(np.float32), r, axes=1)
+    width = np.float32(0.75)
+    film = _sigmoid((thickness / 2 - np.abs(height - offset)) / width)
+    film *= _sigmoid((across - edge) / width)
+    margin = max((n - box) // 2, 1)
+    ramp = np.clip(np.minimum(np.arange(n), n - 1 - np.arange(n)) / margin, 0.0, 1.0)
+    taper = np.sin(0.5 * math.pi * ramp).astype(np.float32) ** 2
+    return (film * taper[:, None, None] * taper[None, :, None] * taper[None, None, :]).astype(np.float32)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # tanh: no overflow warnings
+
+
+def _fragment(structure: PreparedStructure, box: int, rng: np.random.Generator) -> PreparedStructure:
+    """The part of `structure` beyond a random plane holding 25–60% of its mass, re-centred."""
+    density = structure.density
+    direction = _unit(rng)
+    keep_share = rng.uniform(0.25, 0.6)
+    r = np.indices(density.shape, dtype=np.float64).reshape(3, -1).T - structure.centre
+    along = r @ direction
+    order = np.argsort(along)[::-1]  # farthest along the direction first
+    mass = np.cumsum(density.ravel()[order], dtype=np.float64)
+    cut = along[order][min(np.searchsorted(mass, keep_share * mass[-1]), len(order) - 1)]
+    piece = np.where((along >= cut).reshape(density.shape), density, 0.0).astype(np.float32)
+    return prepare_structure(piece, box, f"{structure.name} fragment")
+
+
 # Weighted back-projection of a real tilt series -------------------------------------------
 
 
@@ -1114,13 +1234,19 @@ def _as_structures(structures, cfg: SimulationConfig) -> tuple[list[str], list[n
 
 def _plan(cfg: SimulationConfig, n_classes: int) -> list[tuple[int, int, int, str]]:
     """Rows in pool order: (sample index, class, index within class, split). Sample indices are
-    class-major; the pool order is a seeded shuffle so any prefix of the pool mixes classes."""
+    class-major; the pool order is a seeded shuffle so any prefix of the pool mixes classes.
+    Junk rows (class JUNK, index within the junk) come after the particles' sample indices and
+    are split like a class; without junk the plan is what it was before junk existed."""
     sizes = cfg.split_sizes()
     split_of = [s for s in SPLITS for _ in range(sizes[s])]
     rows = [
         (c * cfg.per_class + j, c, j, split_of[j])
         for c in range(n_classes) for j in range(cfg.per_class)
     ]
+    n_junk = cfg.junk_count(n_classes)
+    junk_sizes = cfg.split_sizes(n_junk)
+    junk_split = [s for s in SPLITS for _ in range(junk_sizes[s])]
+    rows += [(len(rows) + j, JUNK, j, junk_split[j]) for j in range(n_junk)]
     shuffle = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(2**31,)))
     order = shuffle.permutation(len(rows))
     return [rows[i] for i in order]
@@ -1133,13 +1259,19 @@ def _init_worker(prepared: list[PreparedStructure], cfg: SimulationConfig) -> No
     _WORKER["prepared"], _WORKER["cfg"] = prepared, cfg
 
 
-def _simulate_chunk(tasks: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Worker: (sample index, class) → volumes, z-scored float32."""
+def _simulate_chunk(tasks: list[tuple[int, int, int]]) -> list[np.ndarray]:
+    """Worker: (sample index, class, index within class) → volumes, z-scored float32."""
     prepared, cfg = _WORKER["prepared"], _WORKER["cfg"]
     return [
-        simulate_subtomogram(prepared[c], cfg, sample_rng(cfg.seed, i), neighbours=prepared)
-        for i, c in tasks
+        simulate_junk(junk_kind(cfg, j), prepared, cfg, sample_rng(cfg.seed, i)) if c == JUNK
+        else simulate_subtomogram(prepared[c], cfg, sample_rng(cfg.seed, i), neighbours=prepared)
+        for i, c, j in tasks
     ]
+
+
+def junk_kind(cfg: SimulationConfig, index: int) -> str:
+    """The kind of the index-th junk subtomogram: cfg.junk_kinds in turn, so each is as common."""
+    return cfg.junk_kinds[index % len(cfg.junk_kinds)]
 
 
 def _chunks(items: list, size: int):
@@ -1168,7 +1300,9 @@ def simulate_pool(
 
     `structures`: (names, densities) as load_structures returns, a source string for it, or None
     (= cfg.structures). Rows carry label, class names and a split ("train"/"val"/"test"),
-    stratified per class. The same cfg gives byte-identical files for any `workers`.
+    stratified per class; with cfg.junk_fraction, junk rows (label JUNK, id
+    ``junk-<kind>-<index>``) too, split the same way. The same cfg gives byte-identical files
+    for any `workers`.
     """
     names, densities = _as_structures(structures, cfg)
     prepared = [prepare_structure(d, cfg.box, name) for name, d in zip(names, densities)]
@@ -1178,7 +1312,7 @@ def simulate_pool(
         {**dataclasses.asdict(cfg), "snr": "inf" if math.isinf(cfg.snr) else cfg.snr},
         sort_keys=True,
     )
-    chunks = list(_chunks([(i, c) for i, c, _, _ in plan], chunk_size))
+    chunks = list(_chunks([(i, c, j) for i, c, j, _ in plan], chunk_size))
     started, last_report, done = time.perf_counter(), time.perf_counter(), 0
 
     with PoolWriter(out_path, cfg.box, dtype=cfg.dtype, class_names=names,
@@ -1189,8 +1323,13 @@ def simulate_pool(
             nonlocal done, last_report
             for volume in volumes:
                 _, c, j, split = next(rows)
-                writer.add(f"{names[c]}-{j:06d}", volume, source=f"simulated:{names[c]}",
-                           voxel_size_A=cfg.voxel_size_A, label=c, split=split)
+                if c == JUNK:
+                    kind = junk_kind(cfg, j)
+                    sid, source = f"junk-{kind}-{j:06d}", f"simulated:junk:{kind}"
+                else:
+                    sid, source = f"{names[c]}-{j:06d}", f"simulated:{names[c]}"
+                writer.add(sid, volume, source=source, voxel_size_A=cfg.voxel_size_A, label=c,
+                           split=split)
             done += len(volumes)
             if report and (time.perf_counter() - last_report > 5 or done == len(plan)):
                 report(done, len(plan), started)
@@ -1228,7 +1367,8 @@ def write_preview(
     """A PNG montage, one row per class: central XY / XZ / YZ slices at cfg.snr, then at SNR ∞.
 
     Each class is shown unrotated and unshifted at mid defocus, so rows compare like with like;
-    the noisy and clean columns share the pose (XZ and YZ show the missing wedge's elongation)."""
+    the noisy and clean columns share the pose (XZ and YZ show the missing wedge's elongation).
+    With cfg.junk_fraction, one more row per junk kind, posed at random as in the pool."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1246,6 +1386,13 @@ def write_preview(
         defocus_A = float(np.mean(cfg.defocus_um)) * 1e4
         signal, noise = imaging(posed, fixed, defocus_A, sample_rng(cfg.seed, 2**40 + c))
         columns.append((_zscore(signal + noise), _zscore(signal)))
+    if cfg.junk_fraction:
+        prepared = [prepare_structure(d, cfg.box, name) for name, d in zip(names, densities)]
+        for i, kind in enumerate(cfg.junk_kinds):
+            parts = simulate_junk(kind, prepared, cfg, sample_rng(cfg.seed, 2**41 + i), True)
+            clean = _zscore(parts.signal) if parts.signal.any() else parts.signal
+            columns.append((parts.volume, clean))
+            names = [*names, f"junk: {kind}"]
     c = cfg.box // 2
     snr_text = "∞" if math.isinf(cfg.snr) else f"{cfg.snr:g}"
     titles = [f"{plane} SNR {text}" for text in (snr_text, "∞") for plane in ("XY", "XZ", "YZ")]
@@ -1331,9 +1478,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             info = simulate_pool(structures, cfg, args.out, workers=args.workers,
                                  overwrite=args.overwrite)
             sizes = cfg.split_sizes()
-            counts = ", ".join(f"{sizes[s] * info.num_classes} {s}" for s in SPLITS)
-            print(f"wrote {info.n_rows} subtomograms of {info.num_classes} classes ({counts}) "
-                  f"to {info.path}", file=sys.stderr)
+            junk = cfg.split_sizes(cfg.junk_count(info.num_classes))
+            counts = ", ".join(f"{sizes[s] * info.num_classes + junk[s]} {s}" for s in SPLITS)
+            of_which = f", {sum(junk.values())} of them junk" if sum(junk.values()) else ""
+            print(f"wrote {info.n_rows} subtomograms of {info.num_classes} classes ({counts}"
+                  f"{of_which}) to {info.path}", file=sys.stderr)
     except ValueError as err:  # SimulationError, and the pool's and volume reader's errors
         print(f"cryoal-simulate: error: {err}", file=sys.stderr)
         return 2

@@ -115,6 +115,16 @@ def test_duplicate_id_is_refused(tmp_path):
     assert writer.close().n_rows == 1
 
 
+def test_a_junk_row_keeps_label_minus_one_but_another_label_outside_the_classes_is_refused(tmp_path):
+    writer = PoolWriter(tmp_path / "pool", BOX, class_names=("a", "b"))
+    writer.add("junk", volumes(1)[0], source="x", label=-1)
+    for bad in (2, -2):
+        with pytest.raises(PoolError, match=rf"label {bad} outside 0..1 \(or -1: junk\)"):
+            writer.add(f"bad{bad}", volumes(1, seed=1)[0], source="y", label=bad)
+    info = writer.close()
+    assert (read_index(info.path).column("label").to_pylist(), info.num_classes) == ([-1], 2)
+
+
 def test_volume_of_the_wrong_box_is_refused(tmp_path):
     writer = PoolWriter(tmp_path / "pool", BOX)
     with pytest.raises(PoolError, match="differs from the pool's box"):

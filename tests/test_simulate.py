@@ -361,6 +361,102 @@ def test_snr_inf_is_accepted_from_yaml(tmp_path):
     assert (cfg.snr, cfg.defocus_um) == (math.inf, (2.0, 4.0))
 
 
+# ----------------------------------------------------------------------------- junk
+
+
+@pytest.fixture(scope="module")
+def three_classes():
+    names, densities = sim.load_structures("builtin:3")
+    return [sim.prepare_structure(d, 32, n) for n, d in zip(names, densities)]
+
+
+def test_junk_fraction_makes_that_share_of_the_pool_junk_in_every_split(tmp_path):
+    cfg = sim.SimulationConfig(structures="builtin:3", per_class=8, junk_fraction=0.2,
+                               val_fraction=0.25, test_fraction=0.25, seed=3)
+    one = sim.simulate_pool(None, cfg, tmp_path / "one", workers=1, progress=False)
+    two = sim.simulate_pool(None, cfg, tmp_path / "two", workers=2, progress=False, chunk_size=5)
+    index = read_index(one.path).to_pydict()
+    junk = [(sid, split, source) for sid, label, split, source
+            in zip(index["subtomo_id"], index["label"], index["split"], index["source"]) if label == -1]
+    assert (one.n_rows, len(junk), one.num_classes) == (30, 6, 3)  # 6 / 30 = 0.2
+    assert sorted(split for _, split, _ in junk) == ["test", "test", "train", "train", "val", "val"]
+    kinds = sorted(sid.rsplit("-", 1)[0] for sid, _, _ in junk)
+    assert kinds == ["junk-edge", "junk-edge", "junk-empty", "junk-empty", "junk-fragment",
+                     "junk-off_centre"]
+    assert all(source == "simulated:" + sid.rsplit("-", 1)[0].replace("-", ":") for sid, _, source in junk)
+    assert pool_digest(Path(one.path)) == pool_digest(Path(two.path))
+
+
+def test_without_junk_the_plan_is_the_one_before_junk_existed():
+    cfg = sim.SimulationConfig(structures="builtin:3", per_class=6, seed=5)
+    rows = [(c * 6 + j, c, j, split) for c in range(3) for j, split in enumerate(
+        ["train"] * 4 + ["val"] + ["test"])]
+    order = np.random.default_rng(np.random.SeedSequence(5, spawn_key=(2**31,))).permutation(18)
+    assert sim._plan(cfg, 3) == [rows[i] for i in order]
+
+
+@pytest.mark.parametrize("kind", sim.JUNK_KINDS)
+def test_every_kind_of_junk_keeps_the_missing_wedge_and_is_z_scored(three_classes, kind):
+    cfg = sim.SimulationConfig(snr=0.05)
+    parts = sim.simulate_junk(kind, three_classes, cfg, sim.sample_rng(0, 1), return_parts=True)
+    power = np.abs(np.fft.fftn(parts.signal + parts.noise)) ** 2
+    inside = wedge_mask(cfg.box)
+    assert power[inside].sum() / power[~inside].sum() < 0.01
+    assert abs(float(parts.volume.mean())) < 1e-4 and float(parts.volume.std()) == pytest.approx(1, abs=1e-4)
+
+
+def test_empty_junk_is_a_particles_noise_without_the_particle(three_classes):
+    cfg = sim.SimulationConfig(snr=0.05)
+    empty = sim.simulate_junk("empty", three_classes, cfg, sim.sample_rng(0, 2), return_parts=True)
+    assert float(np.abs(empty.signal).max()) == 0.0 and float(empty.noise.var()) > 0
+    noise_free = sim.SimulationConfig(snr=math.inf)
+    still_noise = sim.simulate_junk("empty", three_classes, noise_free, sim.sample_rng(0, 2))
+    assert float(still_noise.std()) == pytest.approx(1.0, abs=1e-4)  # not a constant box
+
+
+def test_an_off_centre_pick_puts_the_particles_signal_far_from_the_box_centre(three_classes):
+    cfg = sim.SimulationConfig(snr=0.05)
+    centre = (cfg.box - 1) / 2
+    for i in range(4):
+        junk = sim.simulate_junk("off_centre", three_classes, cfg, sim.sample_rng(0, i), True)
+        particle = simulate(three_classes[i % 3], cfg, 0, i)
+        off, on = (energy_centre(p.signal) - centre for p in (junk, particle))
+        assert np.linalg.norm(off) > 8 > 4 > np.linalg.norm(on)
+        assert 0.3 * cfg.box <= np.linalg.norm(junk.shift) <= 0.45 * cfg.box
+
+
+def energy_centre(volume):
+    energy = volume.astype(np.float64) ** 2
+    return np.array([(g * energy).sum() / energy.sum() for g in np.indices(volume.shape)])
+
+
+def test_a_fragment_holds_a_quarter_to_three_fifths_of_a_structure(three_classes):
+    for i in range(6):
+        whole = three_classes[i % 3]
+        piece = sim._fragment(whole, 32, sim.sample_rng(0, i))
+        share = piece.density.sum() / whole.density.sum()
+        assert 0.24 <= share <= 0.61
+        assert piece.extent < whole.extent + 1
+
+
+def test_an_edge_is_a_film_crossing_part_of_the_box():
+    for i in range(6):
+        film = sim._film_edge(48, 32, sim.sample_rng(0, i))
+        crop = film[8:40, 8:40, 8:40]
+        assert 0.03 < float((crop > 0.5).mean()) < 0.6
+        assert float(film.min()) >= 0 and float(film.max()) <= 1
+        assert float(np.abs(film[0]).max()) == 0.0  # tapered off at the padded grid's border
+
+
+def test_junk_settings_are_checked_and_read_from_text():
+    with pytest.raises(sim.SimulationError, match=r"junk_fraction must be in \[0, 1\)"):
+        sim.SimulationConfig(junk_fraction=1.0)
+    with pytest.raises(sim.SimulationError, match="junk_kinds must be.*empty, edge, fragment, off_centre"):
+        sim.SimulationConfig(junk_kinds=("empty", "dust"))
+    cfg = sim.load_simulation_config(None, {"junk_fraction": "0.2", "junk_kinds": "empty,edge"})
+    assert (cfg.junk_fraction, cfg.junk_kinds, cfg.junk_count(10)) == (0.2, ("empty", "edge"), 150)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
