@@ -139,6 +139,14 @@ class BudgetConfig:
 class StrategyConfig:
     name: str = "ema_kl"
     options: dict = field(default_factory=dict)  # e.g. {distance: js, order: lowest}
+    # cycle 0: a seeded random draw, or typiclust (typical members of clusters of the volumes'
+    # radial features: TypiClust's cold start for tiny budgets, orchestrator/cold_start.py)
+    initial: str = "random"
+    initial_options: dict = field(default_factory=dict)  # typiclust's, e.g. {max_clusters: 200}
+
+    def __post_init__(self):
+        if self.initial not in ("random", "typiclust"):
+            raise ConfigError(f"strategy.initial: {self.initial!r} is not one of ['random', 'typiclust']")
 
 
 @dataclass(frozen=True)

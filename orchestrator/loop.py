@@ -31,9 +31,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.cold_start import typiclust_initial
 from orchestrator.config import BudgetConfig, CampaignConfig, TrainConfig, config_to_dict
 from orchestrator.export import after_campaign
 from orchestrator.faults import maybe_fault
+from orchestrator.history import read_history
 from orchestrator.labels import JUNK, LabelLedger
 from orchestrator.oracle import AwaitingLabels, FileOracle, Query, SimulatedOracle, pick_initial
 from orchestrator.pool import PoolInfo, atomic_write_text, open_pool, read_index
@@ -42,10 +44,11 @@ from orchestrator.report import number_text, write_report
 from orchestrator.score import column_array, partial_dir, read_scores, score_pool
 from orchestrator.stopping import aligned, cohens_kappa, is_stable, mean_uncertainty
 from orchestrator.storage import RunMirror
-from orchestrator.strategies import Candidates, make_strategy, select, top_k
+from orchestrator.strategies import Candidates, make_strategy, select_with_record, top_k
 from orchestrator.train import CycleJob, model_path, run_training
 
 STATE = "state.json"
+UNKNOWN = -2  # PoolView.truth of a row with no ground truth (JUNK, -1, is a known answer)
 
 
 class CampaignError(RuntimeError):
@@ -79,17 +82,22 @@ class PoolView:
     info: PoolInfo
     ids: np.ndarray  # str, by row
     split: np.ndarray  # str, by row ("train" where the pool has no split)
-    truth: np.ndarray  # int, by row; -1 where unknown
+    truth: np.ndarray  # int, by row: a class, JUNK (not a particle) or UNKNOWN
 
     @classmethod
     def load(cls, info: PoolInfo) -> "PoolView":
         index = read_index(info.path, ["row", "subtomo_id", "split", "label"]).sort_by("row")
         split = np.asarray(index.column("split").fill_null("train").to_pylist())
-        truth = index.column("label").fill_null(-1).to_numpy().astype(np.int64)
+        truth = index.column("label").fill_null(UNKNOWN).to_numpy().astype(np.int64)
         return cls(info, np.asarray(index.column("subtomo_id").to_pylist()), split, truth)
 
     def rows_of(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == split)
+
+    def scored_rows_of(self, split: str) -> np.ndarray:
+        """The split's rows of a real class: accuracy is measured on particles only (a junk
+        row has no class to get right)."""
+        return np.flatnonzero((self.split == split) & (self.truth >= 0))
 
     def row_of(self) -> dict[str, int]:
         return {sid: r for r, sid in enumerate(self.ids)}
@@ -199,7 +207,8 @@ class Campaign:
                 started = time.perf_counter()
                 queries = self._queries(cycle, target - have, record)
                 record["seconds_select"] = time.perf_counter() - started  # the pool was scored before
-                how = f"by {self.cfg.strategy.name}" if cycle else "at random"
+                chooser = self.cfg.strategy.name if cycle else self.cfg.strategy.initial
+                how = "at random" if not cycle and chooser == "random" else f"by {chooser}"
                 stage.result = f"{len(queries)} queries {how}"
                 self.oracle.answer(queries, cycle, self.ledger, self.run_dir)
                 maybe_fault("ledger-written")
@@ -213,18 +222,24 @@ class Campaign:
     def _queries(self, cycle: int, k: int, record: dict) -> list[Query]:
         selection_file = self.cycle_dir(cycle) / "selection.csv"
         if selection_file.exists():  # chosen before a crash: ask the same again
-            return read_selection(selection_file)
+            return _counted(read_selection(selection_file), record)
         labelled_rows = self._labelled_rows()
         if cycle == 0:
             unlabelled = np.setdiff1d(self.train_rows, labelled_rows)
-            picks = pick_initial(unlabelled, k, self.cfg.seed)
-            queries = [Query(int(r), str(self.view.ids[r]), self._source(r)) for r in picks]
+            initial = self.cfg.strategy.initial
+            if initial == "typiclust":  # cold start: typical members of clusters, no model yet
+                picks = typiclust_initial(self.view.info.path, unlabelled, k, self.cfg.seed,
+                                          self.cfg.strategy.initial_options)
+            else:
+                picks = pick_initial(unlabelled, k, self.cfg.seed)
+            queries = [Query(int(r), str(self.view.ids[r]), self._source(r), chosen_by=initial)
+                       for r in picks]
         else:
             queries = self._strategy_queries(cycle, k, labelled_rows, record)
         maybe_fault("selection-chosen")
         write_selection(selection_file, queries)
         maybe_fault("selection-written")
-        return queries
+        return _counted(queries, record)
 
     def _strategy_queries(self, cycle: int, k: int, labelled_rows, record: dict) -> list[Query]:
         strategy = make_strategy(self.cfg.strategy.name, **self.cfg.strategy.options)
@@ -236,26 +251,34 @@ class Campaign:
         candidates = rows[~is_labelled]
         if "score" in table.column_names:
             positions = top_k(table.column("score").to_numpy()[~is_labelled], k, rng)
+            chosen_by = (strategy.name,) * len(positions)
         else:
             arrays = {key: column_array(table, key) for key in strategy.needs}
             labelled_arrays = {key: column_array(table, key)[is_labelled] for key in strategy.needs_labelled}
-            positions = select(
+            answers = self.ledger.current()
+            selection = select_with_record(
                 strategy,
                 Candidates(candidates, {key: a[~is_labelled] for key, a in arrays.items()},
-                           labelled_arrays),
+                           labelled_arrays,
+                           # what only the campaign knows, for the strategies that declare it
+                           labelled_answers=np.asarray([answers[self.view.ids[r]] for r in rows[is_labelled]],
+                                                       dtype=np.int64) if strategy.needs_answers else None,
+                           history=read_history(self.run_dir, self.state, answers, cycle)
+                           if strategy.needs_history else None),
                 k, rng,
             )
+            positions, chosen_by = selection.positions, selection.chosen_by
         pred = table.column("pred").to_numpy()[~is_labelled]
         prob = table.column("pred_prob").to_numpy()[~is_labelled]
         return [
             Query(int(candidates[p]), str(self.view.ids[candidates[p]]),
-                  self._source(candidates[p]), int(pred[p]), float(prob[p]))
-            for p in positions
+                  self._source(candidates[p]), int(pred[p]), float(prob[p]), chooser)
+            for p, chooser in zip(positions, chosen_by)
         ]
 
     def _train(self, cycle: int, record: dict) -> None:
         pairs = self.training_pairs()
-        val_rows, test_rows = self.view.rows_of("val"), self.view.rows_of("test")
+        val_rows, test_rows = self.view.scored_rows_of("val"), self.view.scored_rows_of("test")
         previous = model_path(self.cycle_dir(cycle - 1)) if cycle > 0 else None
         strategy = make_strategy(self.cfg.strategy.name, **self.cfg.strategy.options)
         train = strategy_training(self.cfg.train, strategy)
@@ -413,7 +436,7 @@ def unlabelled_for_training(unlabelled: np.ndarray, train: dict, strategy, seed)
 
 def make_oracle(kind: str, view: PoolView):
     if kind == "simulated":
-        return SimulatedOracle({sid: int(t) for sid, t in zip(view.ids, view.truth) if t >= 0})
+        return SimulatedOracle({sid: int(t) for sid, t in zip(view.ids, view.truth) if t != UNKNOWN})
     if kind == "file":
         return FileOracle(view.info)
     raise CampaignError(f"oracle {kind!r}: valid are 'simulated' and 'file'")
@@ -428,18 +451,29 @@ def write_selection(path: Path, queries: list[Query]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["row", "subtomo_id", "source", "pred", "pred_prob"])
+    writer.writerow(["row", "subtomo_id", "source", "pred", "pred_prob", "chosen_by"])
     for q in queries:
-        writer.writerow([q.row, q.subtomo_id, q.source, q.pred, q.pred_prob])
+        writer.writerow([q.row, q.subtomo_id, q.source, q.pred, q.pred_prob, q.chosen_by])
     atomic_write_text(path, buffer.getvalue())
 
 
 def read_selection(path: Path) -> list[Query]:
     with open(path, newline="") as f:
-        return [
-            Query(int(r["row"]), r["subtomo_id"], r["source"], int(r["pred"]), float(r["pred_prob"]))
+        return [  # chosen_by: absent from runs written before it existed
+            Query(int(r["row"]), r["subtomo_id"], r["source"], int(r["pred"]), float(r["pred_prob"]),
+                  r.get("chosen_by") or "")
             for r in csv.DictReader(f)
         ]
+
+
+def _counted(queries: list[Query], record: dict) -> list[Query]:
+    """The queries, after noting in the cycle's record how many each strategy chose (for
+    albl: its base strategies; state.json keeps it, selection.csv has it per query)."""
+    counts: dict[str, int] = {}
+    for q in queries:
+        counts[q.chosen_by] = counts.get(q.chosen_by, 0) + 1
+    record["chosen_by"] = counts
+    return queries
 
 
 METRIC_COLUMNS = [

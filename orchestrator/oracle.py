@@ -30,6 +30,7 @@ class Query:
     source: str
     pred: int = -1
     pred_prob: float = float("nan")
+    chosen_by: str = ""  # the strategy that chose it (for albl, its base strategy)
 
 
 class SimulatedOracle:

@@ -28,6 +28,18 @@ through the same hooks whatever the strategy, the scorer adds the keys it provid
 strategy scores or selects from them like any other output. ``semi_supervised = True`` asks
 training for the λ·D_reg term on unlabelled batches too (``ema_kl_semi``). The loop never asks
 which strategy it runs.
+
+Two more declarations give a strategy what only the campaign knows: ``needs_answers`` (the
+ledger's answer for each labelled row, junk included, in ``candidates.labelled_answers``:
+``poal``) and ``needs_history`` (the campaign's past cycles, ``orchestrator/history.py``, in
+``candidates.history``: ``albl``). Every strategy may say which (base) strategy chose each of
+its picks (:func:`select_with_record`); the loop writes it beside each query.
+
+Composite strategies (docs/ARCHITECTURE.md, "Strategies"): ``albl`` learns per campaign which
+base strategy to query with (a bandit); ``multi_criteria`` adds representativeness and a DPP's
+diversity to an informativeness score; ``typiclust`` picks the most typical member of
+uncovered clusters (also the cold start of cycle 0); ``poal`` keeps likely junk out of the
+queries. Their arithmetic is ``orchestrator/selection_math.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +53,9 @@ from typing import Mapping
 
 import numpy as np
 from scipy.special import log_softmax
+
+from orchestrator import selection_math as sm
+from orchestrator.pool import JUNK
 
 __all__ = [
     "OUTPUT_KEYS",
@@ -62,9 +77,15 @@ __all__ = [
     "VAAL",
     "HAL",
     "TwoStream",
+    "TypiClust",
+    "MultiCriteria",
+    "ParetoJunkAware",
+    "ActiveLearningByLearning",
+    "Selection",
     "STRATEGIES",
     "make_strategy",
     "select",
+    "select_with_record",
     "top_k",
     "unlabelled_positions",
 ]
@@ -94,11 +115,16 @@ class Candidates:
 
     ``outputs[key][i]`` belongs to pool row ``rows[i]``. ``labelled`` holds the same keys for
     the labelled set (core-set needs its embeddings); its arrays share their own row count.
+    ``labelled_answers`` is the ledger's answer for each of those rows (a class or JUNK), for a
+    strategy that ``needs_answers``; ``history`` (an ``orchestrator.history.CampaignHistory``)
+    the campaign's past cycles, for one that ``needs_history``.
     """
 
     rows: np.ndarray
     outputs: dict[str, np.ndarray]
     labelled: dict[str, np.ndarray] = field(default_factory=dict)
+    labelled_answers: np.ndarray | None = None
+    history: object | None = None
 
     def __post_init__(self) -> None:
         rows = np.asarray(self.rows)
@@ -112,6 +138,12 @@ class Candidates:
         if self.labelled:
             n_labelled = len(next(iter(self.labelled.values())))
             _check_arrays("labelled", self.labelled, n_labelled)
+        if self.labelled_answers is not None:
+            answers = np.asarray(self.labelled_answers)
+            if answers.ndim != 1 or (self.labelled and len(answers) != n_labelled):
+                raise ValueError(f"labelled_answers has shape {answers.shape}; expected one "
+                                 "answer per labelled row")
+            object.__setattr__(self, "labelled_answers", answers.astype(np.int64))
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -174,13 +206,30 @@ def _rank(values: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
     return np.lexsort((tiebreak, -values))
 
 
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """A strategy's picks (positions into ``candidates.rows``, best first) and, for each, the
+    strategy that chose it: the strategy's own name, or for ``albl`` the base strategy."""
+
+    positions: np.ndarray
+    chosen_by: tuple[str, ...]
+
+
 def select(
     strategy: Strategy, candidates: Candidates, k: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """What the loop calls: positions (into ``candidates.rows``) of the k to label, best first.
+    """Positions (into ``candidates.rows``) of the k to label, best first.
 
     k <= 0 returns nothing; k > N warns and returns all N in priority order.
     """
+    return select_with_record(strategy, candidates, k, rng, stacklevel=3).positions
+
+
+def select_with_record(
+    strategy: Strategy, candidates: Candidates, k: int, rng: np.random.Generator,
+    stacklevel: int = 2,
+) -> Selection:
+    """What the loop calls: :func:`select`'s positions, and which strategy chose each."""
     k = operator.index(k)
     n = len(candidates)
     missing = sorted(strategy.needs - set(candidates.outputs))
@@ -191,16 +240,21 @@ def select(
         raise ValueError(
             f"{strategy.name} needs outputs {missing} for the labelled set (may have 0 rows)"
         )
+    if strategy.needs_answers and candidates.labelled_answers is None:
+        raise ValueError(f"{strategy.name} needs the ledger's answers for the labelled set")
+    if strategy.needs_history and candidates.history is None:
+        raise ValueError(f"{strategy.name} needs the campaign's history (orchestrator/history.py)")
     if k <= 0:
-        return np.empty(0, dtype=np.int64)
+        return Selection(np.empty(0, dtype=np.int64), ())
     if k > n:
         warnings.warn(
             f"asked for k={k} but only N={n} candidates are left; selecting all {n}",
             UserWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
         k = n
-    positions = np.asarray(strategy.select(candidates, k, rng), dtype=np.int64)
+    selection = strategy.plan(candidates, k, rng)
+    positions = np.asarray(selection.positions, dtype=np.int64)
     if (
         positions.shape != (k,)
         or np.unique(positions).size != k
@@ -210,7 +264,10 @@ def select(
             f"{strategy.name} returned positions of shape {positions.shape} for k={k}, N={n}: "
             "they must be k unique positions in [0, N)"
         )
-    return positions
+    if len(selection.chosen_by) != k:
+        raise RuntimeError(f"{strategy.name} named the chooser of {len(selection.chosen_by)} "
+                           f"picks, not {k}")
+    return Selection(positions, tuple(selection.chosen_by))
 
 
 # --- base classes -----------------------------------------------------------------------------
@@ -228,10 +285,17 @@ class Strategy:
     # cross-entropy as their papers do, unless train.trainer is "shared" (one trainer for all).
     uses_mean_model: bool = False
     auxiliary = None  # an orchestrator.auxiliary.Auxiliary: trained and scored by the same hooks
+    needs_answers: bool = False  # candidates.labelled_answers: the ledger's, junk included
+    needs_history: bool = False  # candidates.history: the campaign's past cycles
 
     def select(self, candidates: Candidates, k: int, rng: np.random.Generator) -> np.ndarray:
         """Positions (0..N-1) into candidates.rows, length min(k, N), unique, best first."""
         raise NotImplementedError
+
+    def plan(self, candidates: Candidates, k: int, rng: np.random.Generator) -> Selection:
+        """``select``'s positions and who chose them: this strategy, unless it delegates."""
+        positions = np.asarray(self.select(candidates, k, rng), dtype=np.int64)
+        return Selection(positions, (self.name,) * len(positions))
 
     def __repr__(self) -> str:
         options = ", ".join(f"{p}={getattr(self, p)!r}" for p in _options(type(self)))
@@ -797,6 +861,279 @@ def _kmeans(x: np.ndarray, n_clusters: int, rng: np.random.Generator, iterations
     return labels, centres
 
 
+# --- composite strategies (arithmetic in orchestrator/selection_math.py) ---------------------
+
+
+def _rowwise(name: str, role: str) -> RowwiseStrategy:
+    """A registered row-wise strategy (with its defaults), to score with inside another."""
+    strategy = make_strategy(name)
+    if not isinstance(strategy, RowwiseStrategy) or strategy.auxiliary is not None:
+        valid = sorted(n for n, c in STRATEGIES.items() if issubclass(c, RowwiseStrategy)
+                       and make_strategy(n).auxiliary is None)
+        raise ValueError(f"{role} must be a row-wise strategy without an auxiliary model, got "
+                         f"{name!r}; valid: {valid}")
+    return strategy
+
+
+def _embeddings(outputs: Mapping[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings as float64 [n, E], which rows are finite)."""
+    x = np.asarray(outputs["embeddings"], dtype=np.float64).reshape(n, -1)
+    return x, np.isfinite(x).all(axis=1)
+
+
+class TypiClust(Strategy):
+    """TypiClust (Hacohen et al., ICML 2022): k-means on the embeddings of candidates and
+    labelled rows together into min(|L| + k, ``max_clusters``) clusters; each pick is the most
+    typical unpicked candidate (:func:`selection_math.typicality`, ``neighbours`` nearest of at
+    most ``anchors`` members of its cluster) of the cluster with the fewest labelled rows and
+    picks so far, the largest first among equals; clusters under ``min_cluster_size`` only once
+    no larger one has a candidate left. So with no labels (the cold start of cycle 0) it takes
+    one typical member of each of the k largest clusters. Rows with non-finite embeddings come
+    last; k-means++ seeding, anchors and ties from ``rng``. The labelled set's embeddings may
+    have 0 rows.
+    """
+
+    name = "typiclust"
+    needs = frozenset({"embeddings"})
+    needs_labelled = frozenset({"embeddings"})
+
+    def __init__(self, max_clusters: int = 500, min_cluster_size: int = 5, neighbours: int = 20,
+                 anchors: int = 1000, iterations: int = 10):
+        self.max_clusters = _positive_int("max_clusters", max_clusters)
+        self.min_cluster_size = _positive_int("min_cluster_size", min_cluster_size)
+        self.neighbours = _positive_int("neighbours", neighbours)
+        self.anchors = _positive_int("anchors", anchors)
+        self.iterations = _positive_int("iterations", iterations)
+
+    def select(self, candidates, k, rng):
+        n = len(candidates)
+        x, finite = _embeddings(candidates.outputs, n)
+        labelled = np.asarray(candidates.labelled["embeddings"], np.float64).reshape(
+            -1, x.shape[1])
+        labelled = labelled[np.isfinite(labelled).all(axis=1)]
+        rows = np.flatnonzero(finite)
+        points = np.concatenate([x[rows], labelled])
+        tiebreak = rng.permutation(n)
+        chosen: list[int] = []
+        if rows.size and k:
+            n_clusters = min(len(labelled) + k, self.max_clusters, len(points))
+            cluster, _ = _kmeans(points, n_clusters, rng, self.iterations)
+            size = np.bincount(cluster, minlength=n_clusters)
+            covered = np.bincount(cluster[rows.size:], minlength=n_clusters)
+            typical = np.full(len(points), np.nan)  # among the cluster's members
+            members_of = [np.flatnonzero(cluster == c) for c in range(n_clusters)]
+            for members in members_of:
+                if (members < rows.size).any():  # the cluster has candidates
+                    typical[members] = sm.typicality_within(points, members, rng, self.anchors,
+                                                            self.neighbours)
+            # each cluster's candidates, most typical first
+            queue = [mine[np.lexsort((tiebreak[rows[mine]], -np.nan_to_num(typical[mine], nan=-1)))]
+                     for mine in (m[m < rows.size] for m in members_of)]
+            taken_from = np.zeros(n_clusters, dtype=np.int64)
+            cluster_order = rng.permutation(n_clusters)
+            for _ in range(min(k, rows.size)):
+                open_ = [c for c in range(n_clusters) if taken_from[c] < len(queue[c])]
+                big = [c for c in open_ if size[c] >= self.min_cluster_size] or open_
+                c = min(big, key=lambda c: (covered[c], -size[c], cluster_order[c]))
+                chosen.append(int(rows[queue[c][taken_from[c]]]))
+                taken_from[c] += 1
+                covered[c] += 1
+        taken = np.zeros(n, dtype=bool)
+        taken[chosen] = True
+        rest = np.flatnonzero(~taken)
+        rest = rest[np.lexsort((tiebreak[rest], ~finite[rest]))]
+        return np.concatenate([np.asarray(chosen, np.int64), rest])[:k]
+
+
+class MultiCriteria(Strategy):
+    """Informativeness, representativeness and diversity in one batch.
+
+    Per candidate: informativeness u = the percentile rank of ``informativeness``'s score (a
+    row-wise strategy; EMA-KL by default), representativeness t = the percentile rank of its
+    typicality among the candidates (1 / mean distance to its ``neighbours`` nearest of at most
+    ``anchors`` candidates drawn from ``rng``: density in embedding space). The batch is then
+    chosen greedily (:func:`selection_math.greedy_log_det`), each pick maximising
+
+        info_weight·u + repr_weight·t + diversity_weight·log(d² / (1 + ε)),
+
+    d² the candidate's variance under the kernel cos(φ_i, φ_j) + ε·[i = j] on T's embeddings,
+    given the picks so far: a greedy log-determinant (DPP MAP) whose second term is 0 for a
+    candidate unlike every pick and log(ε(2+ε)/(1+ε)²) ≈ −1.76 (ε = 0.1) for a copy of one.
+    O(N·E) per pick and O(N·A) for the typicality: linear in the pool, no N×N matrix. Rows with
+    a non-finite score or embedding come last.
+    """
+
+    name = "multi_criteria"
+
+    def __init__(self, informativeness: str = "ema_kl", info_weight: float = 1.0,
+                 repr_weight: float = 0.5, diversity_weight: float = 1.0, epsilon: float = 0.1,
+                 neighbours: int = 20, anchors: int = 1000):
+        self.informativeness = informativeness
+        self.base = _rowwise(informativeness, "informativeness")
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon}")
+        self.info_weight, self.repr_weight = float(info_weight), float(repr_weight)
+        self.diversity_weight, self.epsilon = float(diversity_weight), float(epsilon)
+        self.neighbours = _positive_int("neighbours", neighbours)
+        self.anchors = _positive_int("anchors", anchors)
+        self.needs = self.base.needs | {"embeddings"}
+        self.mc_passes = self.base.mc_passes
+        self.uses_mean_model = self.base.uses_mean_model
+
+    def quality(self, outputs: Mapping[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        """[N] info_weight·u + repr_weight·t (NaN where a score or embedding is not finite)."""
+        n = len(outputs["embeddings"])
+        x, finite = _embeddings(outputs, n)
+        u = sm.percentile_rank(self.base.score(outputs))
+        typical = np.full(n, np.nan)
+        rows = np.flatnonzero(finite)
+        typical[rows] = sm.typicality_within(x, rows, rng, self.anchors, self.neighbours)
+        return self.info_weight * u + self.repr_weight * sm.percentile_rank(typical)
+
+    def select(self, candidates, k, rng):
+        quality = self.quality(candidates.outputs, rng)
+        x, _ = _embeddings(candidates.outputs, len(candidates))
+        return sm.greedy_log_det(x, quality, k, rng.permutation(len(candidates)),
+                                 epsilon=self.epsilon, diversity=self.diversity_weight)
+
+
+class ParetoJunkAware(Strategy):
+    """POAL-style selection (Zhan et al. 2022) that keeps likely junk out of the queries.
+
+    Two objectives per candidate, both higher = better: informativeness (``informativeness``'s
+    score, EMA-KL by default) and in-distribution-ness, −min_c Mahalanobis²(x, μ_c) over the
+    labelled classes' embedding means (one covariance shared by the classes, shrunk by
+    ``shrinkage`` towards its mean variance: :func:`selection_math.fit_gaussians`). Candidates
+    are ranked front by front of the Pareto sort of the two (:func:`selection_math.pareto_fronts`),
+    within a front by the sum of the two percentile ranks. Before that, a candidate nearer (same
+    metric) to labelled junk than to every labelled class's mean is put after every other: the
+    ledger's junk answers say where junk lies. Junk is of many kinds, so the labelled junk is
+    summarised by up to ``junk_clusters`` k-means centres rather than one mean. With no labelled
+    class yet, informativeness alone. Rows with a non-finite score or embedding come last.
+    O(N·(classes + junk_clusters)·E): linear in the pool.
+    """
+
+    name = "poal"
+    needs_labelled = frozenset({"embeddings"})
+    needs_answers = True
+
+    def __init__(self, informativeness: str = "ema_kl", shrinkage: float = 0.5,
+                 junk_clusters: int = 8):
+        self.informativeness = informativeness
+        self.base = _rowwise(informativeness, "informativeness")
+        if not 0.0 <= shrinkage <= 1.0:
+            raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+        self.shrinkage = float(shrinkage)
+        self.junk_clusters = _positive_int("junk_clusters", junk_clusters)
+        self.needs = self.base.needs | {"embeddings"}
+        self.mc_passes = self.base.mc_passes
+        self.uses_mean_model = self.base.uses_mean_model
+
+    def objectives(self, candidates: Candidates, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(informativeness, in-distribution score, likely junk) per candidate."""
+        n = len(candidates)
+        x, finite = _embeddings(candidates.outputs, n)
+        informative = np.asarray(self.base.score(candidates.outputs), dtype=np.float64)
+        labelled = np.asarray(candidates.labelled["embeddings"], np.float64).reshape(-1, x.shape[1])
+        answers = candidates.labelled_answers
+        keep = np.isfinite(labelled).all(axis=1) & ((answers >= 0) | (answers == JUNK))
+        labelled, answers = labelled[keep], answers[keep]
+        real = answers >= 0
+        in_distribution = np.zeros(n)
+        junk = np.zeros(n, dtype=bool)
+        if real.any():
+            _, means, precision = sm.fit_gaussians(labelled[real], answers[real], self.shrinkage)
+            in_distribution = -sm.mahalanobis_sq(x, means, precision).min(axis=1)
+            if (~real).any():
+                _, centres = _kmeans(labelled[~real], self.junk_clusters, rng, 10)
+                junk = sm.mahalanobis_sq(x, centres, precision).min(axis=1) < -in_distribution
+        in_distribution[~finite] = np.nan
+        return informative, in_distribution, junk & finite
+
+    def select(self, candidates, k, rng):
+        informative, in_distribution, junk = self.objectives(candidates, rng)
+        front = sm.pareto_fronts(informative, in_distribution)
+        balance = sm.percentile_rank(informative) + sm.percentile_rank(in_distribution)
+        tiebreak = rng.permutation(len(candidates))
+        last = np.iinfo(np.int64).max
+        order = np.lexsort((tiebreak, -np.nan_to_num(balance, nan=-np.inf),
+                            np.where(front < 0, last, front), junk))
+        return order[:k]
+
+
+class ActiveLearningByLearning(Strategy):
+    """Automatic choice among base strategies, learnt per campaign: Active Learning by Learning
+    (Hsu & Lin, AAAI 2015) in batch form, a bandit over ``arms``.
+
+    Each cycle every query slot draws its arm from the bandit's probabilities; each arm fills
+    its slots with its own picks in its own order, skipping rows another arm took. The reward
+    of a cycle is the validation accuracy its labels bought: that of the model trained after
+    them minus that of the model before (never the test split). EXP3 credits it to the arms by
+    importance weight (:func:`selection_math.exp3_probabilities`: learning rate ``eta`` on
+    accuracy fractions, ``gamma`` of the probability spread evenly so no arm is starved). The
+    probabilities are replayed each cycle from the campaign's history (which arm chose each
+    query, in selection.csv; validation accuracies in state.json), so nothing is remembered
+    between cycles and a resumed campaign chooses as an uninterrupted one. Which arm chose each
+    query is written beside it (the ``chosen_by`` column). Arms may not have an auxiliary model.
+    """
+
+    name = "albl"
+    needs_history = True
+
+    def __init__(self, arms: tuple[str, ...] | list[str] = ("random", "entropy", "ema_kl", "coreset"),
+                 gamma: float = 0.2, eta: float = 10.0):
+        self.arms = tuple(arms)
+        if len(self.arms) < 2 or len(set(self.arms)) != len(self.arms):
+            raise ValueError(f"albl needs at least two distinct arms, got {list(self.arms)}")
+        self.strategies = [make_strategy(arm) for arm in self.arms]
+        for strategy in self.strategies:
+            if strategy.auxiliary is not None or strategy.needs_history:
+                raise ValueError(f"albl: arm {strategy.name!r} trains a model of its own or learns "
+                                 "across cycles itself; arms must be plain strategies")
+        if not 0.0 < gamma <= 1.0 or not eta >= 0:
+            raise ValueError(f"albl needs 0 < gamma <= 1 and eta >= 0, got {gamma}, {eta}")
+        self.gamma, self.eta = float(gamma), float(eta)
+        self.needs = frozenset().union(*(s.needs for s in self.strategies))
+        self.needs_labelled = frozenset().union(*(s.needs_labelled for s in self.strategies))
+        self.needs_answers = any(s.needs_answers for s in self.strategies)
+        self.mc_passes = max(s.mc_passes for s in self.strategies)
+        self.uses_mean_model = any(s.uses_mean_model for s in self.strategies)
+        self.semi_supervised = any(s.semi_supervised for s in self.strategies)
+
+    def probabilities(self, history) -> list[np.ndarray]:
+        """The arm probabilities of each past bandit cycle (1, 2, …) and then of the next."""
+        rounds = []
+        cycles = {c.cycle: c for c in history.cycles}
+        for c in sorted(cycles):
+            if c == 0:
+                continue  # the initial draw is not a bandit round
+            counts = np.array([sum(1 for a in cycles[c].chosen_by if a == arm) for arm in self.arms])
+            before = cycles.get(c - 1)
+            reward = cycles[c].val_accuracy - (before.val_accuracy if before else math.nan)
+            rounds.append((counts, reward))
+        return sm.exp3_probabilities(rounds, len(self.arms), self.gamma, self.eta)
+
+    def plan(self, candidates, k, rng):
+        p = self.probabilities(candidates.history)[-1]
+        slots = rng.choice(len(self.arms), size=k, p=p)
+        arm_rngs = [np.random.default_rng(seed) for seed in rng.integers(2**63, size=len(self.arms))]
+        rankings = {a: iter(select(self.strategies[a], candidates, k, arm_rngs[a]))
+                    for a in np.unique(slots)}
+        taken = np.zeros(len(candidates), dtype=bool)
+        positions, chosen_by = [], []
+        for a in slots:
+            # an arm's first k picks hold enough untaken ones: the others take at most k − its slots
+            pick = next(position for position in rankings[a] if not taken[position])
+            taken[pick] = True
+            positions.append(pick)
+            chosen_by.append(self.arms[a])
+        return Selection(np.asarray(positions, np.int64), tuple(chosen_by))
+
+    def select(self, candidates, k, rng):
+        return self.plan(candidates, k, rng).positions
+
+
 # --- registry ---------------------------------------------------------------------------------
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -815,6 +1152,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "vaal": VAAL,
     "hal": HAL,
     "two_stream": TwoStream,
+    "typiclust": TypiClust,
+    "multi_criteria": MultiCriteria,
+    "poal": ParetoJunkAware,
+    "albl": ActiveLearningByLearning,
 }
 
 

@@ -7,6 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orchestrator import selection_math as sm
+from orchestrator.history import CampaignHistory, CycleSelection
 from orchestrator.strategies import (
     OUTPUT_KEYS,
     STRATEGIES,
@@ -14,6 +16,7 @@ from orchestrator.strategies import (
     RowwiseStrategy,
     make_strategy,
     select,
+    select_with_record,
     top_k,
     unlabelled_positions,
 )
@@ -32,6 +35,11 @@ CONFIGS = [(name, {}) for name in STRATEGIES] + [
     ("hal", {"rounds": 1}),
     ("hal", {"rounds": 7, "subset": 0.2}),
     ("two_stream", {"top_clusters": 3}),
+    ("typiclust", {"max_clusters": 7, "anchors": 9}),
+    ("multi_criteria", {"informativeness": "entropy", "anchors": 30}),
+    ("multi_criteria", {"diversity_weight": 0.0}),
+    ("poal", {"informativeness": "margin", "junk_clusters": 1}),
+    ("albl", {"arms": ["random", "badge", "bald", "poal"]}),
 ]
 CONFIG_IDS = [name + "".join(f"-{v}" for v in opts.values()) for name, opts in CONFIGS]
 
@@ -66,7 +74,8 @@ def pool_outputs(n, seed=0):
 
 def pool_candidates(strategy, seed=0):
     """(candidates, labelled pool rows): a pool whose first rows are labelled, in shuffled
-    order; outputs hold only the keys the strategy declares, so reading others fails."""
+    order; outputs hold only the keys the strategy declares, so reading others fails. The
+    labelled rows' answers include junk; the history is two cycles of a campaign."""
     rng = np.random.default_rng(seed)
     all_rows = rng.permutation(np.arange(1000, 1000 + N_POOL))
     labelled_rows = all_rows[rng.permutation(N_POOL)[:N_LABELLED]]
@@ -77,8 +86,20 @@ def pool_candidates(strategy, seed=0):
         rows=all_rows[unlabelled],
         outputs={key: outputs[key][unlabelled] for key in strategy.needs},
         labelled={key: outputs[key][labelled] for key in strategy.needs_labelled},
+        labelled_answers=rng.integers(-1, C, size=len(labelled)),
+        history=two_cycles(all_rows[labelled]),
     )
     return candidates, labelled_rows
+
+
+def two_cycles(rows):
+    """A history: a random first half, then a second half chosen by two base strategies."""
+    half = len(rows) // 2
+    return CampaignHistory((
+        CycleSelection(0, rows[:half], ("random",) * half, np.full(half, -1), np.zeros(half, int), 0.4),
+        CycleSelection(1, rows[half:], ("entropy", "random") * (half // 2), np.zeros(half, int),
+                       np.ones(half, int), 0.5),
+    ))
 
 
 def choose(name, candidates, k, seed=0, **options):
@@ -577,3 +598,207 @@ def test_two_stream_takes_rows_with_non_finite_features_last():
     candidates.outputs["ae_embeddings"][5] = np.nan
     positions = select(strategy, candidates, len(candidates), np.random.default_rng(0))
     assert positions[-1] == 5
+
+
+# --- TypiClust --------------------------------------------------------------------------------
+
+
+def star_clusters(sizes, dim=3, spread=1.0):
+    """Clusters far apart, each a centre point and copies on the ±axes around it (one per slot
+    of its size): the centre is its cluster's most typical member."""
+    offsets = np.concatenate([np.eye(dim), -np.eye(dim)]) * spread
+    points, cluster, centres = [], [], []
+    for c, size in enumerate(sizes):
+        centre = np.zeros(dim)
+        centre[c % dim] = 100.0 * (1 + c // dim)
+        centres.append(len(points))
+        points.append(centre)
+        points.extend(centre + offsets[i % len(offsets)] * (1 + i // len(offsets)) for i in range(size - 1))
+        cluster += [c] * size
+    return np.asarray(points, np.float32), np.asarray(cluster), centres
+
+
+def typiclust_candidates(points, labelled=()):
+    labelled = np.asarray(labelled, np.float32).reshape(-1, points.shape[1])
+    return Candidates(rows=np.arange(len(points)), outputs={"embeddings": points},
+                      labelled={"embeddings": labelled})
+
+
+def test_typiclust_takes_the_centre_of_each_cluster_largest_first():
+    points, cluster, centres = star_clusters([12, 9, 7, 6])
+    positions = choose("typiclust", typiclust_candidates(points), 4, max_clusters=4)
+    np.testing.assert_array_equal(positions, centres)
+
+
+def test_typiclust_asks_in_clusters_without_labels_first():
+    points, cluster, centres = star_clusters([12, 9, 7, 6])
+    labelled = points[[centres[0], centres[1]]] + 0.1  # the two largest clusters are covered
+    positions = choose("typiclust", typiclust_candidates(points, labelled), 2, max_clusters=4)
+    assert sorted(cluster[positions].tolist()) == [2, 3]
+
+
+def test_typiclust_leaves_clusters_smaller_than_the_minimum_for_last():
+    points, cluster, centres = star_clusters([12, 9, 3])
+    positions = choose("typiclust", typiclust_candidates(points), 3, max_clusters=3,
+                       min_cluster_size=5)
+    assert cluster[positions].tolist()[:2] == [0, 1] and cluster[positions[2]] != 2
+
+
+# --- multiple criteria ------------------------------------------------------------------------
+
+
+def mixed_candidates(probs, embeddings):
+    return Candidates(rows=np.arange(len(probs)), outputs={
+        "probs": np.asarray(probs, np.float32), "embeddings": np.asarray(embeddings, np.float32)})
+
+
+# the most informative volume twice (same embedding), then a less informative, different one
+TWIN = mixed_candidates([[0.5, 0.5], [0.5, 0.5], [0.7, 0.3], [0.99, 0.01]],
+                       [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+
+
+def test_multi_criteria_does_not_ask_twice_about_the_same_volume():
+    positions = choose("multi_criteria", TWIN, 2, informativeness="entropy", repr_weight=0.0)
+    assert positions[0] in (0, 1) and positions[1] == 2
+
+
+def test_multi_criteria_without_diversity_is_the_informativeness_ranking():
+    positions = choose("multi_criteria", TWIN, 4, informativeness="entropy", repr_weight=0.0,
+                       diversity_weight=0.0)
+    assert set(positions[:2].tolist()) == {0, 1} and positions[2:].tolist() == [2, 3]
+
+
+def test_multi_criteria_prefers_the_dense_region_when_scores_tie():
+    rng = np.random.default_rng(0)
+    dense = rng.normal(0.0, 0.05, size=(30, 4)) + [1, 1, 0, 0]
+    lonely = np.array([[-1.0, 1.0, 0.0, 0.0]])
+    candidates = mixed_candidates(np.full((31, 2), 0.5), np.concatenate([lonely, dense]))
+    first = choose("multi_criteria", candidates, 1, informativeness="entropy", info_weight=0.0,
+                   repr_weight=1.0)
+    assert first[0] != 0
+
+
+def test_multi_criteria_needs_a_row_wise_informativeness():
+    with pytest.raises(ValueError, match=r"row-wise strategy.*'coreset'.*valid:.*'entropy'"):
+        make_strategy("multi_criteria", informativeness="coreset")
+    assert make_strategy("multi_criteria").uses_mean_model  # EMA-KL: trained with M, like ema_kl
+    assert make_strategy("multi_criteria").needs == {"logits", "mean_logits", "embeddings"}
+
+
+# --- POAL: junk-aware -------------------------------------------------------------------------
+
+# Labelled: class 0 around (0, 0), class 1 around (10, 0), junk around (0, 10).
+LABELLED = np.array([[0.5, 0], [-0.5, 0], [10.5, 0], [9.5, 0], [0.5, 10], [-0.5, 10]], np.float32)
+ANSWERS = np.array([0, 0, 1, 1, -1, -1])
+
+
+def poal_candidates(probs, embeddings, answers=ANSWERS):
+    return Candidates(rows=np.arange(len(probs)),
+                      outputs={"probs": np.asarray(probs, np.float32),
+                               "embeddings": np.asarray(embeddings, np.float32)},
+                      labelled={"embeddings": LABELLED}, labelled_answers=answers)
+
+
+def test_poal_asks_about_likely_junk_last_however_uncertain_it_is():
+    #                 near junk: most uncertain  at class 0, fairly unsure  near class 1, sure
+    candidates = poal_candidates([[0.5, 0.5], [0.6, 0.4], [0.9, 0.1]],
+                                 [[0.2, 9.8], [0.0, 0.0], [10.0, 0.4]])
+    np.testing.assert_array_equal(choose("poal", candidates, 3, informativeness="entropy"), [1, 2, 0])
+    np.testing.assert_array_equal(choose("entropy", candidates, 3), [0, 1, 2])  # what it avoids
+
+
+def test_poal_ranks_by_pareto_fronts_of_informativeness_and_closeness_to_the_classes():
+    no_junk = ANSWERS.copy()
+    no_junk[4:] = 0
+    # P: most uncertain, far off; Q: sure, on class 1; R: between; S: dominated by R
+    candidates = poal_candidates([[0.5, 0.5], [0.95, 0.05], [0.6, 0.4], [0.7, 0.3]],
+                                 [[5.0, -30.0], [10.0, 0.0], [10.0, 2.0], [10.0, 6.0]], no_junk)
+    positions = choose("poal", candidates, 4, informativeness="entropy")
+    assert set(positions[:3].tolist()) == {0, 1, 2} and positions[3] == 3
+
+
+def test_poal_with_no_labelled_class_is_its_informativeness():
+    candidates = Candidates(rows=np.arange(3),
+                            outputs={"probs": np.array(THREE, np.float32),
+                                     "embeddings": np.eye(3, dtype=np.float32)},
+                            labelled={"embeddings": np.zeros((0, 3), np.float32)},
+                            labelled_answers=np.zeros(0, np.int64))
+    np.testing.assert_array_equal(choose("poal", candidates, 3, informativeness="entropy"), [1, 0, 2])
+
+
+def test_poal_needs_the_ledgers_answers():
+    candidates = poal_candidates([[0.5, 0.5]], [[0.0, 0.0]])
+    bare = Candidates(candidates.rows, candidates.outputs, candidates.labelled)
+    with pytest.raises(ValueError, match="poal needs the ledger's answers"):
+        choose("poal", bare, 1, informativeness="entropy")
+
+
+# --- ALBL: automatic choice -------------------------------------------------------------------
+
+
+def albl_history(gains):
+    """Cycle 0, then one cycle per (arm, accuracy after it): every query of a cycle by one arm."""
+    cycles = [CycleSelection(0, np.arange(4), ("random",) * 4, np.full(4, -1), np.zeros(4, int), 0.5)]
+    for c, (arm, accuracy) in enumerate(gains, 1):
+        rows = np.arange(4 * c, 4 * c + 4)
+        cycles.append(CycleSelection(c, rows, (arm,) * 4, np.zeros(4, int), np.zeros(4, int), accuracy))
+    return CampaignHistory(tuple(cycles))
+
+
+def albl_candidates(history, n=400):
+    strategy = make_strategy("albl", arms=["entropy", "random"])
+    candidates, _ = pool_candidates(strategy)
+    outputs = pool_outputs(n, seed=5)
+    return Candidates(np.arange(n), {k: outputs[k] for k in strategy.needs}, history=history)
+
+
+def test_albl_starts_with_every_arm_equally_likely():
+    strategy = make_strategy("albl", arms=["entropy", "random", "margin"])
+    (p,) = strategy.probabilities(albl_history([]))
+    np.testing.assert_allclose(p, [1 / 3] * 3)
+
+
+def test_albl_moves_towards_the_arm_whose_cycles_gained_validation_accuracy():
+    strategy = make_strategy("albl", arms=["entropy", "random"], gamma=0.2, eta=10.0)
+    history = albl_history([("entropy", 0.6), ("random", 0.55)])
+    probabilities = strategy.probabilities(history)
+    expected = sm.exp3_probabilities([(np.array([4, 0]), 0.1), (np.array([0, 4]), -0.05)], 2, 0.2, 10.0)
+    np.testing.assert_allclose(probabilities, expected)
+    assert probabilities[-1][0] > 0.85
+    selection = select_with_record(strategy, albl_candidates(history), 200, np.random.default_rng(0))
+    counts = {arm: selection.chosen_by.count(arm) for arm in ("entropy", "random")}
+    assert counts["entropy"] > 3 * counts["random"] > 0
+
+
+def test_albl_picks_are_each_arms_own_picks_in_its_own_order():
+    strategy = make_strategy("albl", arms=["entropy", "margin"])
+    candidates = albl_candidates(albl_history([]))
+    selection = select_with_record(strategy, candidates, 60, np.random.default_rng(4))
+    entropy_order = top_k(make_strategy("entropy").score(candidates.outputs), 60, np.random.default_rng(0))
+    by_entropy = [p for p, arm in zip(selection.positions, selection.chosen_by) if arm == "entropy"]
+    assert by_entropy == [p for p in entropy_order if p in set(by_entropy)]  # a subsequence
+    assert set(selection.chosen_by) == {"entropy", "margin"}
+
+
+def test_albl_needs_the_history_and_plain_distinct_arms():
+    candidates = albl_candidates(albl_history([]))
+    bare = Candidates(candidates.rows, candidates.outputs)
+    with pytest.raises(ValueError, match="albl needs the campaign's history"):
+        choose("albl", bare, 3, arms=["entropy", "random"])
+    with pytest.raises(ValueError, match="arm 'vaal' trains a model of its own"):
+        make_strategy("albl", arms=["entropy", "vaal"])
+    with pytest.raises(ValueError, match="at least two distinct arms"):
+        make_strategy("albl", arms=["entropy", "entropy"])
+
+
+def test_albl_declares_what_its_arms_need():
+    strategy = make_strategy("albl", arms=["coreset", "bald", "ema_kl"])
+    assert strategy.needs == {"embeddings", "mc_probs", "logits", "mean_logits"}
+    assert strategy.needs_labelled == {"embeddings"}
+    assert (strategy.mc_passes, strategy.uses_mean_model, strategy.needs_history) == (10, True, True)
+
+
+def test_every_strategy_says_it_chose_its_own_picks_unless_it_delegates():
+    candidates, _ = pool_candidates(make_strategy("entropy"))
+    selection = select_with_record(make_strategy("entropy"), candidates, 5, np.random.default_rng(0))
+    assert selection.chosen_by == ("entropy",) * 5

@@ -41,8 +41,10 @@ OPTIONS = {
 def test_strategy_completes_a_two_cycle_campaign(name, ray_local, shape_pool, tmp_path,
                                                  monkeypatch):
     if name in THROUGH_RAY_DATA:
-        # the final predictions pass is the same for every strategy (tests/test_campaign.py)
+        # the final predictions pass is the same for every strategy (tests/test_campaign.py),
+        # and so is the export of those predictions that follows it
         monkeypatch.setattr(loop, "write_predictions", lambda campaign: None)
+        monkeypatch.setattr(loop, "after_campaign", lambda run_dir, info: None)
     options = OPTIONS.get(name, {})
     actors = 1 if name in THROUGH_RAY_DATA else 0
     cfg = load_config(None, TINY + [f"score.actors={actors}", 
@@ -71,3 +73,88 @@ def _model(saved):
     cfg = saved["model_config"]
     return build_model(cfg["name"], num_classes=saved["num_classes"], width=cfg["width"],
                        stem=cfg["stem"], dropout=cfg["dropout"])
+
+
+# --- issue 17: junk, cold start, the bandit's record ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def junk_pool(tmp_path_factory):
+    """The three shapes plus noise-only volumes labelled junk (-1), in every split."""
+    import numpy as np
+
+    from conftest import shape_volume
+    from orchestrator.pool import PoolWriter
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("pools") / "junk"
+    with PoolWriter(path, 16, class_names=["ball", "slab", "rod"], shard_mb=0.05) as writer:
+        for split, count in (("train", 60), ("val", 12), ("test", 12)):
+            for i in range(count):
+                label = i % 4 - 1 if i % 4 == 0 else i % 3  # a quarter junk
+                volume = (rng.normal(size=(16, 16, 16)).astype(np.float32) if label == -1
+                          else shape_volume(label, 16, rng))
+                writer.add(f"{split}-{i:04d}", volume, source="synthetic", label=label, split=split)
+    return writer.close()
+
+
+def run_campaign(pool, run_dir, *settings, counts="[12, 18]"):
+    cfg = load_config(None, TINY + ["score.actors=0", f"data.pool={pool.path}",
+                                    f"budget.counts={counts}", *settings])
+    return Campaign(cfg, run_dir, pool).run()
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_pool_with_junk_is_answered_junk_and_accuracy_counts_real_classes_only(
+        ray_local, junk_pool, tmp_path):
+    from orchestrator.pool import read_index
+
+    state = run_campaign(junk_pool, tmp_path, "strategy.name=poal",
+                         "strategy.options={informativeness: entropy}")
+    truth = dict(zip(*read_index(junk_pool.path, ["subtomo_id", "label"]).to_pydict().values()))
+    labels = read_csv(tmp_path / "labels.csv")
+    assert all(int(r["label"]) == truth[r["subtomo_id"]] for r in labels)
+    assert any(r["label"] == "-1" for r in labels)  # the random draw met junk
+    # evaluation on val/test would fail on a junk row (no class -1): it ran on real classes only
+    assert all(0 <= c["val_accuracy"] <= 1 and len(c["per_class_accuracy"]) == 3 for c in state["cycles"])
+    assert state["cycles"][1]["chosen_by"] == {"poal": 6}
+
+
+def test_typiclust_chooses_cycle_0_instead_of_the_random_draw(ray_local, shape_pool, tmp_path):
+    import numpy as np
+
+    state = run_campaign(shape_pool, tmp_path, "strategy.name=entropy", "strategy.initial=typiclust",
+                         "strategy.initial_options={max_clusters: 12}")
+    initial = read_csv(tmp_path / "cycles/c00/selection.csv")
+    assert {r["chosen_by"] for r in initial} == {"typiclust"} and len(initial) == 12
+    assert state["cycles"][0]["chosen_by"] == {"typiclust": 12}
+    classes = [int(r["subtomo_id"].split("-")[1]) % 3 for r in initial]  # shape_pool: label = i % 3
+    assert sorted(set(classes)) == [0, 1, 2]
+    random_draw = loop.pick_initial(np.asarray(Campaign(load_config(None, TINY + [
+        f"data.pool={shape_pool.path}"]), tmp_path / "other", shape_pool).train_rows), 12, 0)
+    assert sorted(int(r["row"]) for r in initial) != sorted(random_draw.tolist())
+
+
+def test_albl_records_its_arms_and_a_resumed_selection_chooses_the_same(ray_local, shape_pool, tmp_path):
+    import numpy as np
+
+    state = run_campaign(shape_pool, tmp_path, "strategy.name=albl",
+                         "strategy.options={arms: [entropy, random, coreset]}", counts="[12, 18, 24]")
+    for cycle in (1, 2):
+        chosen = [r["chosen_by"] for r in read_csv(tmp_path / f"cycles/c{cycle:02d}/selection.csv")]
+        assert set(chosen) <= {"entropy", "random", "coreset"} and len(chosen) == 6
+        assert state["cycles"][cycle]["chosen_by"] == {a: chosen.count(a) for a in set(chosen)}
+    # Selecting cycle 2 again from the run directory alone (as a resume after a crash would)
+    # gives the same queries and arms: the bandit keeps nothing outside those files.
+    campaign = Campaign(load_config(None, TINY + [
+        "score.actors=0", f"data.pool={shape_pool.path}", "budget.counts=[12, 18, 24]",
+        "strategy.name=albl", "strategy.options={arms: [entropy, random, coreset]}"]), tmp_path, shape_pool)
+    before = np.sort([campaign.row_of[r["subtomo_id"]] for r in read_csv(tmp_path / "labels.csv")
+                      if int(r["cycle"]) < 2])
+    again = campaign._strategy_queries(2, 6, before, {})
+    first = read_csv(tmp_path / "cycles/c02/selection.csv")
+    assert [(q.row, q.chosen_by) for q in again] == [(int(r["row"]), r["chosen_by"]) for r in first]

@@ -1,0 +1,49 @@
+"""Cold start: rotation-invariant features of the pool, and TypiClust's picks for cycle 0."""
+
+import numpy as np
+import pytest
+
+from conftest import make_shape_pool, shape_volume
+from orchestrator.cold_start import pool_features, radial_features, typiclust_initial
+from orchestrator.pool import read_index, read_volumes
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return make_shape_pool(tmp_path_factory.mktemp("cold") / "pool", n_train=60, n_val=0, n_test=0)
+
+
+def test_radial_features_do_not_change_when_the_volume_turns_on_its_grid():
+    volume = shape_volume(1, 16, np.random.default_rng(0))  # a slab: not round
+    turned = [np.rot90(volume, 1, axes=(1, 2)), np.rot90(volume, 1, axes=(0, 2)), volume[::-1]]
+    features = radial_features(np.stack([volume, *turned]))
+    assert features.shape == (4, 3 * 8)
+    np.testing.assert_allclose(features[1:], np.repeat(features[:1], 3, axis=0), rtol=1e-4, atol=1e-4)
+
+
+def test_radial_features_tell_a_ball_from_a_rod():
+    rng = np.random.default_rng(1)
+    balls = radial_features(np.stack([shape_volume(0, 16, rng) for _ in range(3)]))
+    rods = radial_features(np.stack([shape_volume(2, 16, rng) for _ in range(3)]))
+    within = np.abs(balls - balls.mean(0)).sum(1).max()
+    between = np.abs(balls.mean(0) - rods.mean(0)).sum()
+    assert between > 3 * within
+
+
+def test_pool_features_are_the_features_of_the_asked_rows_in_row_order(pool):
+    rows = np.array([3, 17, 40, 59])
+    np.testing.assert_allclose(pool_features(pool.path, rows, batch_rows=7),
+                               radial_features(read_volumes(pool.path, rows.tolist())), rtol=1e-5)
+
+
+def test_typiclust_cold_start_labels_one_typical_volume_of_each_shape(pool):
+    labels = read_index(pool.path, ["row", "label"]).sort_by("row").column("label").to_numpy()
+    picks = typiclust_initial(pool.path, np.arange(60), 3, seed=0)
+    assert sorted(labels[picks].tolist()) == [0, 1, 2]
+    np.testing.assert_array_equal(picks, typiclust_initial(pool.path, np.arange(60), 3, seed=0))
+
+
+def test_typiclust_cold_start_picks_only_candidates(pool):
+    candidates = np.arange(0, 60, 2)
+    picks = typiclust_initial(pool.path, candidates, 10, seed=1, options={"max_clusters": 5})
+    assert len(set(picks.tolist())) == 10 and set(picks.tolist()) <= set(candidates.tolist())

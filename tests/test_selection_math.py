@@ -1,0 +1,145 @@
+"""The composite strategies' arithmetic: hand-computed answers and brute-force equivalents."""
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from orchestrator import selection_math as sm
+
+
+def test_percentile_rank_spreads_finite_values_over_0_to_1_and_shares_ties():
+    ranks = sm.percentile_rank(np.array([3.0, 1.0, 2.0, np.nan, 2.0, np.inf]))
+    np.testing.assert_allclose(ranks[[0, 1, 2, 4]], [1.0, 0.0, 0.5, 0.5])
+    assert np.isnan(ranks[3]) and np.isnan(ranks[5])
+    assert sm.percentile_rank(np.array([7.0])).tolist() == [1.0]
+
+
+def test_typicality_is_the_inverse_mean_distance_to_the_nearest_others():
+    x = np.array([[0.0], [1.0], [2.0], [10.0]])
+    got = sm.typicality(x, x, neighbours=2, self_anchor=np.arange(4))
+    np.testing.assert_allclose(got, [1 / 1.5, 1 / 1.0, 1 / 1.5, 1 / 8.5])
+
+
+def test_typicality_in_chunks_and_with_a_non_finite_row():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 3))
+    x[7] = np.nan
+    anchors = x[:20]
+    own = np.where(np.arange(50) < 20, np.arange(50), -1)
+    at_once = sm.typicality(x, anchors, 5, self_anchor=own)
+    chunked = sm.typicality(x, anchors, 5, self_anchor=own, chunk_rows=3)
+    np.testing.assert_array_equal(at_once, chunked)
+    assert np.isnan(at_once[7]) and np.isfinite(np.delete(at_once, 7)).all()
+
+
+def test_greedy_log_det_passes_over_a_copy_of_its_first_pick():
+    features = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])  # row 1 points where row 0 does
+    quality = np.array([1.0, 0.99, 0.5])
+    order = sm.greedy_log_det(features, quality, 3, np.arange(3), epsilon=0.1, diversity=1.0)
+    np.testing.assert_array_equal(order, [0, 2, 1])
+    no_diversity = sm.greedy_log_det(features, quality, 3, np.arange(3), diversity=0.0)
+    np.testing.assert_array_equal(no_diversity, [0, 1, 2])
+
+
+def test_greedy_log_det_gains_add_up_to_the_log_determinant_and_each_pick_is_the_best():
+    rng = np.random.default_rng(3)
+    n, e, eps = 9, 3, 0.2
+    features = rng.standard_normal((n, e))
+    quality = rng.uniform(0, 1, n)
+    phi = features / np.linalg.norm(features, axis=1, keepdims=True)
+    q = np.exp(quality / 2)
+    kernel = q[:, None] * (phi @ phi.T + eps * np.eye(n)) * q[None, :]
+
+    def log_det(rows):
+        return np.linalg.slogdet(kernel[np.ix_(rows, rows)])[1] if rows else 0.0
+
+    order = sm.greedy_log_det(features, quality, 6, rng.permutation(n), epsilon=eps)
+    for i in range(1, 7):  # brute force: each pick maximises the log-det of the set so far
+        best = max((r for r in range(n) if r not in order[:i - 1]),
+                   key=lambda r: log_det(list(order[:i - 1]) + [r]))
+        assert order[i - 1] == best
+
+
+def test_greedy_log_det_takes_non_finite_rows_last():
+    features = np.array([[1.0, 0.0], [np.nan, 1.0], [0.0, 1.0]])
+    order = sm.greedy_log_det(features, np.array([0.0, 5.0, np.nan]), 3, np.arange(3))
+    assert order[0] == 0 and set(order[1:].tolist()) == {1, 2}
+
+
+def test_pareto_fronts_of_a_hand_made_set():
+    #            P    Q    R    S    T(non-finite)
+    a = np.array([3.0, 1.0, 2.0, 0.5, np.nan])
+    b = np.array([0.0, 3.0, 2.0, 1.0, 1.0])
+    np.testing.assert_array_equal(sm.pareto_fronts(a, b), [0, 0, 0, 1, -1])
+
+
+def test_pareto_fronts_agree_with_brute_force_non_dominated_sorting_ties_included():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        a, b = rng.integers(0, 5, n).astype(float), rng.integers(0, 5, n).astype(float)
+        expected, remaining, level = np.full(n, -1), set(range(n)), 0
+        while remaining:
+            front = [i for i in remaining if not any(
+                a[j] >= a[i] and b[j] >= b[i] and (a[j] > a[i] or b[j] > b[i]) for j in remaining)]
+            expected[front] = level
+            remaining -= set(front)
+            level += 1
+        np.testing.assert_array_equal(sm.pareto_fronts(a, b), expected)
+
+
+def test_gaussians_share_a_shrunk_covariance_and_give_mahalanobis_distances():
+    ring = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    x = np.concatenate([ring, ring + [4.0, 0.0]])
+    labels = np.array([0] * 4 + [1] * 4)
+    classes, means, precision = sm.fit_gaussians(x, labels, shrinkage=0.5)
+    # pooled covariance: 4·I / (8 − 2) = (2/3)·I, already isotropic, so shrinking keeps it
+    np.testing.assert_allclose(means, [[0.0, 0.0], [4.0, 0.0]], atol=1e-12)
+    np.testing.assert_allclose(precision, 1.5 * np.eye(2))
+    np.testing.assert_allclose(sm.mahalanobis_sq(np.array([[2.0, 0.0], [0.0, 1.0]]), means, precision),
+                               [[6.0, 6.0], [1.5, 1.5 * 17]])
+    assert classes.tolist() == [0, 1]
+
+
+def test_a_class_of_one_row_each_still_gives_an_invertible_covariance():
+    _, _, precision = sm.fit_gaussians(np.array([[0.0, 0.0], [2.0, 2.0]]), np.array([0, 1]), 0.5)
+    assert np.isfinite(precision).all() and np.linalg.det(precision) > 0
+
+
+def test_exp3_starts_even_then_favours_the_arm_whose_batch_gained():
+    rounds = [(np.array([10, 0]), 0.1), (np.array([0, 10]), -0.05), (np.array([5, 5]), math.nan)]
+    p = sm.exp3_probabilities(rounds, 2, gamma=0.2, eta=10.0)
+    np.testing.assert_allclose(p[0], [0.5, 0.5])
+    first = 0.8 * np.array([math.e**2, 1.0]) / (math.e**2 + 1) + 0.1  # log w = [10·0.1·1/0.5, 0]
+    np.testing.assert_allclose(p[1], first)
+    log_w = np.array([2.0, 10 * -0.05 / first[1]])
+    second = 0.8 * np.exp(log_w) / np.exp(log_w).sum() + 0.1
+    np.testing.assert_allclose(p[2], second)
+    np.testing.assert_allclose(p[3], second)  # a round with no reward changes nothing
+    assert len(p) == 4 and all(v.sum() == pytest.approx(1.0) for v in p)
+
+
+@pytest.mark.parametrize("n, anchors", [(5, 10), (50, 10)])
+def test_anchors_are_all_rows_of_a_small_set_else_a_sorted_sample(n, anchors):
+    chosen = sm.sample_anchors(n, anchors, np.random.default_rng(0))
+    assert len(chosen) == min(n, anchors) and np.all(np.diff(chosen) > 0)
+    assert set(chosen.tolist()) <= set(range(n))
+
+
+def test_memory_stays_linear_in_the_pool():
+    """20,000 rows: an N×N float64 matrix would be 3.2 GB; every helper stays under 40 MB."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20_000, 16))
+    quality = rng.uniform(size=len(x))
+    tracemalloc.start()
+    try:
+        sm.typicality(x, x[:200], 20)
+        sm.mahalanobis_sq(x, x[:10], np.eye(16))
+        sm.greedy_log_det(x, quality, 50, np.arange(len(x)))
+        sm.pareto_fronts(quality, x[:, 0])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 40 * 2**20
