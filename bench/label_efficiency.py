@@ -21,6 +21,22 @@ Per data set: accuracy per budget (mean and 95% CI over seeds), AUBC, accuracy a
 share of full supervision, the labels needed to reach 95% and 98% of it, and each strategy's
 AUBC minus random's, paired by seed, with its 95% CI. Run directories stay under --out, so an
 interrupted benchmark resumes where it stopped (a campaign resumes mid-way too).
+
+The last wave (issue 17) adds the automatic choice (`albl`), multiple criteria, junk-aware
+selection (`poal`) and TypiClust's cold start: `typiclust_start` rows begin with it, the
+`cold_*` rows are one-cycle campaigns at 1–4% (their 5% point is cycle 0 of `random` and of
+`typiclust_start`), reported paired by seed. Every campaign's queries go to
+`docs/results/label_efficiency_queries.csv` (`dataset,strategy,seed,cycle,chosen_by,queried,junk`,
+from each run's selection.csv and ledger), which gives the junk table (the share of each
+campaign's queries answered junk, on the `_junk0.2` data set whose pool is 20% junk) and the
+arms `albl` chose per cycle:
+
+    python bench/label_efficiency.py --datasets shrec13_snr0.05 \
+        --strategies albl multi_criteria poal typiclust_start ema_kl_typiclust_start \
+        cold_random_1pct cold_random_2pct cold_random_3pct cold_random_4pct \
+        cold_typiclust_1pct cold_typiclust_2pct cold_typiclust_3pct cold_typiclust_4pct
+    python bench/label_efficiency.py --datasets shrec13_snr0.05_junk0.2 \
+        --strategies random entropy ema_kl poal albl multi_criteria
 """
 
 from __future__ import annotations
@@ -44,6 +60,8 @@ from orchestrator.sweep import aubc  # noqa: E402
 SHREC_MAPS = ROOT.parent / "shared" / "data" / "structures_10A"
 RESULTS = ROOT / "docs" / "results" / "label_efficiency.csv"
 DETAILS = ROOT / "docs" / "results" / "label_efficiency_models.csv"
+QUERIES = ROOT / "docs" / "results" / "label_efficiency_queries.csv"
+QUERY_COLUMNS = ["dataset", "strategy", "seed", "cycle", "chosen_by", "queried", "junk"]
 COLUMNS = ["dataset", "strategy", "seed", "labelled", "fraction", "val_accuracy", "test_accuracy"]
 DETAIL_COLUMNS = ["dataset", "strategy", "seed", "labelled", "classifier", "val_accuracy_task",
                   "val_accuracy_mean", "test_accuracy_task", "test_accuracy_mean", "epochs",
@@ -60,6 +78,9 @@ DATASETS = {
     "builtin50_snr0.05": {"structures": "builtin:50", "box": 32, "voxel_size_A": 10.0,
                           "per_class": 60, "val_fraction": 0.1, "test_fraction": 0.2,
                           "snr": 0.05, "seed": 0},
+    # the same particles plus 20% junk (650 non-particles: empty, edge, fragment, off-centre),
+    # answered "junk" by the simulated oracle; accuracy stays on the 13 real classes
+    "shrec13_snr0.05_junk0.2": {**SHREC, "snr": 0.05, "junk_fraction": 0.2},
 }
 
 FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)  # labelled share of the train split, per cycle
@@ -89,7 +110,25 @@ WAVES = [
      ("noise_stability", "noise_stability", {"passes": 8}, []),
      ("two_stream", "two_stream", {"epochs": 8}, [])],
 ]
+
+# Issue 17. A row may carry its own budgets (a fifth element): the cold-start rows are one-cycle
+# campaigns, the labels of cycle 0 alone, drawn at random or chosen by TypiClust.
+COLD_FRACTIONS = (0.01, 0.02, 0.03, 0.04)
+TYPICLUST_START = ["strategy.initial=typiclust"]
+COLD_START = [(f"cold_{method}_{round(100 * f)}pct", "random", {}, extra, (f,))
+              for method, extra in (("random", []), ("typiclust", TYPICLUST_START))
+              for f in COLD_FRACTIONS]
+WAVES.append([
+    ("albl", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"]}, []),
+    ("multi_criteria", "multi_criteria", {"informativeness": "ema_kl"}, []),
+    ("poal", "poal", {"informativeness": "ema_kl"}, []),
+    ("typiclust_start", "random", {}, TYPICLUST_START),
+    ("ema_kl_typiclust_start", "ema_kl", {"distance": "kl"}, TYPICLUST_START),
+    *COLD_START,
+])
 RUNS = [run for wave in WAVES for run in wave]
+# rows with budgets of their own: not curves over FRACTIONS, reported in their own table
+OWN_BUDGETS = {run[0] for run in RUNS if len(run) > 4}
 
 
 # --- running the campaigns ---------------------------------------------------------------------
@@ -136,13 +175,13 @@ def run_one(pool: str, run_dir: str, sets: list[str]) -> dict:
 
 
 def campaign_sets(run: tuple, seed: int, n_train: int) -> list[str]:
-    _, strategy, options, extra = run
+    _, strategy, options, extra, *fractions = run
     return [f"seed={seed}", f"strategy.name={strategy}", f"strategy.options={json.dumps(options)}",
-            f"budget.counts={budget_counts(n_train)}", *extra]
+            f"budget.counts={budget_counts(n_train, *fractions)}", *extra]
 
 
-def budget_counts(n_train: int) -> list[int]:
-    return [max(1, round(f * n_train)) for f in FRACTIONS]
+def budget_counts(n_train: int, fractions=FRACTIONS) -> list[int]:
+    return [max(1, round(f * n_train)) for f in fractions]
 
 
 def full_supervision_sets(seed: int, n_train: int) -> list[str]:
@@ -203,8 +242,9 @@ def run_all(args, rows: list[str]) -> None:
 
 def write_results(out: Path, path: Path) -> None:
     """Every finished campaign under `out` as CSV rows (one per cycle), sorted; the models'
-    details (T or M, both accuracies, epochs, seconds) beside it."""
-    rows, details = [], []
+    details (T or M, both accuracies, epochs, seconds) beside it, and its queries (per cycle
+    and choosing strategy: how many, how many answered junk)."""
+    rows, details, queries = [], [], []
     for state_file in sorted((out / "runs").glob("*/*/state.json")):
         run_dir = state_file.parent
         state = finished_state(run_dir)
@@ -216,8 +256,26 @@ def write_results(out: Path, path: Path) -> None:
             fraction = 1.0 if row == FULL else c["labelled_fraction"]
             rows.append(key + [round(fraction, 6), c.get("val_accuracy"), c.get("test_accuracy")])
             details.append(key + [c.get(k) for k in DETAIL_COLUMNS[4:]])
+        queries += [[run_dir.parent.name, row, int(seed), *q] for q in run_queries(run_dir)]
     _write_csv(path, COLUMNS, sorted(rows, key=lambda r: r[:4]))
     _write_csv(path.with_name(DETAILS.name), DETAIL_COLUMNS, sorted(details, key=lambda r: r[:4]))
+    _write_csv(path.with_name(QUERIES.name), QUERY_COLUMNS, sorted(queries, key=lambda r: r[:5]))
+
+
+def run_queries(run_dir: Path) -> list[list]:
+    """(cycle, chosen_by, queried, junk) per cycle and choosing strategy of a run directory,
+    from each cycle's selection.csv and the ledger's current answers (junk: -1)."""
+    with open(run_dir / "labels.csv", newline="") as f:
+        answers = {r["subtomo_id"]: int(r["label"]) for r in csv.DictReader(f)}  # latest wins
+    counts: dict[tuple[int, str], list[int]] = {}
+    for selection in sorted(run_dir.glob("cycles/c*/selection.csv")):
+        cycle = int(selection.parent.name[1:])
+        with open(selection, newline="") as f:
+            for r in csv.DictReader(f):
+                tally = counts.setdefault((cycle, r.get("chosen_by") or ""), [0, 0])
+                tally[0] += 1
+                tally[1] += answers.get(r["subtomo_id"]) == -1
+    return [[cycle, chooser, n, junk] for (cycle, chooser), (n, junk) in sorted(counts.items())]
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
@@ -387,8 +445,11 @@ def plot(name: str, summaries: dict, full: tuple[float, float], path: Path) -> N
 
 
 def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str:
-    """The tables (markdown) and one plot per data set, from the CSV."""
+    """The tables (markdown) and one plot per data set, from the CSV (and the queries CSV
+    beside it, when there is one: junk and the arms albl chose)."""
     curves = read_results(results)
+    queries_file = results.with_name(QUERIES.name)
+    queries = read_queries(queries_file) if queries_file.exists() else {}
     parts = []
     for name in datasets or sorted(curves):
         if name not in curves:
@@ -396,11 +457,109 @@ def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str
         by_strategy = curves[name]
         random_seeds = by_strategy.get(RANDOM)
         summaries = {strategy: summarise_strategy(seeds, random_seeds)
-                     for strategy, seeds in by_strategy.items() if strategy != FULL}
+                     for strategy, seeds in by_strategy.items()
+                     if strategy != FULL and strategy not in OWN_BUDGETS}
         full = full_accuracy(by_strategy)
         plot(name, summaries, full, plots / f"label_efficiency_{name}.png")
         parts.append(table(name, summaries, full))
-    return "\n".join(parts)
+        parts += [cold_start_table(name, by_strategy), junk_table(name, by_strategy, queries.get(name, {})),
+                  arms_table(name, queries.get(name, {}).get("albl", {}))]
+    return "\n".join(part for part in parts if part)
+
+
+# --- issue 17: cold start, junk, the arms albl chose ---------------------------------------------
+
+
+def read_queries(path: Path) -> dict:
+    """{dataset: {strategy: {seed: {cycle: {chosen_by: (queried, junk)}}}}}."""
+    out: dict = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            cycles = out.setdefault(r["dataset"], {}).setdefault(r["strategy"], {}).setdefault(
+                int(r["seed"]), {})
+            cycles.setdefault(int(r["cycle"]), {})[r["chosen_by"]] = (int(r["queried"]), int(r["junk"]))
+    return out
+
+
+def first_budget(seeds: dict | None) -> dict[int, float]:
+    """Test accuracy of cycle 0 (the first budget) per seed."""
+    return {seed: c[2][0] for seed, c in (seeds or {}).items() if c[2]}
+
+
+def paired(first: dict[int, float], second: dict[int, float]) -> tuple[float, float]:
+    """Mean and 95% CI half-width of second − first over the seeds both have."""
+    return mean_ci([second[s] - first[s] for s in first if s in second])
+
+
+def cold_start_table(name: str, by_strategy: dict) -> str:
+    """Accuracy of the first labels alone, drawn at random or chosen by TypiClust: one-cycle
+    campaigns at 1–4%; at 5%, cycle 0 of `random` and of `typiclust_start`."""
+    budgets = [(f, by_strategy.get(f"cold_random_{round(100 * f)}pct"),
+                by_strategy.get(f"cold_typiclust_{round(100 * f)}pct")) for f in COLD_FRACTIONS]
+    budgets.append((FRACTIONS[0], by_strategy.get(RANDOM), by_strategy.get("typiclust_start")))
+    lines = []
+    for f, random_seeds, typiclust_seeds in budgets:
+        first, second = first_budget(random_seeds), first_budget(typiclust_seeds)
+        if not (first and second):
+            continue
+        lines.append(f"| {100 * f:g}% | {_pm(*mean_ci(first.values()))} ({len(first)}) | "
+                     f"{_pm(*mean_ci(second.values()))} ({len(second)}) | {_signed(*paired(first, second))} |")
+    if not lines:
+        return ""
+    return "\n".join([f"#### {name}: cold start (test accuracy of the first labels alone)", "",
+                      "| labelled | random draw (seeds) | TypiClust (seeds) | TypiClust − random (paired) |",
+                      "|---|---|---|---|", *lines]) + "\n"
+
+
+def junk_share(cycles: dict, first_cycle: bool) -> float:
+    """The share of a campaign's queries answered junk: in cycle 0, or in every later cycle."""
+    chosen = [tally for cycle, by in cycles.items() if (cycle == 0) == first_cycle
+              for tally in by.values()]
+    asked = sum(n for n, _ in chosen)
+    return sum(j for _, j in chosen) / asked if asked else float("nan")
+
+
+def junk_table(name: str, by_strategy: dict, queries: dict) -> str:
+    """Per strategy: the share of its selected queries (cycles ≥ 1) answered junk, that of its
+    first draw, and accuracy on the real classes; on data sets whose queries met junk."""
+    if not any(j for seeds in queries.values() for cycles in seeds.values()
+               for by in cycles.values() for _, j in by.values()):
+        return ""
+    shares = {strategy: {seed: junk_share(cycles, False) for seed, cycles in seeds.items()}
+              for strategy, seeds in queries.items() if strategy not in OWN_BUDGETS and strategy != FULL}
+    entropy = mean_ci(shares.get("entropy", {}).values())[0]
+    lines = [f"#### {name}: junk in the queries", "",
+             "| strategy | seeds | junk share of selected queries | vs entropy | junk share of cycle 0 "
+             f"| test accuracy at {100 * FRACTIONS[-1]:g}% (real classes) | AUBC |", "|---|---|---|---|---|---|---|"]
+    for strategy in sorted(shares, key=lambda s: np.nan_to_num(mean_ci(shares[s].values())[0], nan=2)):
+        curves = {s: c for s, c in by_strategy.get(strategy, {}).items() if len(c[0]) == len(FRACTIONS)}
+        share = mean_ci(shares[strategy].values())
+        ratio = f"{share[0] / entropy:.2f}×" if np.isfinite(entropy) and entropy > 0 else ""
+        first = mean_ci(junk_share(c, True) for c in queries[strategy].values())
+        lines.append(f"| {strategy} | {len(shares[strategy])} | {_pm(*share)} | {ratio} | {_pm(*first)} | "
+                     f"{_pm(*mean_ci(c[2][-1] for c in curves.values()))} | "
+                     f"{_pm(*mean_ci(aubc(c[0], c[2]) for c in curves.values()))} |")
+    return "\n".join(lines) + "\n"
+
+
+def arms_table(name: str, seeds: dict) -> str:
+    """Which base strategies albl queried with, per cycle: each arm's share of the cycle's
+    queries, mean over seeds."""
+    per_cycle: dict[int, list[dict[str, float]]] = {}
+    for cycles in seeds.values():
+        for cycle, by in cycles.items():
+            asked = sum(n for n, _ in by.values())
+            if cycle > 0 and asked:
+                per_cycle.setdefault(cycle, []).append({arm: n / asked for arm, (n, _) in by.items()})
+    if not per_cycle:
+        return ""
+    arms = sorted({arm for shares in per_cycle.values() for s in shares for arm in s})
+    lines = [f"#### {name}: the base strategies albl chose (share of each cycle's queries)", "",
+             "| cycle | seeds | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
+    for cycle, shares in sorted(per_cycle.items()):
+        cells = [f"{np.mean([s.get(arm, 0.0) for s in shares]):.2f}" for arm in arms]
+        lines.append(f"| {cycle} | {len(shares)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:

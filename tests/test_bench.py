@@ -94,3 +94,78 @@ def test_the_plan_runs_full_supervision_and_the_first_wave_seed_by_seed_first():
     assert order[:4] == [("a", "full", 0), ("a", "random", 0), ("a", "ema_kl", 0), ("a", "full", 1)]
     assert order.index(("a", "entropy", 0)) > order.index(("a", "ema_kl", 1))
     assert order.index(("b", "full", 0)) > order.index(("a", "entropy", 1))
+
+
+# --- issue 17: the last wave's rows, junk and arms ------------------------------------------------
+
+
+def test_cold_start_rows_are_one_cycle_campaigns_at_their_own_budget():
+    from bench.label_efficiency import RUNS, campaign_sets
+
+    runs = {run[0]: run for run in RUNS}
+    sets = campaign_sets(runs["cold_typiclust_2pct"], 3, 1000)
+    assert "budget.counts=[20]" in sets and "strategy.initial=typiclust" in sets
+    assert "budget.counts=[50, 100, 150, 200, 300, 400]" in campaign_sets(runs["albl"], 0, 1000)
+
+
+def write_run(run_dir, selections, answers):
+    """A finished run's selection files and ledger: selections = {cycle: [(id, chosen_by)]}."""
+    for cycle, picks in selections.items():
+        folder = run_dir / "cycles" / f"c{cycle:02d}"
+        folder.mkdir(parents=True)
+        with open(folder / "selection.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["row", "subtomo_id", "source", "pred", "pred_prob", "chosen_by"])
+            writer.writerows([i, sid, "x", 0, 0.5, by] for i, (sid, by) in enumerate(picks))
+    with open(run_dir / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subtomo_id", "label", "cycle", "source", "annotator", "time"])
+        writer.writerows([sid, label, 0, "initial", "", ""] for sid, label in answers.items())
+
+
+def test_a_runs_queries_are_counted_per_cycle_and_chooser_with_their_junk(tmp_path):
+    from bench.label_efficiency import run_queries
+
+    write_run(tmp_path, {0: [("a", "random"), ("b", "random")],
+                         1: [("c", "entropy"), ("d", "random"), ("e", "entropy")]},
+              {"a": -1, "b": 0, "c": -1, "d": 2, "e": -1})
+    assert run_queries(tmp_path) == [[0, "random", 2, 1], [1, "entropy", 2, 2], [1, "random", 1, 0]]
+
+
+def test_the_report_tells_junk_shares_cold_start_gains_and_albls_arms(tmp_path):
+    from bench.label_efficiency import COLD_FRACTIONS, QUERY_COLUMNS
+
+    results = tmp_path / "label_efficiency.csv"
+    with open(results, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for seed in (0, 1, 2):
+            for strategy, level in (("random", 0.5), ("entropy", 0.55), ("poal", 0.6),
+                                    ("typiclust_start", 0.52), ("albl", 0.58)):
+                for fraction in FRACTIONS:
+                    writer.writerow(["toy", strategy, seed, int(1000 * fraction), fraction, level,
+                                     level + 0.01 * seed + (0.03 if strategy == "typiclust_start" else 0)])
+            for method, level in (("random", 0.3), ("typiclust", 0.4)):
+                for fraction in COLD_FRACTIONS:
+                    writer.writerow(["toy", f"cold_{method}_{round(100 * fraction)}pct", seed,
+                                     int(1000 * fraction), fraction, level, level + 0.01 * seed])
+    with open(results.with_name("label_efficiency_queries.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(QUERY_COLUMNS)
+        for seed in (0, 1, 2):
+            for strategy, junk in (("random", 20), ("entropy", 40), ("poal", 10)):
+                writer.writerow(["toy", strategy, seed, 0, "random", 50, 10])
+                writer.writerow(["toy", strategy, seed, 1, strategy, 100, junk + seed])
+            writer.writerow(["toy", "albl", seed, 1, "entropy", 75, 0])
+            writer.writerow(["toy", "albl", seed, 1, "random", 25, 0])
+    text = report(results, tmp_path)
+    main = text.split("####")[0]
+    assert "cold_random" not in main and "| poal |" in main  # own-budget rows: their own table
+    junk = next(part for part in text.split("####") if "junk in the queries" in part)
+    poal = next(line for line in junk.splitlines() if line.startswith("| poal |"))
+    assert "0.110 ± " in poal and "| 0.27× |" in poal  # (10, 11, 12) / 100 vs (40, 41, 42) / 100
+    cold = next(part for part in text.split("####") if "cold start" in part)
+    assert "| 1% | 0.310 ± 0.025 (3) | 0.410 ± 0.025 (3) | +0.100 ± 0.000 * |" in cold
+    assert "| 5% | 0.510 ± 0.025 (3) | 0.560 ± 0.025 (3) | +0.050 ± 0.000 * |" in cold  # cycle 0s
+    arms = next(part for part in text.split("####") if "albl chose" in part)
+    assert "| 1 | 3 | 0.75 | 0.25 |" in arms

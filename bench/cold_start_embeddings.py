@@ -1,0 +1,100 @@
+"""Which label-free embedding lets cycle 0's TypiClust find the classes (orchestrator/cold_start.py).
+
+Simulates a small pool (built-in classes, SNR 0.05 by default), embeds every subtomogram with
+(a) the radial features the cold start uses and (b) a random ResNet-10's penultimate features
+(BatchNorm statistics set on 256 of the volumes, as TypiClust's "random network" option), runs
+k-means with as many clusters as classes (3 seeds) and prints the normalised mutual information
+between clusters and classes (0 = no better than chance; random vectors for reference):
+
+    python bench/cold_start_embeddings.py                 # 10 classes × 30, SNR 0.05
+    python bench/cold_start_embeddings.py --snr 0.1 --classes 13 --per-class 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def normalised_mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+    """NMI with the arithmetic mean of the two entropies."""
+    a = np.unique(a, return_inverse=True)[1]
+    b = np.unique(b, return_inverse=True)[1]
+    joint = np.zeros((a.max() + 1, b.max() + 1))
+    np.add.at(joint, (a, b), 1.0)
+    joint /= joint.sum()
+    pa, pb = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
+
+    def entropy(p):
+        return float(-(p[p > 0] * np.log(p[p > 0])).sum())
+
+    return mi / ((entropy(pa) + entropy(pb)) / 2)
+
+
+def cluster_score(embeddings: np.ndarray, labels: np.ndarray, classes: int) -> float:
+    from orchestrator.strategies import _kmeans
+
+    z = (embeddings - embeddings.mean(0)) / (embeddings.std(0) + 1e-9)
+    return float(np.mean([normalised_mutual_information(
+        labels, _kmeans(z, classes, np.random.default_rng(seed), 30)[0]) for seed in range(3)]))
+
+
+def random_network(volumes: np.ndarray, classes: int, seed: int) -> np.ndarray:
+    import torch
+
+    from orchestrator.learning import forward_outputs, recalibrated
+    from orchestrator.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("resnet10", num_classes=classes, width=16, stem="full")
+    x = torch.from_numpy(volumes).float()
+    model = recalibrated(model, [(x[i:i + 32], None) for i in range(0, min(256, len(x)), 32)])
+    return forward_outputs(model, None, x, {"embeddings"})["embeddings"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--per-class", type=int, default=30)
+    parser.add_argument("--snr", type=float, default=0.05)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from orchestrator.cold_start import pool_features
+    from orchestrator.pool import read_index, read_volumes
+    from orchestrator.simulate import SimulationConfig, simulate_pool
+
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = SimulationConfig(structures=f"builtin:{args.classes}", per_class=args.per_class,
+                               snr=args.snr)
+        info = simulate_pool(None, cfg, Path(folder) / "pool", workers=1, progress=False)
+        labels = read_index(info.path, ["row", "label"]).sort_by("row").column("label").to_numpy()
+        rows = np.arange(info.n_rows)
+        started = time.perf_counter()
+        radial = pool_features(info.path, rows)
+        seconds = time.perf_counter() - started
+        volumes = read_volumes(info.path, rows.tolist())
+    print(f"{info.n_rows} subtomograms, {args.classes} classes, SNR {args.snr:g}")
+    print("| embedding | NMI of k-means clusters with the classes |\n|---|---|")
+    print(f"| radial features (cold start; {seconds:.1f} s) | {cluster_score(radial, labels, args.classes):.3f} |")
+    for seed in (0, 1):
+        score = cluster_score(random_network(volumes, args.classes, seed), labels, args.classes)
+        print(f"| random ResNet-10, seed {seed} | {score:.3f} |")
+    noise = np.random.default_rng(0).standard_normal((len(labels), 8))
+    print(f"| random vectors | {cluster_score(noise, labels, args.classes):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
