@@ -205,7 +205,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     for epoch in range(progress["epoch"], plan.epochs):
         started = time.perf_counter()
         batches = _batches(data.x_train, data.y_train, _epoch_order(
-            data.y_train, job.seed, epoch, rank, world, tcfg["balanced"]), tcfg["batch_size"])
+            data.y_train, job.seed, epoch, rank, world, tcfg["balanced"]), plan.rank_batch)
         step_hook = _trajectory_hook(trajectory_dir, rank, epoch) if job.record_trajectory else None
         stats = train_epoch(
             model, mean, _with_hook(batches, step_hook, model), optimizer,
@@ -247,7 +247,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
 @dataclass(frozen=True)
 class CyclePlan:
     epochs: int  # train.epochs, or more to reach train.min_steps
-    steps_per_epoch: int  # optimiser steps of one rank per epoch
+    steps_per_epoch: int  # optimiser steps per epoch (the same on every rank)
+    rank_batch: int  # volumes each rank takes per step: train.batch_size shared by the ranks
     evaluate_at: frozenset[int]  # epochs (0-based) after which T and M are validated
     checkpoint_at: frozenset[int]  # epochs after which rank 0 checkpoints (resume points)
 
@@ -255,14 +256,17 @@ class CyclePlan:
 def cycle_plan(n_labelled: int, tcfg: dict, world: int = 1) -> CyclePlan:
     """How long a cycle trains and when it validates: pure, from the labelled count.
 
-    Small labelled sets get more epochs, up to ``min_steps`` optimiser steps in all (a fixed
-    epoch count would give a 5% set a few dozen steps). Validation runs ``evaluations`` times,
+    ``train.batch_size`` is the batch of one optimiser step, split between the ranks, so a
+    cycle takes the same steps on the same batches' worth of volumes whatever the number of
+    workers. Small labelled sets get more epochs, up to ``min_steps`` optimiser steps in all
+    (a fixed epoch count would give a 5% set a few dozen steps). Validation runs ``evaluations`` times,
     evenly over the second half of the epochs and always after the last (with a one-cycle or
     cosine schedule the first half is never the best); checkpoints follow every validation and
     at least every eighth of the cycle, so a restarted worker group loses little.
     """
     per_rank = max(1, n_labelled // world) if n_labelled >= world else max(n_labelled, 1)
-    steps_per_epoch = math.ceil(per_rank / int(tcfg["batch_size"]))
+    rank_batch = max(1, int(tcfg["batch_size"]) // world)
+    steps_per_epoch = math.ceil(per_rank / rank_batch)
     epochs = max(int(tcfg["epochs"]), math.ceil(int(tcfg.get("min_steps", 0)) / steps_per_epoch))
     evaluate_at = frozenset(
         max(1, math.ceil(e)) - 1
@@ -270,7 +274,7 @@ def cycle_plan(n_labelled: int, tcfg: dict, world: int = 1) -> CyclePlan:
     ) | {epochs - 1}
     every = max(1, epochs // 8)
     checkpoint_at = evaluate_at | {e for e in range(epochs) if (e + 1) % every == 0}
-    return CyclePlan(epochs, steps_per_epoch, evaluate_at, frozenset(checkpoint_at))
+    return CyclePlan(epochs, steps_per_epoch, rank_batch, evaluate_at, frozenset(checkpoint_at))
 
 
 @dataclass
@@ -374,7 +378,7 @@ def _unlabelled_batches(data: CycleData, job: CycleJob, plan: CyclePlan, epoch, 
     if data.x_unlabelled is None:
         return None
     first = epoch * plan.steps_per_epoch
-    b = int(job.train["batch_size"])
+    b = plan.rank_batch
     return (data.x_unlabelled[unlabelled_indices(len(data.x_unlabelled), b, job.seed, step,
                                                  rank, world)]
             for step in range(first, first + plan.steps_per_epoch))

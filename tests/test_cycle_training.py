@@ -25,9 +25,12 @@ def test_a_small_labelled_set_trains_for_more_epochs_to_reach_the_minimum_steps(
     assert (large.steps_per_epoch, large.epochs) == (61, 30)
 
 
-def test_steps_per_epoch_count_one_ranks_share():
-    assert cycle_plan(100, config_to_dict(TrainConfig(batch_size=10, min_steps=0)), world=2
-                      ).steps_per_epoch == 5
+def test_ranks_share_the_batch_so_a_cycle_takes_the_same_steps_whatever_the_workers():
+    settings = config_to_dict(TrainConfig(batch_size=10, min_steps=0))
+    one, two = cycle_plan(100, settings, world=1), cycle_plan(100, settings, world=2)
+    assert (one.rank_batch, two.rank_batch) == (10, 5)
+    assert one.steps_per_epoch == two.steps_per_epoch == 10
+    assert one.epochs == two.epochs
 
 
 def test_validation_runs_in_the_second_half_and_always_after_the_last_epoch():
