@@ -462,9 +462,72 @@ def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str
         full = full_accuracy(by_strategy)
         plot(name, summaries, full, plots / f"label_efficiency_{name}.png")
         parts.append(table(name, summaries, full))
+        parts.append(comparisons_table(name, by_strategy))
         parts += [cold_start_table(name, by_strategy), junk_table(name, by_strategy, queries.get(name, {})),
                   arms_table(name, queries.get(name, {}).get("albl", {}))]
+    details_file = results.with_name(DETAILS.name)
+    if details_file.exists():
+        parts.append(classifier_table(read_details(details_file), datasets))
     return "\n".join(part for part in parts if part)
+
+
+# --- the recipe's questions: KL direction, the regulariser, the mean teacher, T or M -----------
+
+# (question, row B, row A): B − A in AUBC, paired by seed
+COMPARISONS = [
+    ("KL direction: KL(M‖T), the authors' script, minus KL(T‖M), the paper", "ema_kl_reverse", "ema_kl"),
+    ("the λ·MSE(T, M) regulariser: EMA-KL with it minus without it", "ema_kl", "ema_kl_selection_only"),
+    ("the mean teacher on unlabelled volumes: semi-supervised minus supervised EMA-KL", "ema_kl_semi", "ema_kl"),
+]
+
+
+def comparisons_table(name: str, by_strategy: dict) -> str:
+    """Paired AUBC differences that answer the recipe's questions, over the seeds both rows
+    have finished."""
+    lines = []
+    for question, b, a in COMPARISONS:
+        if a not in by_strategy or b not in by_strategy:
+            continue
+        aubcs = {row: {seed: aubc(c[0], c[2]) for seed, c in by_strategy[row].items()
+                       if len(c[0]) == len(FRACTIONS)} for row in (a, b)}
+        seeds = sorted(set(aubcs[a]) & set(aubcs[b]))
+        if seeds:
+            diff = paired(aubcs[a], aubcs[b])
+            lines.append(f"| {question} | `{b}` − `{a}` | {len(seeds)} | {_signed(*diff)} |")
+    if not lines:
+        return ""
+    return "\n".join([f"#### {name}: the recipe's questions (AUBC, paired by seed)", "",
+                      "| question | difference | seeds | AUBC difference (95% CI) |",
+                      "|---|---|---|---|", *lines]) + "\n"
+
+
+def read_details(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def classifier_table(rows: list[dict], datasets: list[str] | None) -> str:
+    """How often the validation split kept M rather than T, and what that was worth on test:
+    per data set, the chosen model's test accuracy minus T's, over every trained cycle."""
+    lines = []
+    for name in sorted({r["dataset"] for r in rows}):
+        if datasets and name not in datasets:
+            continue
+        mine = [r for r in rows if r["dataset"] == name and r["classifier"] in ("task", "mean")]
+        if not mine:
+            continue
+        task = np.array([_float(r["test_accuracy_task"]) for r in mine])
+        mean = np.array([_float(r["test_accuracy_mean"]) for r in mine])
+        chosen = np.where([r["classifier"] == "mean" for r in mine], mean, task)
+        share = np.mean([r["classifier"] == "mean" for r in mine])
+        lines.append(f"| {name} | {len(mine)} | {100 * share:.0f}% | {_pm(*mean_ci(task))} | "
+                     f"{_pm(*mean_ci(mean))} | {_signed(*mean_ci(chosen - task))} | "
+                     f"{_signed(*mean_ci(mean - task))} |")
+    if not lines:
+        return ""
+    return "\n".join(["#### T or M: which model the validation split kept", "",
+                      "| data set | cycles | M kept | test T | test M | chosen − T | M − T |",
+                      "|---|---|---|---|---|---|---|", *lines]) + "\n"
 
 
 # --- issue 17: cold start, junk, the arms albl chose ---------------------------------------------

@@ -169,3 +169,29 @@ def test_the_report_tells_junk_shares_cold_start_gains_and_albls_arms(tmp_path):
     assert "| 5% | 0.510 ± 0.025 (3) | 0.560 ± 0.025 (3) | +0.050 ± 0.000 * |" in cold  # cycle 0s
     arms = next(part for part in text.split("####") if "albl chose" in part)
     assert "| 1 | 3 | 0.75 | 0.25 |" in arms
+
+
+def test_the_recipe_questions_are_answered_by_paired_aubc_differences():
+    from bench.label_efficiency import comparisons_table
+
+    by_strategy = {"ema_kl": {s: curve(0.5, 10 * s) for s in range(3)},
+                   "ema_kl_reverse": {s: curve(0.53, 10 * s) for s in range(3)},
+                   "ema_kl_semi": {0: curve(0.6, 0)}}
+    text = comparisons_table("toy", by_strategy)
+    reverse = next(line for line in text.splitlines() if "`ema_kl_reverse` − `ema_kl`" in line)
+    assert reverse.endswith("| 3 | +0.030 ± 0.000 * |")
+    semi = next(line for line in text.splitlines() if "`ema_kl_semi` − `ema_kl`" in line)
+    assert semi.endswith("| 1 | +0.100 |")  # one seed: no interval
+    assert "ema_kl_selection_only" not in text  # a row not run is left out
+
+
+def test_the_classifier_table_counts_how_often_m_was_kept_and_what_it_was_worth():
+    from bench.label_efficiency import classifier_table
+
+    rows = [{"dataset": "toy", "classifier": kept, "test_accuracy_task": t, "test_accuracy_mean": m}
+            for kept, t, m in (("task", "0.5", "0.4"), ("mean", "0.5", "0.7"),
+                               ("mean", "0.6", "0.8"), ("task", "0.7", "0.7"))]
+    line = classifier_table(rows, None).splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[:3] == ["toy", "4", "50%"]
+    assert cells[5].startswith("+0.100")  # chosen − T: (0 + 0.2 + 0.2 + 0) / 4
