@@ -1,10 +1,10 @@
-# The two commands of the README: `make demo` and `make test`.
+# The two commands of the README: `make demo` and `make test` (and `make test-fast`).
 # Each creates (or updates) the virtual environment first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+# The fast tier: no Ray, browser or subprocess (README); `make test` runs everything.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

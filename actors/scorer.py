@@ -9,10 +9,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from orchestrator.learning import OUTPUTS, forward_outputs
-from orchestrator.model import build_model
-from orchestrator.pool import decode_volumes, open_pool
-from orchestrator.strategies import make_strategy
+from orchestrator import faults
+from orchestrator.al.strategies import make_strategy
+from orchestrator.data.pool import decode_volumes, open_pool
+from orchestrator.nn.auxiliary import make_auxiliary
+from orchestrator.nn.checkpoint import load_checkpoint, model_from_checkpoint
+from orchestrator.nn.outputs import OUTPUTS, forward_outputs
 
 # Written for every row whatever the strategy: the person in the loop sees the prediction, and
 # the paper's deviation, entropy and margin are kept for later analysis.
@@ -36,9 +38,10 @@ class PoolScorer:
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.info = open_pool(pool_path)
-        saved = torch.load(model_path, map_location=self.device)
-        self.model = _load(saved, "model", self.device)
-        self.mean = _load(saved, "mean", self.device)
+        saved = load_checkpoint(model_path, self.device)
+        # channels-last weights: oneDNN's and cuDNN's 3D convolutions run faster with them
+        self.model = model_from_checkpoint(saved, "model", self.device, channels_last=True)
+        self.mean = model_from_checkpoint(saved, "mean", self.device, channels_last=True)
         self.strategy = make_strategy(strategy, **strategy_options)
         self.reported = {name: make_strategy(name, **opts) for name, opts in REPORTED.items()}
         needs = set(self.strategy.needs) | {"probs", "mean_probs", "logits", "mean_logits"}
@@ -62,6 +65,7 @@ class PoolScorer:
         result = {"row": rows, "subtomo_id": np.asarray(batch["subtomo_id"])[keep]}
         result.update(summarise(outputs, self.reported, self.info.num_classes, self.prediction))
         result.update(strategy_columns(self.strategy, outputs))
+        faults.maybe_fault("score-batch")  # tests: a batch scored and lost with its process
         return result
 
 
@@ -69,7 +73,7 @@ def score_volumes(
     model, mean, volumes: np.ndarray, rows, strategy, needs, seed: int, aux=None
 ) -> dict:
     """T's and M's outputs (``forward_outputs``), plus the keys beyond those that the
-    strategy's auxiliary provides (``auxiliary.outputs``, with ``aux`` its loaded module)."""
+    strategy's auxiliary provides (its ``outputs`` hook, with ``aux`` its loaded module)."""
     if len(volumes) == 0:
         return {}
     x = torch.from_numpy(volumes)
@@ -79,7 +83,7 @@ def score_volumes(
     )
     extra = set(needs) - OUTPUTS
     if extra:
-        auxiliary = getattr(strategy, "auxiliary", None)
+        auxiliary = _auxiliary(strategy)
         produced = {} if auxiliary is None else auxiliary.outputs(
             aux, model, x, seed=seed, row_keys=rows
         )
@@ -91,7 +95,7 @@ def score_volumes(
 
 def load_auxiliary(strategy, saved: dict, model, device) -> torch.nn.Module | None:
     """The strategy's auxiliary module with the weights training saved in model.pt, or None."""
-    auxiliary = getattr(strategy, "auxiliary", None)
+    auxiliary = _auxiliary(strategy)
     if auxiliary is None:
         return None
     aux = auxiliary.build(model, saved["num_classes"])
@@ -129,16 +133,9 @@ def strategy_columns(strategy, outputs: dict) -> dict[str, np.ndarray]:
     return {key: outputs[key] for key in strategy.needs if key in outputs}
 
 
-def _load(saved: dict, key: str, device) -> torch.nn.Module:
-    cfg = saved["model_config"]
-    model = build_model(
-        cfg["name"], num_classes=saved["num_classes"], width=cfg["width"], stem=cfg["stem"],
-        dropout=cfg["dropout"],
-    )
-    model.load_state_dict(saved[key])
-    # Channels-last (NDHWC) weights: oneDNN's 3D convolutions run 1.1–1.5× faster with them
-    # than with the default layout on this CPU (bench/throughput.py); cuDNN's prefer it too.
-    return model.to(device, memory_format=torch.channels_last_3d).eval()
+def _auxiliary(strategy):
+    """The hooks of the auxiliary the strategy declared for training (or None)."""
+    return make_auxiliary(strategy.training.auxiliary, strategy.training.auxiliary_options)
 
 
 def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Which label-free embedding lets cycle 0's TypiClust find the classes (orchestrator/cold_start.py).
+"""Which label-free embedding lets cycle 0's TypiClust find the classes (orchestrator/al/cold_start.py).
 
 Simulates a small pool (built-in classes, SNR 0.05 by default), embeds every subtomogram with
 (a) the radial features the cold start uses and (b) a random ResNet-10's penultimate features
@@ -42,18 +42,19 @@ def normalised_mutual_information(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def cluster_score(embeddings: np.ndarray, labels: np.ndarray, classes: int) -> float:
-    from orchestrator.strategies import _kmeans
+    from orchestrator.al.selection_math import kmeans
 
     z = (embeddings - embeddings.mean(0)) / (embeddings.std(0) + 1e-9)
     return float(np.mean([normalised_mutual_information(
-        labels, _kmeans(z, classes, np.random.default_rng(seed), 30)[0]) for seed in range(3)]))
+        labels, kmeans(z, classes, np.random.default_rng(seed), 30)[0]) for seed in range(3)]))
 
 
 def random_network(volumes: np.ndarray, classes: int, seed: int) -> np.ndarray:
     import torch
 
-    from orchestrator.learning import forward_outputs, recalibrated
-    from orchestrator.model import build_model
+    from orchestrator.nn.learning import recalibrated
+    from orchestrator.nn.outputs import forward_outputs
+    from orchestrator.nn.model import build_model
 
     torch.manual_seed(seed)
     model = build_model("resnet10", num_classes=classes, width=16, stem="full")
@@ -72,9 +73,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from orchestrator.cold_start import pool_features
-    from orchestrator.pool import read_index, read_volumes
-    from orchestrator.simulate import SimulationConfig, simulate_pool
+    from orchestrator.al.cold_start import pool_features
+    from orchestrator.data.pool import read_index, read_volumes
+    from orchestrator.data.simulate import SimulationConfig, simulate_pool
 
     with tempfile.TemporaryDirectory() as folder:
         cfg = SimulationConfig(structures=f"builtin:{args.classes}", per_class=args.per_class,

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.ema import init_mean_model
-from orchestrator.model import build_model
-from orchestrator.pool import PoolInfo, PoolWriter
+from orchestrator.data.pool import PoolInfo, PoolWriter
+from orchestrator.nn.ema import init_mean_model
+from orchestrator.nn.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

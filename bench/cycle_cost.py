@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.ema import init_mean_model  # noqa: E402
-from orchestrator.learning import make_optimizer, train_epoch  # noqa: E402
-from orchestrator.loop import Campaign  # noqa: E402
-from orchestrator.model import build_model  # noqa: E402
-from orchestrator.pool import read_volumes  # noqa: E402
-from orchestrator.simulate import load_simulation_config, simulate_pool  # noqa: E402
+from orchestrator.nn.ema import init_mean_model  # noqa: E402
+from orchestrator.nn.learning import make_optimizer, train_epoch  # noqa: E402
+from orchestrator.campaign.loop import Campaign  # noqa: E402
+from orchestrator.nn.model import build_model  # noqa: E402
+from orchestrator.data.pool import read_volumes  # noqa: E402
+from orchestrator.data.simulate import load_simulation_config, simulate_pool  # noqa: E402
 
 STRATEGIES = [  # (name, CPU-sized options: as bench/label_efficiency.py)
     ("random", {}), ("entropy", {}), ("ema_kl", {}), ("ema_kl_semi", {}),

@@ -3,7 +3,7 @@
     python bench/ingest_memory.py [--n 10000] [--box 32] [--source folder|npy] [--dtype float16]
 
 Generates N random box³ subtomograms in a temp folder (a folder of MRC files, or one .npy),
-ingests them with orchestrator.ingest, then reads the pool back whole with iter_volumes. Each
+ingests them with orchestrator.data.ingest, then reads the pool back whole with iter_volumes. Each
 phase runs in its own fresh Python process so its peak resident memory (VmHWM from
 /proc/self/status, which counts mapped file pages too) is its own. The point: peak memory stays
 far below the pool's size, because both directions stream.
@@ -50,7 +50,7 @@ def generate(source: str, workdir: Path, n: int, box: int) -> Path:
         out.flush()
         del out
         return path
-    from orchestrator.volumes import write_volume
+    from orchestrator.data.volumes import write_volume
 
     folder = workdir / "subtomos"
     for start in range(0, n, chunk):
@@ -63,7 +63,7 @@ def generate(source: str, workdir: Path, n: int, box: int) -> Path:
 
 
 def phase_ingest(source: str, pool: str, dtype: str) -> dict:
-    from orchestrator.ingest import ingest
+    from orchestrator.data.ingest import ingest
 
     baseline = peak_rss_bytes()
     started = time.perf_counter()
@@ -75,7 +75,7 @@ def phase_ingest(source: str, pool: str, dtype: str) -> dict:
 
 
 def phase_read(pool: str) -> dict:
-    from orchestrator.pool import iter_volumes
+    from orchestrator.data.pool import iter_volumes
 
     baseline = peak_rss_bytes()
     started = time.perf_counter()

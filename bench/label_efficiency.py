@@ -55,7 +55,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.sweep import aubc  # noqa: E402
+from orchestrator.campaign.metrics import aubc  # noqa: E402
 
 SHREC_MAPS = ROOT.parent / "shared" / "data" / "structures_10A"
 RESULTS = ROOT / "docs" / "results" / "label_efficiency.csv"
@@ -136,8 +136,8 @@ OWN_BUDGETS = {run[0] for run in RUNS if len(run) > 4}
 
 def simulate(name: str, out: Path):
     """The data set's pool, simulated once and reused by every run."""
-    from orchestrator.pool import open_pool
-    from orchestrator.simulate import SimulationConfig, simulate_pool
+    from orchestrator.data.pool import open_pool
+    from orchestrator.data.simulate import SimulationConfig, simulate_pool
 
     path = out / "pools" / name
     if (path / "pool.json").exists():
@@ -157,8 +157,8 @@ def run_one(pool: str, run_dir: str, sets: list[str]) -> dict:
 
     torch.set_num_threads(1)
     from orchestrator.config import load_config
-    from orchestrator.loop import Campaign
-    from orchestrator.pool import open_pool
+    from orchestrator.campaign.loop import Campaign
+    from orchestrator.data.pool import open_pool
 
     info = open_pool(pool)
     cfg = load_config(None, CAMPAIGN + [f"data.pool={pool}", "train.cpus_per_worker=1"] + sets)
@@ -293,7 +293,7 @@ def _cell(value):
 
 
 def _train_count(info) -> int:
-    from orchestrator.pool import read_index
+    from orchestrator.data.pool import read_index
 
     split = read_index(info.path, ["split"]).column("split").fill_null("train").to_pylist()
     return split.count("train")

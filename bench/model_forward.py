@@ -32,9 +32,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from orchestrator.ema import init_mean_model
-from orchestrator.learning import make_optimizer, train_epoch
-from orchestrator.model import build_model
+from orchestrator.nn.ema import init_mean_model
+from orchestrator.nn.learning import make_optimizer, train_epoch
+from orchestrator.nn.model import build_model
 
 REQUIRED = [
     (name, width, stem)

@@ -37,8 +37,8 @@ SIZES = {150: {**SHREC, "snr": 0.05},
 
 
 def pool_for(size: int, out: Path):
-    from orchestrator.pool import open_pool
-    from orchestrator.simulate import SimulationConfig, simulate_pool
+    from orchestrator.data.pool import open_pool
+    from orchestrator.data.simulate import SimulationConfig, simulate_pool
 
     path = out / "pools" / f"shrec13_snr0.05_train{size}"
     if (path / "pool.json").exists():
@@ -53,7 +53,7 @@ def run(info, run_dir: Path, epochs: int, seed: int, threads: int) -> dict:
     import torch
 
     from orchestrator.config import load_config
-    from orchestrator.loop import Campaign
+    from orchestrator.campaign.loop import Campaign
 
     state_file = run_dir / "state.json"
     if state_file.exists() and json.loads(state_file.read_text()).get("done"):

@@ -114,7 +114,7 @@ def _proc_kib(pid: int, name: str, key: str) -> int | None:
 def measure(rows: int, work: Path, buffer_mb: int) -> dict:
     import ray
 
-    from orchestrator.score import score_pool
+    from orchestrator.distributed.score import score_pool
 
     started = time.perf_counter()
     pool = make_noise_pool(work / f"pool-{rows}", rows)

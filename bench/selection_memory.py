@@ -23,7 +23,7 @@ import tracemalloc
 
 import numpy as np
 
-from orchestrator.strategies import Candidates, make_strategy, select
+from orchestrator.al.strategies import Candidates, make_strategy, select
 
 N_CLASSES = 10
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from orchestrator.simulate import (
+from orchestrator.data.simulate import (
     SimulationConfig, load_structures, prepare_structure, sample_rng, simulate_pool,
     simulate_subtomogram,
 )

@@ -28,23 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (forward_gflop, make_noise_pool, matmul_gflops, save_models,  # noqa: E402
                           start_local_ray)
 from orchestrator.config import ScoreConfig  # noqa: E402
-from orchestrator.learning import forward_outputs  # noqa: E402
-from orchestrator.model import build_model  # noqa: E402
-from orchestrator.pool import iter_volumes  # noqa: E402
-from orchestrator.strategies import make_strategy  # noqa: E402
+from orchestrator.nn.outputs import forward_outputs  # noqa: E402
+from orchestrator.nn.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from orchestrator.data.pool import iter_volumes  # noqa: E402
+from orchestrator.al.strategies import make_strategy  # noqa: E402
 
 
 def plain_loop(pool: str, model_path: Path, batch: int, threads: int,
                layout: torch.memory_format) -> float:
     """Subtomograms/s of one process reading the pool and running T and M on it."""
     torch.set_num_threads(threads)
-    saved = torch.load(model_path)
-    cfg = saved["model_config"]
-    nets = []
-    for key in ("model", "mean"):
-        net = build_model(cfg["name"], num_classes=10, width=cfg["width"], stem=cfg["stem"])
-        net.load_state_dict(saved[key])
-        nets.append(net.to(memory_format=layout).eval())
+    saved = load_checkpoint(model_path)
+    nets = [model_from_checkpoint(saved, key, channels_last=layout == torch.channels_last_3d)
+            for key in ("model", "mean")]
     strategy = make_strategy("ema_kl")
     started, n = time.perf_counter(), 0
     for ids, volumes, _ in iter_volumes(pool, batch_rows=batch):
@@ -62,7 +58,7 @@ def ray_path(pool: str, model_path: Path, out: Path, batch: int, actors: int,
     import numpy as np
     import ray
 
-    from orchestrator.score import score_pool
+    from orchestrator.distributed.score import score_pool
 
     start_local_ray()
     cfg = ScoreConfig(batch_size=batch, actors=actors, cpus_per_actor=0.5)

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import make_noise_pool, save_models, start_local_ray  # noqa: E402
 from orchestrator.config import ModelConfig, ScoreConfig, TrainConfig, config_to_dict  # noqa: E402
-from orchestrator.score import score_pool  # noqa: E402
-from orchestrator.train import CycleJob, run_training  # noqa: E402
+from orchestrator.distributed.score import score_pool  # noqa: E402
+from orchestrator.distributed.train import run_training  # noqa: E402
+from orchestrator.nn.cycle import CycleJob  # noqa: E402
 
 
 def scoring_seconds(pool, model: Path, out: Path, rows: int, actors: int) -> float:
@@ -51,7 +52,6 @@ def training_seconds(pool, work: Path, labelled: int, epochs: int, workers: int)
         val_rows=list(range(labelled, labelled + 64)), val_labels=[r % 10 for r in range(64)],
         seed=0, model=config_to_dict(ModelConfig()),
         train=config_to_dict(TrainConfig(epochs=epochs, num_workers=workers, max_failures=0)),
-        strategy="ema_kl",
     )
     started = time.perf_counter()
     run_training(job, run_name=f"bench-w{workers}-e{epochs}")

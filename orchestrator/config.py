@@ -15,7 +15,10 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "tune_configs"
+# The project's checkout: tune_configs/ lives here, and Ray workers of a local cluster get it on
+# their PYTHONPATH (orchestrator/distributed/connect.py). The one place that knows where it is.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "tune_configs"
 
 
 class ConfigError(ValueError):
@@ -124,7 +127,7 @@ class BudgetConfig:
     final: float = 0.5  # stop when this fraction is labelled (paper: 0.4)
     counts: tuple[int, ...] = ()  # absolute cumulative counts per cycle; overrides the fractions
     # Stabilising predictions (Bloodgood & Vijay-Shanker 2009): end before the budget is spent
-    # once consecutive models agree on the unlabelled pool (orchestrator/stopping.py).
+    # once consecutive models agree on the unlabelled pool (orchestrator/al/stopping.py).
     stop_when_stable: bool = False  # off: the whole budget schedule runs, as before
     stable_kappa: float = 0.99  # Cohen's κ between cycle c−1's and c's predictions that counts as stable
     stable_cycles: int = 3  # ... in this many consecutive cycles (one unstable cycle starts over)
@@ -140,7 +143,7 @@ class StrategyConfig:
     name: str = "ema_kl"
     options: dict = field(default_factory=dict)  # e.g. {distance: js, order: lowest}
     # cycle 0: a seeded random draw, or typiclust (typical members of clusters of the volumes'
-    # radial features: TypiClust's cold start for tiny budgets, orchestrator/cold_start.py)
+    # radial features: TypiClust's cold start for tiny budgets, orchestrator/al/cold_start.py)
     initial: str = "random"
     initial_options: dict = field(default_factory=dict)  # typiclust's, e.g. {max_clusters: 200}
 

@@ -1,9 +1,16 @@
-"""Shared fixtures: a local Ray for the tests that need one, and tiny synthetic pools."""
+"""Shared fixtures: a local Ray for the tests that need one, tiny synthetic pools, a browser.
+
+The tree mirrors the packages: tests/unit/<package>/ (one file per module, hand-computed
+answers), tests/integration/ (campaigns end to end on a local Ray), tests/faults/ (processes
+killed at fixed points, full and read-only disks). `pytest -m "not slow"` is the fast tier:
+a test that starts Ray (the `ray_local` fixture, or `ray`-marked), a browser, or a subprocess
+that runs a campaign, or takes more than a few seconds, is `slow`; the first two are marked so
+here whatever their file says.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,16 +18,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.pool import PoolWriter
+from orchestrator.data.pool import PoolWriter
+from orchestrator.distributed.connect import set_env_defaults
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # screenshots (git-ignored)
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-# Ray Train polls slowly and watches for preemption by default: both only slow tests down.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train polls slowly and watches for preemption by default: both only slow tests down
+# (Ray Train's in-process mode reads them from this process).
+set_env_defaults()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Whatever starts Ray or a browser is slow: it is left out of `pytest -m "not slow"`."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("ray") or "ray_local" in fixtures:
+            item.add_marker(pytest.mark.ray)
+            item.add_marker(pytest.mark.slow)
+        if "browser" in fixtures:
+            item.add_marker(pytest.mark.browser)
+            item.add_marker(pytest.mark.slow)
 
 
 def shared_data(*parts: str) -> Path:
@@ -44,21 +65,15 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def ray_local():
+    """A local Ray of 2 CPUs for the session, started as the commands start theirs."""
     import ray
     from ray.data import DataContext
 
-    ray.init(
-        address="local", num_cpus=2, include_dashboard=False,
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
-        runtime_env={"env_vars": {
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-            "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-        }},
-    )
-    DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    from orchestrator.distributed.connect import connect
+
+    with connect("local", log_level="ERROR", num_cpus=2, include_dashboard=False):
+        DataContext.get_current().enable_progress_bars = False
+        yield ray
 
 
 def shape_volume(kind: int, box: int, rng: np.random.Generator, noise: float = 0.3) -> np.ndarray:

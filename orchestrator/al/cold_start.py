@@ -25,8 +25,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from orchestrator.pool import decode_volumes, iter_batches, open_pool
-from orchestrator.strategies import Candidates, make_strategy, select
+from orchestrator.al.strategies import Candidates, make_strategy, select
+from orchestrator.data.pool import decode_volumes, iter_batches, open_pool
 
 __all__ = ["INITIAL", "radial_features", "pool_features", "typiclust_initial"]
 

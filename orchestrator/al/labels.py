@@ -25,8 +25,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Collection, Iterable, Sequence
 
+from orchestrator.data.pool import JUNK, fsync_dir, write_error
 from orchestrator.faults import maybe_fault
-from orchestrator.pool import JUNK, fsync_dir, write_error
 
 LEDGER_FILE = "labels.csv"
 FIELDS = ("subtomo_id", "label", "cycle", "source", "annotator", "time")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.labels import LabelLedger, LabelRecord
-from orchestrator.pool import PoolInfo, atomic_write_text, read_volumes
+from orchestrator.al.labels import LabelLedger, LabelRecord
+from orchestrator.data.pool import PoolInfo, atomic_write_text, read_volumes
 
 
 class AwaitingLabels(RuntimeError):

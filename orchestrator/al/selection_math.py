@@ -11,7 +11,10 @@ from a given ``np.random.Generator``.
   kernel plus ε·I), one pick at a time in O(N·E);
 - :func:`pareto_fronts`: non-dominated sorting of two objectives in O(N log N);
 - :func:`fit_gaussians`, :func:`mahalanobis_sq`: class means and one shared, shrunk covariance;
-- :func:`exp3_probabilities`: the bandit's arm probabilities, replayed from its rounds.
+- :func:`exp3_probabilities`: the bandit's arm probabilities, replayed from its rounds;
+- :func:`kmeans`, :func:`nearest`: the project's one k-means (k-means++ seeding from a given
+  generator, or a deterministic farthest-point start), used by the strategies and by the
+  labelling page's look-alike groups.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ __all__ = [
     "fit_gaussians",
     "mahalanobis_sq",
     "exp3_probabilities",
+    "kmeans",
+    "nearest",
 ]
 
 CHUNK_ROWS = 4096  # rows per distance chunk: temporaries are CHUNK_ROWS × (anchors or classes)
@@ -267,3 +272,56 @@ def exp3_probabilities(
         if counts.sum() > 0:
             log_w += eta * reward * counts / (counts.sum() * p)
     return history
+
+
+def nearest(x: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the nearest centre, squared distance to it) per row, in row chunks."""
+    labels = np.empty(len(x), np.int64)
+    dist = np.empty(len(x), np.float64)
+    c_sq = (centres**2).sum(axis=1)
+    for start in range(0, len(x), CHUNK_ROWS):
+        chunk = x[start : start + CHUNK_ROWS]
+        d = (chunk**2).sum(axis=1)[:, None] - 2.0 * chunk @ centres.T + c_sq
+        labels[start : start + len(chunk)] = d.argmin(axis=1)
+        dist[start : start + len(chunk)] = np.maximum(d.min(axis=1), 0.0)
+    return labels, dist
+
+
+def kmeans(x: np.ndarray, n_clusters: int, rng: np.random.Generator | None,
+           iterations: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, centres) of Lloyd's k-means on the rows of ``x``; n_clusters is clipped to len(x).
+
+    Seeding: k-means++ (D² sampling) from ``rng``; with ``rng=None`` a deterministic
+    farthest-point start from the first row (each next centre the row farthest from every
+    centre so far), for callers that must give the same answer for the same rows without a
+    seed. Then at most ``iterations`` Lloyd steps, stopping early once no row changes cluster;
+    an emptied cluster keeps its centre.
+    """
+    n_clusters = min(n_clusters, len(x))
+    if n_clusters < 1:
+        return np.zeros(0, np.int64), np.zeros((0,) + np.shape(x)[1:])
+    centres = [x[0 if rng is None else rng.integers(len(x))]]
+    dist = ((x - centres[0]) ** 2).sum(axis=1)
+    for _ in range(1, n_clusters):
+        total = dist.sum()
+        if rng is None:
+            pick = int(np.argmax(dist))
+        elif total > 0:
+            pick = int(np.searchsorted(np.cumsum(dist), rng.random() * total, side="right"))
+            pick = min(pick, len(x) - 1)
+        else:
+            pick = int(rng.integers(len(x)))
+        centres.append(x[pick])
+        dist = np.minimum(dist, ((x - x[pick]) ** 2).sum(axis=1))
+    centres = np.array(centres)
+    labels, _ = nearest(x, centres)
+    for _ in range(iterations):
+        for c in range(n_clusters):
+            members = labels == c
+            if members.any():
+                centres[c] = x[members].mean(axis=0)
+        new, _ = nearest(x, centres)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    return labels, centres

@@ -23,15 +23,17 @@ All randomness comes from the explicit ``np.random.Generator``; nothing reads gl
 The scoring pass produces only what a strategy declares in ``needs`` (for the candidates) and
 ``needs_labelled`` (for the labelled set), from :data:`OUTPUT_KEYS`. A strategy that needs a
 model besides T and M (LL4AL, VAAL, HAL, two-stream) or T's weights at scoring time (noise
-stability) declares ``auxiliary`` (``orchestrator/auxiliary.py``): training builds and fits it
-through the same hooks whatever the strategy, the scorer adds the keys it provides, and the
-strategy scores or selects from them like any other output. ``semi_supervised = True`` asks
-training for the λ·D_reg term on unlabelled batches too (``ema_kl_semi``). The loop never asks
-which strategy it runs.
+stability) names that auxiliary in its training declaration: everything a strategy asks of
+training is one :class:`~orchestrator.al.training.Training` (``strategy.training``: the
+λ·D_reg(T, M) term, semi-supervised batches, the auxiliary and its options). Training builds and
+fits the auxiliary through the same hooks whatever the strategy (``orchestrator/nn/auxiliary.py``),
+the scorer adds the keys it provides, and the strategy scores or selects from them like any
+other output. This module stays numpy: it names auxiliaries, it never builds one. The loop
+never asks which strategy it runs.
 
 Two more declarations give a strategy what only the campaign knows: ``needs_answers`` (the
 ledger's answer for each labelled row, junk included, in ``candidates.labelled_answers``:
-``poal``) and ``needs_history`` (the campaign's past cycles, ``orchestrator/history.py``, in
+``poal``) and ``needs_history`` (the campaign's past cycles, ``orchestrator/al/history.py``, in
 ``candidates.history``: ``albl``). Every strategy may say which (base) strategy chose each of
 its picks (:func:`select_with_record`); the loop writes it beside each query.
 
@@ -39,7 +41,7 @@ Composite strategies (docs/ARCHITECTURE.md, "Strategies"): ``albl`` learns per c
 base strategy to query with (a bandit); ``multi_criteria`` adds representativeness and a DPP's
 diversity to an informativeness score; ``typiclust`` picks the most typical member of
 uncovered clusters (also the cold start of cycle 0); ``poal`` keeps likely junk out of the
-queries. Their arithmetic is ``orchestrator/selection_math.py``.
+queries. Their arithmetic is ``orchestrator/al/selection_math.py``.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ from typing import Mapping
 import numpy as np
 from scipy.special import log_softmax
 
-from orchestrator import selection_math as sm
-from orchestrator.pool import JUNK
+from orchestrator.al import selection_math as sm
+from orchestrator.al.training import Training
+from orchestrator.data.pool import JUNK
 
 __all__ = [
     "OUTPUT_KEYS",
@@ -116,7 +119,7 @@ class Candidates:
     ``outputs[key][i]`` belongs to pool row ``rows[i]``. ``labelled`` holds the same keys for
     the labelled set (core-set needs its embeddings); its arrays share their own row count.
     ``labelled_answers`` is the ledger's answer for each of those rows (a class or JUNK), for a
-    strategy that ``needs_answers``; ``history`` (an ``orchestrator.history.CampaignHistory``)
+    strategy that ``needs_answers``; ``history`` (an ``orchestrator.al.history.CampaignHistory``)
     the campaign's past cycles, for one that ``needs_history``.
     """
 
@@ -243,7 +246,7 @@ def select_with_record(
     if strategy.needs_answers and candidates.labelled_answers is None:
         raise ValueError(f"{strategy.name} needs the ledger's answers for the labelled set")
     if strategy.needs_history and candidates.history is None:
-        raise ValueError(f"{strategy.name} needs the campaign's history (orchestrator/history.py)")
+        raise ValueError(f"{strategy.name} needs the campaign's history (orchestrator/al/history.py)")
     if k <= 0:
         return Selection(np.empty(0, dtype=np.int64), ())
     if k > n:
@@ -280,11 +283,11 @@ class Strategy:
     needs: frozenset[str] = frozenset()  # what the scoring pass must produce for candidates
     needs_labelled: frozenset[str] = frozenset()  # ... and for the labelled set
     mc_passes: int = 0  # MC-dropout passes the scoring pass must run for "mc_probs"
-    semi_supervised: bool = False  # training adds λ·D_reg on unlabelled batches
-    # trained with the λ·D_reg(T, M) term: only the EMA-KL family. The others train on plain
-    # cross-entropy as their papers do, unless train.trainer is "shared" (one trainer for all).
-    uses_mean_model: bool = False
-    auxiliary = None  # an orchestrator.auxiliary.Auxiliary: trained and scored by the same hooks
+    # What training must do for it, all in one declaration (orchestrator/al/training.py): the
+    # λ·D_reg(T, M) term only for the EMA-KL family (the others train on plain cross-entropy
+    # as their papers do, unless train.trainer is "shared"), semi-supervised batches, and the
+    # auxiliary model trained beside T.
+    training: Training = Training()
     needs_answers: bool = False  # candidates.labelled_answers: the ledger's, junk included
     needs_history: bool = False  # candidates.history: the campaign's past cycles
 
@@ -397,7 +400,7 @@ class EmaKL(RowwiseStrategy):
 
     name = "ema_kl"
     needs = frozenset({"logits", "mean_logits"})
-    uses_mean_model = True
+    training = Training(mean_model=True)
     DISTANCES = ("kl", "reverse_kl", "js", "mse_logits")
 
     def __init__(self, distance: str = "kl", order: str = "highest"):
@@ -623,7 +626,7 @@ class Badge(_Geometric):
         return chosen
 
 
-# --- strategies with an auxiliary model (orchestrator/auxiliary.py) ---------------------------
+# --- strategies with an auxiliary model (orchestrator/nn/auxiliary.py) ------------------------
 
 
 class EmaKLSemi(EmaKL):
@@ -631,7 +634,7 @@ class EmaKLSemi(EmaKL):
     unlabelled batches too (the same as ``ema_kl`` with ``train.semi_supervised: true``)."""
 
     name = "ema_kl_semi"
-    semi_supervised = True
+    training = Training(mean_model=True, semi_supervised=True)
 
 
 class LearningLoss(RowwiseStrategy):
@@ -643,11 +646,9 @@ class LearningLoss(RowwiseStrategy):
     def __init__(self, weight: float = 1.0, margin: float = 1.0, detach_after: float = 0.6,
                  order: str = "highest"):
         super().__init__(order=order)
-        from orchestrator import auxiliary
-
         self.weight, self.margin, self.detach_after = weight, margin, detach_after
-        self.auxiliary = auxiliary.LearningLoss(weight=weight, margin=margin,
-                                                detach_after=detach_after)
+        self.training = Training(auxiliary="learning_loss", auxiliary_options={
+            "weight": weight, "margin": margin, "detach_after": detach_after})
 
     def utility(self, outputs):
         return _get(outputs, "predicted_loss", 1)
@@ -662,10 +663,9 @@ class NoiseStability(RowwiseStrategy):
 
     def __init__(self, passes: int = 10, scale: float = 0.001, order: str = "highest"):
         super().__init__(order=order)
-        from orchestrator import auxiliary
-
-        self.auxiliary = auxiliary.NoisePerturbation(passes=passes, scale=scale)
-        self.passes, self.scale = self.auxiliary.passes, self.auxiliary.scale
+        self.passes, self.scale = int(passes), float(scale)
+        self.training = Training(auxiliary="noise_perturbation",
+                                 auxiliary_options={"passes": self.passes, "scale": self.scale})
 
     def utility(self, outputs):
         clean = _get(outputs, "logits", 2)
@@ -682,12 +682,9 @@ class VAAL(RowwiseStrategy):
     def __init__(self, epochs: int = 5, latent: int = 16, unlabelled_sample: int = 256,
                  order: str = "highest"):
         super().__init__(order=order)
-        from orchestrator import auxiliary
-
         self.epochs, self.latent, self.unlabelled_sample = epochs, latent, unlabelled_sample
-        self.auxiliary = auxiliary.VAAL(
-            epochs=epochs, latent=latent, unlabelled_sample=unlabelled_sample
-        )
+        self.training = Training(auxiliary="vaal", auxiliary_options={
+            "epochs": epochs, "latent": latent}, unlabelled_sample=int(unlabelled_sample))
 
     def utility(self, outputs):
         return 1.0 - _get(outputs, "labelledness", 1)
@@ -708,15 +705,12 @@ class HAL(Strategy):
 
     def __init__(self, lam: float = 1.0, rounds: int = 3, subset: float = 0.5, epochs: int = 5,
                  stage: int = -2, unlabelled_sample: int = 256):
-        from orchestrator import auxiliary
-
         if not 0.0 < subset <= 1.0:
             raise ValueError(f"subset must be in (0, 1], got {subset}")
         self.lam, self.rounds, self.subset = float(lam), _positive_int("rounds", rounds), subset
         self.epochs, self.stage, self.unlabelled_sample = epochs, stage, unlabelled_sample
-        self.auxiliary = auxiliary.FeatureDiscriminator(
-            epochs=epochs, stage=stage, unlabelled_sample=unlabelled_sample
-        )
+        self.training = Training(auxiliary="feature_discriminator", auxiliary_options={
+            "epochs": epochs, "stage": stage}, unlabelled_sample=int(unlabelled_sample))
 
     def fused(self, outputs) -> np.ndarray:
         """[N], pure and row-wise: H(p)/log C + λ·(1 − labelledness)."""
@@ -760,14 +754,11 @@ class TwoStream(Strategy):
 
     def __init__(self, top_clusters: int = 0, iterations: int = 10, epochs: int = 5,
                  latent: int = 16, unlabelled_sample: int = 256):
-        from orchestrator import auxiliary
-
         self.top_clusters = operator.index(top_clusters)
         self.iterations = _positive_int("iterations", iterations)
         self.epochs, self.latent, self.unlabelled_sample = epochs, latent, unlabelled_sample
-        self.auxiliary = auxiliary.Autoencoder(
-            epochs=epochs, latent=latent, unlabelled_sample=unlabelled_sample
-        )
+        self.training = Training(auxiliary="autoencoder", auxiliary_options={
+            "epochs": epochs, "latent": latent}, unlabelled_sample=int(unlabelled_sample))
 
     def select(self, candidates, k, rng):
         out = candidates.outputs
@@ -783,14 +774,14 @@ class TwoStream(Strategy):
         if k_finite:
             supervised, unsupervised = _zscore(supervised[rows]), _zscore(unsupervised[rows])
             n_top = min(self.top_clusters or math.ceil(math.sqrt(k_finite)), k_finite)
-            top, _ = _kmeans(unsupervised, n_top, rng, self.iterations)
+            top, _ = sm.kmeans(unsupervised, n_top, rng, self.iterations)
             sizes = np.bincount(top, minlength=n_top)
             shares = _share(k_finite, sizes)
             for c in np.lexsort((rng.permutation(n_top), -sizes)):
                 members = np.flatnonzero(top == c)
                 if shares[c] == 0:
                     continue
-                labels, centres = _kmeans(supervised[members], int(shares[c]), rng, self.iterations)
+                labels, centres = sm.kmeans(supervised[members], int(shares[c]), rng, self.iterations)
                 sub_sizes = np.bincount(labels, minlength=len(centres))
                 for j in np.lexsort((rng.permutation(len(centres)), -sub_sizes)):
                     inside = members[labels == j]
@@ -819,57 +810,15 @@ def _share(k: int, sizes: np.ndarray) -> np.ndarray:
     return share
 
 
-def _nearest(x: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(index of the nearest centre, squared distance to it) per row, in row chunks."""
-    labels = np.empty(len(x), np.int64)
-    dist = np.empty(len(x), np.float64)
-    c_sq = (centres**2).sum(axis=1)
-    for start in range(0, len(x), CHUNK_ROWS):
-        chunk = x[start : start + CHUNK_ROWS]
-        d = (chunk**2).sum(axis=1)[:, None] - 2.0 * chunk @ centres.T + c_sq
-        labels[start : start + len(chunk)] = d.argmin(axis=1)
-        dist[start : start + len(chunk)] = np.maximum(d.min(axis=1), 0.0)
-    return labels, dist
-
-
-def _kmeans(x: np.ndarray, n_clusters: int, rng: np.random.Generator, iterations: int):
-    """(labels, centres): k-means++ seeding (D² sampling from ``rng``), then Lloyd steps; an
-    emptied cluster keeps its centre. n_clusters is clipped to len(x)."""
-    n_clusters = min(n_clusters, len(x))
-    centres = [x[rng.integers(len(x))]]
-    dist = ((x - centres[0]) ** 2).sum(axis=1)
-    for _ in range(1, n_clusters):
-        total = dist.sum()
-        if total > 0:
-            pick = int(np.searchsorted(np.cumsum(dist), rng.random() * total, side="right"))
-            pick = min(pick, len(x) - 1)
-        else:
-            pick = int(rng.integers(len(x)))
-        centres.append(x[pick])
-        dist = np.minimum(dist, ((x - x[pick]) ** 2).sum(axis=1))
-    centres = np.array(centres)
-    labels, _ = _nearest(x, centres)
-    for _ in range(iterations):
-        for c in range(n_clusters):
-            members = labels == c
-            if members.any():
-                centres[c] = x[members].mean(axis=0)
-        new, _ = _nearest(x, centres)
-        if np.array_equal(new, labels):
-            break
-        labels = new
-    return labels, centres
-
-
-# --- composite strategies (arithmetic in orchestrator/selection_math.py) ---------------------
+# --- composite strategies (arithmetic in orchestrator/al/selection_math.py) ---------------------
 
 
 def _rowwise(name: str, role: str) -> RowwiseStrategy:
     """A registered row-wise strategy (with its defaults), to score with inside another."""
     strategy = make_strategy(name)
-    if not isinstance(strategy, RowwiseStrategy) or strategy.auxiliary is not None:
+    if not isinstance(strategy, RowwiseStrategy) or strategy.training.auxiliary is not None:
         valid = sorted(n for n, c in STRATEGIES.items() if issubclass(c, RowwiseStrategy)
-                       and make_strategy(n).auxiliary is None)
+                       and make_strategy(n).training.auxiliary is None)
         raise ValueError(f"{role} must be a row-wise strategy without an auxiliary model, got "
                          f"{name!r}; valid: {valid}")
     return strategy
@@ -917,7 +866,7 @@ class TypiClust(Strategy):
         chosen: list[int] = []
         if rows.size and k:
             n_clusters = min(len(labelled) + k, self.max_clusters, len(points))
-            cluster, _ = _kmeans(points, n_clusters, rng, self.iterations)
+            cluster, _ = sm.kmeans(points, n_clusters, rng, self.iterations)
             size = np.bincount(cluster, minlength=n_clusters)
             covered = np.bincount(cluster[rows.size:], minlength=n_clusters)
             typical = np.full(len(points), np.nan)  # among the cluster's members
@@ -978,7 +927,7 @@ class MultiCriteria(Strategy):
         self.anchors = _positive_int("anchors", anchors)
         self.needs = self.base.needs | {"embeddings"}
         self.mc_passes = self.base.mc_passes
-        self.uses_mean_model = self.base.uses_mean_model
+        self.training = Training(mean_model=self.base.training.mean_model)
 
     def quality(self, outputs: Mapping[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
         """[N] info_weight·u + repr_weight·t (NaN where a score or embedding is not finite)."""
@@ -1027,7 +976,7 @@ class ParetoJunkAware(Strategy):
         self.junk_clusters = _positive_int("junk_clusters", junk_clusters)
         self.needs = self.base.needs | {"embeddings"}
         self.mc_passes = self.base.mc_passes
-        self.uses_mean_model = self.base.uses_mean_model
+        self.training = Training(mean_model=self.base.training.mean_model)
 
     def objectives(self, candidates: Candidates, rng: np.random.Generator
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1046,7 +995,7 @@ class ParetoJunkAware(Strategy):
             _, means, precision = sm.fit_gaussians(labelled[real], answers[real], self.shrinkage)
             in_distribution = -sm.mahalanobis_sq(x, means, precision).min(axis=1)
             if (~real).any():
-                _, centres = _kmeans(labelled[~real], self.junk_clusters, rng, 10)
+                _, centres = sm.kmeans(labelled[~real], self.junk_clusters, rng, 10)
                 junk = sm.mahalanobis_sq(x, centres, precision).min(axis=1) < -in_distribution
         in_distribution[~finite] = np.nan
         return informative, in_distribution, junk & finite
@@ -1088,7 +1037,7 @@ class ActiveLearningByLearning(Strategy):
             raise ValueError(f"albl needs at least two distinct arms, got {list(self.arms)}")
         self.strategies = [make_strategy(arm) for arm in self.arms]
         for strategy in self.strategies:
-            if strategy.auxiliary is not None or strategy.needs_history:
+            if strategy.training.auxiliary is not None or strategy.needs_history:
                 raise ValueError(f"albl: arm {strategy.name!r} trains a model of its own or learns "
                                  "across cycles itself; arms must be plain strategies")
         if not 0.0 < gamma <= 1.0 or not eta >= 0:
@@ -1098,8 +1047,7 @@ class ActiveLearningByLearning(Strategy):
         self.needs_labelled = frozenset().union(*(s.needs_labelled for s in self.strategies))
         self.needs_answers = any(s.needs_answers for s in self.strategies)
         self.mc_passes = max(s.mc_passes for s in self.strategies)
-        self.uses_mean_model = any(s.uses_mean_model for s in self.strategies)
-        self.semi_supervised = any(s.semi_supervised for s in self.strategies)
+        self.training = Training.combined(s.training for s in self.strategies)
 
     def probabilities(self, history) -> list[np.ndarray]:
         """The arm probabilities of each past bandit cycle (1, 2, …) and then of the next."""

@@ -33,13 +33,11 @@ import json
 import re
 import shlex
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,21 +48,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator.labels import JUNK, LabelLedger, LabelRecord, LedgerError, parse_label
-from orchestrator.pool import PoolError, PoolInfo, atomic_write_text, decode_volumes, open_pool, read_index
-from orchestrator.progress import STATUS, duration_text
-from orchestrator.rundir_lock import RunDirLock, RunDirLockError
+from orchestrator.al.labels import JUNK, LabelLedger, LabelRecord, LedgerError, parse_label
+from orchestrator.al.selection_math import kmeans, nearest
+from orchestrator.campaign.progress import STATUS, duration_text
+from orchestrator.campaign.rundir_lock import RunDirLock, RunDirLockError
+from orchestrator.config import PROJECT_ROOT, load_config
+from orchestrator.data.images import VIEWS, slice_views, to_png
+from orchestrator.data.pool import PoolError, PoolInfo, atomic_write_text, decode_volumes, open_pool, read_index
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PAGE_FILE = Path(__file__).with_name("annotate_page.html")
+PAGE_FILE = Path(__file__).with_name("page.html")
 DEFAULT_PORT = 8765
 MAX_BODY = 64 * 1024  # a label is ~100 bytes; anything bigger is not one
 DRAIN_LIMIT = 1024 * 1024  # an oversized body up to this is read and dropped, so the 413 arrives
 UNSURE_FILE = "annotate_unsure.json"
 RESUME_LOG = "resume.log"
-AVERAGE_SLICES = 5  # the few-slice average: this many central slices (fewer in a thin box)
 REFERENCE_PER_CLASS = 200  # earlier labels per class in the reference average (bounds start-up)
-VIEWS = ("xy", "xz", "yz")
 CONTROL_KEYS = "jruz"  # junk, reference, unsure, undo: never a class shortcut
 CLASS_KEYS = "123456789" + "".join(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in CONTROL_KEYS)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -242,19 +240,6 @@ def read_slices(info: PoolInfo, rows: Sequence[int]) -> dict[int, dict[str, np.n
     return out
 
 
-def slice_views(volume: np.ndarray) -> dict[str, np.ndarray]:
-    """Central XY/XZ/YZ slices of a [z, y, x] volume, and the mean of a few central slices."""
-    views = {}
-    for axis, name in enumerate(VIEWS):  # xy cuts z (axis 0), xz cuts y, yz cuts x
-        size = volume.shape[axis]
-        centre = size // 2
-        take = min(AVERAGE_SLICES, size)
-        start = max(0, min(centre - take // 2, size - take))
-        views[name] = np.take(volume, centre, axis=axis).astype(np.float32)
-        views[name + "_avg"] = np.take(volume, range(start, start + take), axis=axis).mean(axis=axis)
-    return views
-
-
 def _sum_slices(stack: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.sum([s[key] for s in stack], axis=0) for key in stack[0]} if stack else {}
 
@@ -267,7 +252,8 @@ def order_items(items: list[Item], names: list[str]) -> list[Item]:
             it.group = f"predicted {names[it.top3[0][0]]}"
         return sorted(items, key=lambda it: (it.top3[0][0], -_finite(it.top3[0][1]), it.n))
     features = np.stack([_features(it.slices) for it in items]) if items else np.zeros((0, 1))
-    cluster, distance = kmeans(features, max(1, len(names)))
+    cluster, centres = kmeans(features, max(1, len(names)), rng=None, iterations=25)
+    distance = np.sqrt(nearest(features, centres)[1]) if len(items) else np.zeros(0)
     first = {}
     for c in cluster:  # groups in the order their first member was asked
         first.setdefault(int(c), len(first))
@@ -295,48 +281,6 @@ def _features(slices: dict[str, np.ndarray], side: int = 8) -> np.ndarray:
     return (vector - vector.mean()) / (vector.std() + 1e-9)
 
 
-def kmeans(x: np.ndarray, k: int, iterations: int = 25) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic k-means (farthest-point start): cluster of each row, distance to its centre."""
-    n = len(x)
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0)
-    k = min(k, n)
-    centres = [x[0]]
-    for _ in range(1, k):
-        d = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
-        centres.append(x[int(np.argmax(d))])
-    centres = np.stack(centres)
-    for _ in range(iterations):
-        d = ((x[:, None, :] - centres[None]) ** 2).sum(-1)
-        assign = d.argmin(1)
-        moved = np.stack([x[assign == c].mean(0) if (assign == c).any() else centres[c] for c in range(k)])
-        if np.allclose(moved, centres):
-            break
-        centres = moved
-    d = ((x[:, None, :] - centres[None]) ** 2).sum(-1)
-    assign = d.argmin(1)
-    return assign, np.sqrt(d[np.arange(n), assign])
-
-
-# -- images -----------------------------------------------------------------------------------
-
-
-def to_png(image: np.ndarray) -> bytes:
-    """Grey 8-bit PNG of a 2-D array, 1st–99th percentile stretched to black–white."""
-    image = np.asarray(image, dtype=np.float32)
-    lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
-    scaled = np.clip((image - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
-    pixels = (scaled * 255).round().astype(np.uint8)
-    height, width = pixels.shape
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    raw = b"".join(b"\x00" + line.tobytes() for line in pixels)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-
-
 # -- the application: state, answers, finishing -----------------------------------------------
 
 
@@ -352,8 +296,6 @@ def pool_path(run_dir: Path) -> str:
         if recorded:
             return str(recorded)
     if (run_dir / "config.yaml").is_file():
-        from orchestrator.config import load_config
-
         configured = load_config(run_dir / "config.yaml").data.pool
         if configured:
             return str(configured)

@@ -30,11 +30,11 @@ from typing import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from orchestrator import copick_io
-from orchestrator.copick_io import CopickError
-from orchestrator.pool import PoolError, PoolInfo, open_pool, read_index
-from orchestrator.storage import is_uri, join, read_text
-from orchestrator.volumes import VOLUME_SUFFIXES
+from orchestrator.data import copick_io
+from orchestrator.data.copick_io import CopickError
+from orchestrator.data.pool import PoolError, PoolInfo, open_pool, read_index
+from orchestrator.data.storage import is_uri, join, read_text
+from orchestrator.data.volumes import VOLUME_SUFFIXES
 
 log = logging.getLogger("cryoal.export")
 

@@ -1,106 +1,70 @@
 """The campaign: label, train, score, select, repeat until the budget is spent.
 
 Cycle r (0 … R) first brings the labelled set up to the r-th count of the budget schedule
-(cycle 0: a seeded random draw from the train split; later cycles: the strategy's picks from
-the previous model's scores), then trains model r on it. After the last cycle the final model
-predicts every subtomogram of the pool.
+(cycle 0: a seeded random draw from the train split, or TypiClust's cold start; later cycles:
+the strategy's picks from the previous model's scores), then trains model r on it. After the
+last cycle the final model predicts every subtomogram of the pool.
 
 Once model r is trained it scores the pool: the next cycle selects from those scores, and after
 the last cycle they are the predictions. Its predictions on the still unlabelled subtomograms,
 compared with model r−1's, say how much the model still changes (Cohen's κ) and how uncertain it
-is; `budget.stop_when_stable` ends the campaign early once κ stays high (orchestrator/stopping.py).
+is; `budget.stop_when_stable` ends the campaign early once κ stays high (orchestrator/al/stopping.py).
 
 Every step is idempotent and recorded in `state.json` only after its outputs are on disk, so a
 campaign killed at any point is finished by running it again with `--resume`: labels are in the
 ledger (atomic writes), scores and selections are files written whole or not at all, and
 training resumes from its last epoch checkpoint. After every cycle `report.html` is rewritten.
+
+The labelled set has one representation here, `LabelledSet` (`labelled.py`): the ledger's
+answers as pool rows, built from the ledger whenever a step reads it. What a strategy asks of
+training is its `Training` declaration (`orchestrator/al/training.py`), read in `_train` only.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from orchestrator.cold_start import typiclust_initial
-from orchestrator.config import BudgetConfig, CampaignConfig, TrainConfig, config_to_dict
-from orchestrator.export import after_campaign
+from orchestrator.al.budget import budget_schedule
+from orchestrator.al.cold_start import typiclust_initial
+from orchestrator.al.history import read_history
+from orchestrator.al.labels import LabelLedger
+from orchestrator.al.oracle import AwaitingLabels, FileOracle, Query, SimulatedOracle, pick_initial
+from orchestrator.al.stopping import aligned, cohens_kappa, is_stable, mean_uncertainty
+from orchestrator.al.strategies import Candidates, make_strategy, select_with_record, top_k
+from orchestrator.al.training import auxiliary_sample, strategy_training, unlabelled_for_training
+from orchestrator.campaign.export import after_campaign
+from orchestrator.campaign.files import (
+    SELECTION,
+    load_state,
+    read_selection,
+    save_state,
+    write_metrics,
+    write_predictions,
+    write_selection,
+)
+from orchestrator.campaign.labelled import UNKNOWN, LabelledSet, PoolView
+from orchestrator.campaign.metrics import cycle_line
+from orchestrator.campaign.progress import Display
+from orchestrator.campaign.report import write_report
+from orchestrator.config import CampaignConfig, config_to_dict
+from orchestrator.data.pool import PoolInfo
+from orchestrator.data.storage import RunMirror
+from orchestrator.distributed.events import scoring_pass_watch, training_watch
+from orchestrator.distributed.score import column_array, read_scores, score_pool
+from orchestrator.distributed.train import run_training
 from orchestrator.faults import maybe_fault
-from orchestrator.history import read_history
-from orchestrator.labels import JUNK, LabelLedger
-from orchestrator.oracle import AwaitingLabels, FileOracle, Query, SimulatedOracle, pick_initial
-from orchestrator.pool import PoolInfo, atomic_write_text, open_pool, read_index
-from orchestrator.progress import Display, RowCounter, scoring_watch, training_watch
-from orchestrator.report import number_text, write_report
-from orchestrator.score import column_array, partial_dir, read_scores, score_pool
-from orchestrator.stopping import aligned, cohens_kappa, is_stable, mean_uncertainty
-from orchestrator.storage import RunMirror
-from orchestrator.strategies import Candidates, make_strategy, select_with_record, top_k
-from orchestrator.train import CycleJob, model_path, run_training
-
-STATE = "state.json"
-UNKNOWN = -2  # PoolView.truth of a row with no ground truth (JUNK, -1, is a known answer)
+from orchestrator.nn.auxiliary import make_auxiliary
+from orchestrator.nn.checkpoint import model_path
+from orchestrator.nn.cycle import CycleJob
 
 
 class CampaignError(RuntimeError):
     pass
-
-
-def budget_schedule(cfg: BudgetConfig, n_train: int) -> list[int]:
-    """Cumulative labelled counts, one per cycle: the paper's 10% → 40% in 5% steps by default."""
-    if cfg.counts:
-        counts = [int(c) for c in cfg.counts]
-    else:
-        if not 0 < cfg.initial <= cfg.final <= 1 or cfg.step <= 0:
-            raise CampaignError(
-                f"budget: need 0 < initial ≤ final ≤ 1 and step > 0, got {cfg.initial}, "
-                f"{cfg.final}, {cfg.step}"
-            )
-        steps = int(math.floor((cfg.final - cfg.initial) / cfg.step + 1e-9))
-        fractions = [cfg.initial + i * cfg.step for i in range(steps + 1)]
-        counts = [max(1, round(f * n_train)) for f in fractions]
-    if any(b <= a for a, b in zip(counts, counts[1:])):
-        raise CampaignError(f"budget: counts must increase, got {counts}")
-    if counts[-1] > n_train:
-        raise CampaignError(f"budget: {counts[-1]} labels asked but the train split has {n_train}")
-    return counts
-
-
-@dataclass
-class PoolView:
-    """The pool's index, loaded once (no volumes)."""
-
-    info: PoolInfo
-    ids: np.ndarray  # str, by row
-    split: np.ndarray  # str, by row ("train" where the pool has no split)
-    truth: np.ndarray  # int, by row: a class, JUNK (not a particle) or UNKNOWN
-
-    @classmethod
-    def load(cls, info: PoolInfo) -> "PoolView":
-        index = read_index(info.path, ["row", "subtomo_id", "split", "label"]).sort_by("row")
-        split = np.asarray(index.column("split").fill_null("train").to_pylist())
-        truth = index.column("label").fill_null(UNKNOWN).to_numpy().astype(np.int64)
-        return cls(info, np.asarray(index.column("subtomo_id").to_pylist()), split, truth)
-
-    def rows_of(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.split == split)
-
-    def scored_rows_of(self, split: str) -> np.ndarray:
-        """The split's rows of a real class: accuracy is measured on particles only (a junk
-        row has no class to get right)."""
-        return np.flatnonzero((self.split == split) & (self.truth >= 0))
-
-    def row_of(self) -> dict[str, int]:
-        return {sid: r for r, sid in enumerate(self.ids)}
 
 
 class Campaign:
@@ -110,19 +74,21 @@ class Campaign:
         """on_cycle: called with each cycle's record once it is trained, in cycle order, also for
         cycles a resumed campaign finds already trained (a sweep reports progress with it).
         mirror: for a run directory at a URI, run_dir is its staging copy and every save
-        uploads it (`orchestrator/storage.py`). display: where progress goes (default: stdout,
-        live on a terminal, plain lines elsewhere)."""
+        uploads it (`orchestrator/data/storage.py`). display: where progress goes (default:
+        stdout, live on a terminal, plain lines elsewhere)."""
         self.cfg = cfg
         self.display = display or Display()
         self.on_cycle = on_cycle
         self.mirror = mirror
         self.run_dir = Path(run_dir).resolve()  # its paths go to Ray workers (other cwd)
         self.view = PoolView.load(info)
-        self.row_of = self.view.row_of()
         self.train_rows = self.view.rows_of("train")
         self.schedule = budget_schedule(cfg.budget, len(self.train_rows))
+        self.strategy = make_strategy(cfg.strategy.name, **cfg.strategy.options)
+        # its auxiliary's options fail here, not in a Train worker hours later
+        make_auxiliary(self.strategy.training.auxiliary, self.strategy.training.auxiliary_options)
         self.ledger = LabelLedger(
-            self.run_dir / "labels.csv", known_ids=set(self.row_of), num_classes=info.num_classes
+            self.run_dir / "labels.csv", known_ids=self.view.known_ids(), num_classes=info.num_classes
         )
         self.oracle = make_oracle(cfg.oracle, self.view)
         self.state = load_state(self.run_dir) or {
@@ -147,7 +113,7 @@ class Campaign:
                 self._train(cycle, record)
             if not record.get("scored") and not self.state["done"]:
                 self._score_model(cycle, record)
-            self.display.line(_cycle_line(record))
+            self.display.line(cycle_line(record))
             if not finished_before:
                 self._report()
             if self.on_cycle is not None:
@@ -158,8 +124,8 @@ class Campaign:
             if self.final_cycle() < len(self.schedule) - 1:  # stopped early: predict with this model
                 folder = self.cycle_dir(self.final_cycle()) / "predictions"
                 with self.display.stage("predict", cycle=self.final_cycle(), total=len(self.view.ids),
-                                        unit="rows", watch=_scoring_watch(folder)):
-                    write_predictions(self)
+                                        unit="rows", watch=scoring_pass_watch(folder)):
+                    self.write_predictions()
             after_campaign(self.run_dir, self.view.info)  # predictions.star; copick picks for a copick pool
             self.state["done"] = True
             self._save()
@@ -170,6 +136,18 @@ class Campaign:
         """The cycle whose model predicts: the last of the schedule, or the one it stopped at."""
         stopped = self.state.get("stopped")
         return stopped["cycle"] if stopped else len(self.schedule) - 1
+
+    def labelled(self) -> LabelledSet:
+        """The labelled set now, from the ledger: what every step below reads."""
+        return LabelledSet.of(self.ledger.current(), self.view)
+
+    def training_pairs(self) -> list[tuple[int, int]]:
+        """(pool row, class) of every labelled subtomogram, by row; junk answers are left out."""
+        return self.labelled().training_pairs()
+
+    def unlabelled_rows(self) -> np.ndarray:
+        """Train-split rows nobody has answered yet (a junk answer is an answer)."""
+        return self.labelled().unlabelled
 
     def _stops_after(self, cycle: int) -> bool:
         """budget.stop_when_stable: end after this cycle once each of the last stable_cycles
@@ -199,6 +177,7 @@ class Campaign:
             cycles.append({"cycle": len(cycles)})
         return cycles[cycle]
 
+    # -- label ---------------------------------------------------------------------------------
     def _label_up_to(self, cycle: int, record: dict) -> None:
         target = self.schedule[cycle]
         have = len(self.ledger.current())
@@ -220,70 +199,61 @@ class Campaign:
         self._save()
 
     def _queries(self, cycle: int, k: int, record: dict) -> list[Query]:
-        selection_file = self.cycle_dir(cycle) / "selection.csv"
+        selection_file = self.cycle_dir(cycle) / SELECTION
         if selection_file.exists():  # chosen before a crash: ask the same again
             return _counted(read_selection(selection_file), record)
-        labelled_rows = self._labelled_rows()
+        labelled = self.labelled()
         if cycle == 0:
-            unlabelled = np.setdiff1d(self.train_rows, labelled_rows)
             initial = self.cfg.strategy.initial
             if initial == "typiclust":  # cold start: typical members of clusters, no model yet
-                picks = typiclust_initial(self.view.info.path, unlabelled, k, self.cfg.seed,
+                picks = typiclust_initial(self.view.info.path, labelled.unlabelled, k, self.cfg.seed,
                                           self.cfg.strategy.initial_options)
             else:
-                picks = pick_initial(unlabelled, k, self.cfg.seed)
+                picks = pick_initial(labelled.unlabelled, k, self.cfg.seed)
             queries = [Query(int(r), str(self.view.ids[r]), self._source(r), chosen_by=initial)
                        for r in picks]
         else:
-            queries = self._strategy_queries(cycle, k, labelled_rows, record)
+            queries = self._strategy_queries(cycle, k, labelled)
         maybe_fault("selection-chosen")
         write_selection(selection_file, queries)
         maybe_fault("selection-written")
         return _counted(queries, record)
 
-    def _strategy_queries(self, cycle: int, k: int, labelled_rows, record: dict) -> list[Query]:
-        strategy = make_strategy(self.cfg.strategy.name, **self.cfg.strategy.options)
-        scores_dir = self._selection_scores(cycle - 1, strategy, labelled_rows)  # already written
-        table = read_scores(scores_dir)
-        rows = table.column("row").to_numpy()
-        is_labelled = np.isin(rows, labelled_rows)
+    def _strategy_queries(self, cycle: int, k: int, labelled: LabelledSet) -> list[Query]:
+        """The strategy's k picks from model cycle−1's scores (written when that model was
+        trained), with the model's guess for each: what the person sees."""
+        strategy = self.strategy
+        table = read_scores(self._selection_scores(cycle - 1, labelled))
         rng = np.random.default_rng([self.cfg.seed, cycle])
-        candidates = rows[~is_labelled]
-        if "score" in table.column_names:
-            positions = top_k(table.column("score").to_numpy()[~is_labelled], k, rng)
+        is_candidate = ~labelled.contains(table.column("row").to_numpy())
+        if "score" in table.column_names:  # row-wise: scored in the pass, ranked here
+            rows = table.column("row").to_numpy()[is_candidate]
+            positions = top_k(table.column("score").to_numpy()[is_candidate], k, rng)
             chosen_by = (strategy.name,) * len(positions)
         else:
-            arrays = {key: column_array(table, key) for key in strategy.needs}
-            labelled_arrays = {key: column_array(table, key)[is_labelled] for key in strategy.needs_labelled}
-            answers = self.ledger.current()
-            selection = select_with_record(
-                strategy,
-                Candidates(candidates, {key: a[~is_labelled] for key, a in arrays.items()},
-                           labelled_arrays,
-                           # what only the campaign knows, for the strategies that declare it
-                           labelled_answers=np.asarray([answers[self.view.ids[r]] for r in rows[is_labelled]],
-                                                       dtype=np.int64) if strategy.needs_answers else None,
-                           history=read_history(self.run_dir, self.state, answers, cycle)
-                           if strategy.needs_history else None),
-                k, rng,
-            )
+            history = (read_history(self.run_dir, self.state, self.ledger.current(), cycle)
+                       if strategy.needs_history else None)
+            candidates = candidates_of(table, labelled, strategy, history)
+            rows = candidates.rows
+            selection = select_with_record(strategy, candidates, k, rng)
             positions, chosen_by = selection.positions, selection.chosen_by
-        pred = table.column("pred").to_numpy()[~is_labelled]
-        prob = table.column("pred_prob").to_numpy()[~is_labelled]
-        return [
-            Query(int(candidates[p]), str(self.view.ids[candidates[p]]),
-                  self._source(candidates[p]), int(pred[p]), float(prob[p]), chooser)
-            for p, chooser in zip(positions, chosen_by)
-        ]
+        pred = table.column("pred").to_numpy()[is_candidate]
+        prob = table.column("pred_prob").to_numpy()[is_candidate]
+        return [Query(int(rows[p]), str(self.view.ids[rows[p]]), self._source(rows[p]),
+                      int(pred[p]), float(prob[p]), chooser)
+                for p, chooser in zip(positions, chosen_by)]
 
+    # -- train ---------------------------------------------------------------------------------
     def _train(self, cycle: int, record: dict) -> None:
-        pairs = self.training_pairs()
+        labelled = self.labelled()
+        pairs = labelled.training_pairs()
         val_rows, test_rows = self.view.scored_rows_of("val"), self.view.scored_rows_of("test")
         previous = model_path(self.cycle_dir(cycle - 1)) if cycle > 0 else None
-        strategy = make_strategy(self.cfg.strategy.name, **self.cfg.strategy.options)
-        train = strategy_training(self.cfg.train, strategy)
-        unlabelled = unlabelled_for_training(self.unlabelled_rows(), train, strategy,
+        settings = strategy_training(self.cfg.train, self.strategy)
+        seed = self.cfg.seed * 1000 + cycle
+        unlabelled = unlabelled_for_training(labelled.unlabelled, settings, self.strategy,
                                              [self.cfg.seed, cycle, 7])
+        declared = self.strategy.training
         job = CycleJob(
             pool=self.view.info.path, out_dir=str(self.cycle_dir(cycle).resolve()),
             num_classes=self.view.info.num_classes,
@@ -292,9 +262,9 @@ class Campaign:
             test_rows=test_rows.tolist(), test_labels=self.view.truth[test_rows].tolist(),
             unlabelled_rows=unlabelled.tolist(),
             mean_model_path=str(previous) if previous else None,
-            seed=self.cfg.seed * 1000 + cycle,
-            model=config_to_dict(self.cfg.model), train=train,
-            strategy=self.cfg.strategy.name, strategy_options=dict(self.cfg.strategy.options),
+            seed=seed, model=config_to_dict(self.cfg.model), train=settings,
+            auxiliary=declared.auxiliary, auxiliary_options=dict(declared.auxiliary_options),
+            auxiliary_rows=auxiliary_sample(unlabelled, self.strategy, [seed, 23]).tolist(),
         )
         workers = self.cfg.train.num_workers
         start = f"{len(pairs)} labelled, " + (f"{workers} Ray Train workers" if workers
@@ -303,50 +273,60 @@ class Campaign:
                                 watch=training_watch(self.cycle_dir(cycle))) as stage:
             started = time.perf_counter()
             summary = run_training(job, run_name=f"train-c{cycle:02d}")
+            maybe_fault("train-returned")
             epochs = summary["epochs"]
             stage.result = (f"{epochs} epoch{'s' * (epochs != 1)}, kept epoch {summary['best_epoch'] + 1} "
                             f"(val {_float(summary['val_accuracy']):.3f}, {summary['classifier']} model)")
         record.update(summary, trained=True, seconds_train=time.perf_counter() - started)
         self._save()
 
+    # -- score ---------------------------------------------------------------------------------
     def _score_model(self, cycle: int, record: dict) -> None:
         """Model `cycle` over the pool once it is trained: the scores the next cycle selects
         from or, after the last cycle, the campaign's predictions. Its predictions on the train
         subtomograms still unlabelled (after this cycle's labels) then give the agreement with
         model cycle−1's on the same rows, and the pool's uncertainty."""
         last = cycle == len(self.schedule) - 1
-        labelled = self._labelled_rows()
-        strategy = make_strategy(self.cfg.strategy.name, **self.cfg.strategy.options)
+        labelled = self.labelled()
         folder = self.cycle_dir(cycle) / ("predictions" if last else "scores")
-        total = len(self.view.ids) - (0 if last else len(self._score_exclusions(strategy, labelled)))
+        total = len(self.view.ids) - (0 if last else len(self._score_exclusions(labelled)))
         purpose = "the predictions" if last else "the next selection"
         with self.display.stage("score", cycle=cycle, total=total, unit="rows",
-                                watch=_scoring_watch(folder)) as stage:
+                                watch=scoring_pass_watch(folder)) as stage:
             started = time.perf_counter()
             if last:
-                write_predictions(self)
+                self.write_predictions()
             else:
-                self._selection_scores(cycle, strategy, labelled)
+                self._selection_scores(cycle, labelled)
             record["seconds_score"] = time.perf_counter() - started
             stage.result = f"{total:,} rows, for {purpose}"
-        record.update(self._stability(cycle, folder, np.setdiff1d(self.train_rows, labelled)))
+        record.update(self._stability(cycle, folder, labelled.unlabelled))
         record["scored"] = True
         self._save()
 
-    def _score_exclusions(self, strategy, labelled_rows) -> np.ndarray:
+    def _score_exclusions(self, labelled: LabelledSet) -> np.ndarray:
         """Rows a selection pass skips: other splits, and the labelled unless the strategy reads them."""
         not_train = np.setdiff1d(np.arange(len(self.view.ids)), self.train_rows)
-        return not_train if strategy.needs_labelled else np.union1d(not_train, labelled_rows)
+        return not_train if self.strategy.needs_labelled else np.union1d(not_train, labelled.rows)
 
-    def _selection_scores(self, cycle: int, strategy, labelled_rows) -> Path:
+    def _selection_scores(self, cycle: int, labelled: LabelledSet) -> Path:
         """Model `cycle`'s scores for the next selection (written once; later calls read them)."""
         folder = self.cycle_dir(cycle)
         return score_pool(
             self.view.info.path, str(model_path(folder)), folder / "scores",
             strategy=self.cfg.strategy.name, strategy_options=self.cfg.strategy.options,
-            exclude_rows=self._score_exclusions(strategy, labelled_rows), cfg=self.cfg.score,
+            exclude_rows=self._score_exclusions(labelled), cfg=self.cfg.score, seed=self.cfg.seed,
+        )
+
+    def write_predictions(self) -> Path:
+        """The final model's class and probability for every subtomogram of the pool."""
+        final = self.cycle_dir(self.final_cycle())
+        scores = score_pool(
+            self.view.info.path, str(model_path(final)), final / "predictions",
+            strategy="entropy", strategy_options={}, exclude_rows=(), cfg=self.cfg.score,
             seed=self.cfg.seed,
         )
+        return write_predictions(self.run_dir, scores, self.view.info.class_names, self.labelled())
 
     def _stability(self, cycle: int, folder: Path, unlabelled: np.ndarray) -> dict:
         """κ(model cycle−1, model cycle) and mean uncertainty on the `unlabelled` rows, from the
@@ -366,28 +346,15 @@ class Campaign:
             result["agreement"] = cohens_kappa(a, b, self.view.info.num_classes)
         return result
 
-    def training_pairs(self) -> list[tuple[int, int]]:
-        """(pool row, class) of every labelled subtomogram, by row; junk answers are left out."""
-        labels = self.ledger.current()
-        return sorted((self.row_of[sid], lab) for sid, lab in labels.items() if lab != JUNK)
-
-    def unlabelled_rows(self) -> np.ndarray:
-        """Train-split rows nobody has answered yet. Junk answers are answered: a volume a
-        person called junk is neither a class to learn nor an unlabelled one to learn from."""
-        return np.setdiff1d(self.train_rows, self._labelled_rows())
-
     # -- files -------------------------------------------------------------------------------
     def cycle_dir(self, cycle: int) -> Path:
         return self.run_dir / "cycles" / f"c{cycle:02d}"
-
-    def _labelled_rows(self) -> np.ndarray:
-        return np.sort(np.asarray([self.row_of[s] for s in self.ledger.current()], dtype=np.int64))
 
     def _source(self, row) -> str:
         return f"{self.view.info.path}#row{int(row)}"
 
     def _save(self) -> None:
-        atomic_write_text(self.run_dir / STATE, json.dumps(self.state, indent=2, default=_json))
+        save_state(self.run_dir, self.state)
         write_metrics(self.run_dir, self.state["cycles"], self.view.info.class_names)
         self._upload()
 
@@ -405,33 +372,20 @@ class Campaign:
         self._upload()
 
 
-def strategy_training(train: TrainConfig, strategy) -> dict:
-    """The cycle's training settings for this strategy (a dict, as Ray Train workers get it).
-
-    Each method as its paper trains it: the λ·D_reg(T, M) term only for strategies that use
-    M (the EMA-KL family), plain cross-entropy for the rest; ``trainer: shared`` gives every
-    strategy the configured λ instead (one trainer for all: a comparison of selection only).
-    Semi-supervised training when the config or the strategy asks for it.
-    """
-    settings = config_to_dict(train)
-    if train.trainer == "per_strategy" and not strategy.uses_mean_model:
-        settings["lam"] = 0.0
-    settings["semi_supervised"] = bool(train.semi_supervised or strategy.semi_supervised)
-    return settings
-
-
-def unlabelled_for_training(unlabelled: np.ndarray, train: dict, strategy, seed) -> np.ndarray:
-    """The unlabelled rows a cycle's training may read: all of them (up to unlabelled_max, a
-    seeded sample beyond) for semi-supervised batches; the sample an auxiliary model is fitted
-    on; none otherwise."""
-    wanted = int(train["unlabelled_max"]) if train["semi_supervised"] else 0
-    if strategy.auxiliary is not None:
-        wanted = max(wanted, strategy.auxiliary.unlabelled_sample)
-    if not wanted:
-        return unlabelled[:0]
-    if len(unlabelled) <= wanted:
-        return unlabelled
-    return np.sort(np.random.default_rng(seed).choice(unlabelled, size=wanted, replace=False))
+def candidates_of(table: pa.Table, labelled: LabelledSet, strategy, history=None) -> Candidates:
+    """What a set-based strategy selects from, out of a scoring pass's table: the rows not
+    labelled with the arrays the strategy declared (``needs``), the labelled rows' arrays
+    (``needs_labelled``) and, if declared, their answers and the campaign's history."""
+    rows = table.column("row").to_numpy()
+    is_labelled = labelled.contains(rows)
+    arrays = {key: column_array(table, key) for key in strategy.needs | strategy.needs_labelled}
+    return Candidates(
+        rows[~is_labelled],
+        {key: arrays[key][~is_labelled] for key in strategy.needs},
+        {key: arrays[key][is_labelled] for key in strategy.needs_labelled},
+        labelled_answers=labelled.answers_of(rows[is_labelled]) if strategy.needs_answers else None,
+        history=history,
+    )
 
 
 def make_oracle(kind: str, view: PoolView):
@@ -440,30 +394,6 @@ def make_oracle(kind: str, view: PoolView):
     if kind == "file":
         return FileOracle(view.info)
     raise CampaignError(f"oracle {kind!r}: valid are 'simulated' and 'file'")
-
-
-def load_state(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / STATE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_selection(path: Path, queries: list[Query]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["row", "subtomo_id", "source", "pred", "pred_prob", "chosen_by"])
-    for q in queries:
-        writer.writerow([q.row, q.subtomo_id, q.source, q.pred, q.pred_prob, q.chosen_by])
-    atomic_write_text(path, buffer.getvalue())
-
-
-def read_selection(path: Path) -> list[Query]:
-    with open(path, newline="") as f:
-        return [  # chosen_by: absent from runs written before it existed
-            Query(int(r["row"]), r["subtomo_id"], r["source"], int(r["pred"]), float(r["pred_prob"]),
-                  r.get("chosen_by") or "")
-            for r in csv.DictReader(f)
-        ]
 
 
 def _counted(queries: list[Query], record: dict) -> list[Query]:
@@ -476,119 +406,5 @@ def _counted(queries: list[Query], record: dict) -> list[Query]:
     return queries
 
 
-METRIC_COLUMNS = [
-    "cycle", "labelled", "labelled_fraction", "val_accuracy", "test_accuracy",
-    "seconds_train", "seconds_score", "seconds_select", "best_epoch", "classifier",
-    "agreement", "uncertainty",
-]
-
-
-def write_metrics(run_dir: Path, cycles: list[dict], class_names) -> None:
-    """metrics.csv (one row per trained cycle) and learning_curve.png, rebuilt from the state."""
-    trained = [c for c in cycles if c.get("trained")]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(METRIC_COLUMNS + [f"accuracy_{name}" for name in class_names])
-    for c in trained:
-        per_class = list(c.get("per_class_accuracy") or []) + [float("nan")] * len(class_names)
-        writer.writerow([_fmt(c.get(k, "")) for k in METRIC_COLUMNS]
-                        + [_fmt(a) for a in per_class[:len(class_names)]])
-    atomic_write_text(Path(run_dir) / "metrics.csv", buffer.getvalue())
-    if trained:
-        plot_learning_curve(trained, Path(run_dir) / "learning_curve.png")
-
-
-def plot_learning_curve(cycles: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [100 * c["labelled_fraction"] for c in cycles]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    for key, label in (("test_accuracy", "test"), ("val_accuracy", "validation")):
-        axis.plot(x, [c.get(key, float("nan")) for c in cycles], marker="o", label=label)
-    axis.set_xlabel("labelled (% of the train split)")
-    axis.set_ylabel("accuracy")
-    axis.set_ylim(0, 1)
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def write_predictions(campaign: Campaign) -> Path:
-    """The final model's class and probability for every subtomogram of the pool."""
-    final = campaign.cycle_dir(campaign.final_cycle())
-    scores_dir = score_pool(
-        campaign.view.info.path, str(model_path(final)), final / "predictions",
-        strategy="entropy", strategy_options={}, exclude_rows=(), cfg=campaign.cfg.score,
-        seed=campaign.cfg.seed,
-    )
-    labels = campaign.ledger.current()
-    names = campaign.view.info.class_names
-    out = campaign.run_dir / "predictions.parquet"
-    tmp = out.with_name(".predictions.parquet.tmp")
-    writer = None
-    for part in sorted(Path(scores_dir).glob("*.parquet")):
-        table = pq.read_table(part, columns=["row", "subtomo_id", "pred", "pred_prob", "entropy"])
-        if not table.num_rows:
-            continue
-        ids = table.column("subtomo_id").to_pylist()
-        pred = table.column("pred").to_numpy()
-        table = table.append_column("pred_class", pa.array([names[p] for p in pred]))
-        table = table.append_column(
-            "label", pa.array([labels.get(s) for s in ids], type=pa.int32())
-        )
-        if writer is None:
-            writer = pq.ParquetWriter(tmp, table.schema)
-        writer.write_table(table)
-    if writer is not None:
-        writer.close()
-        tmp.replace(out)
-    return out
-
-
-def _cycle_line(c: dict) -> str:
-    """The cycle's summary: accuracy, then whether the model still changes (κ with the previous
-    cycle's predictions on the unlabelled pool) and how unsure it is of that pool."""
-    return (
-        f"cycle {c['cycle']}: {c['labelled']} labelled ({100 * c['labelled_fraction']:.1f}%)  "
-        f"val {_float(c.get('val_accuracy')):.3f}  test {_float(c.get('test_accuracy')):.3f}  "
-        f"κ {number_text(c.get('agreement'))}  uncertainty {number_text(c.get('uncertainty'))}"
-        f"  (train {c.get('seconds_train', 0):.0f} s, score {c.get('seconds_score', 0):.0f} s)"
-    )
-
-
-def accuracy_table(cycles: list[dict]) -> str:
-    lines = ["| cycle | labelled | fraction | val acc | test acc | κ | uncertainty |",
-             "|---|---|---|---|---|---|---|"]
-    for c in cycles:
-        lines.append(
-            f"| {c['cycle']} | {c['labelled']} | {100 * c['labelled_fraction']:.1f}% | "
-            f"{_float(c.get('val_accuracy')):.3f} | {_float(c.get('test_accuracy')):.3f} | "
-            f"{number_text(c.get('agreement'))} | {number_text(c.get('uncertainty'))} |"
-        )
-    return "\n".join(lines)
-
-
-def _scoring_watch(folder: Path):
-    """Follows a scoring pass into `folder` by the rows of the files it has finished."""
-    return scoring_watch(RowCounter(partial_dir(folder), folder))
-
-
 def _float(value) -> float:
     return float("nan") if value is None else float(value)
-
-
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _json(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

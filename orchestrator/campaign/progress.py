@@ -1,4 +1,4 @@
-"""What a person watching a campaign sees, and how work running elsewhere reports to it.
+"""What a person watching a campaign sees.
 
 A `Display` shows one stage at a time (simulate, label, train, score). On a terminal it is a
 live progress bar (rich) that gives way to one result line when the stage ends. Anywhere else
@@ -6,10 +6,9 @@ live progress bar (rich) that gives way to one result line when the stage ends. 
 one when a stage starts, one when it is half done, one when it ends. It also keeps
 `RUN_DIR/progress.json` current, which the labelling page reads to show a retraining.
 
-Work in other processes is followed through the files it writes, polled by a background
-thread: rank 0 of a training run appends one JSON line per epoch to the cycle's
-`progress.jsonl` (`report_epoch`), and a scoring pass writes Parquet files as it goes
-(`RowCounter`). Neither needs Ray, so in-process training and scoring report the same way.
+Work in other processes is followed through the files it writes: a stage's ``watch`` is polled
+by a background thread. The watchers of a training run and of a scoring pass are
+`orchestrator/distributed/events.py`'s, beside the code that writes those files.
 """
 
 from __future__ import annotations
@@ -24,59 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
-EVENTS = "progress.jsonl"  # in a cycle directory: one line per training epoch, from rank 0
 STATUS = "progress.json"  # in the run directory: the stage running now, for the labelling page
 POLL_S = 0.5  # how often a stage's watcher looks at the files (and so how often it updates)
-
-
-def report_epoch(out_dir: str | Path, **event) -> None:
-    """Rank 0 of a training run, after each epoch: one JSON line in `out_dir/progress.jsonl`
-    (epoch, epochs, loss, and the validation accuracies at validation epochs)."""
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(out_dir) / EVENTS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(event, default=float) + "\n")  # numpy and 0-d torch numbers too
-
-
-class EventTail:
-    """The complete lines a JSON-lines file gained since the last read; lines written before
-    this tail was made (an earlier attempt at the same cycle) are skipped."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
-
-    def read(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        complete = data[:data.rfind(b"\n") + 1]  # a line being written waits for the next read
-        self.offset += len(complete)
-        return [json.loads(line) for line in complete.splitlines() if line.strip()]
-
-
-class RowCounter:
-    """Rows in the finished Parquet files of the folders a scoring pass writes (its partial
-    folder, renamed to the final one when whole); a file still being written is counted later."""
-
-    def __init__(self, *folders: Path):
-        self.folders = [Path(f) for f in folders]
-        self.counted: dict[str, int] = {}
-
-    def __call__(self) -> int:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        for folder in self.folders:
-            for path in folder.glob("*.parquet") if folder.is_dir() else ():
-                if path.name not in self.counted:
-                    try:
-                        self.counted[path.name] = pq.read_metadata(path).num_rows
-                    except (OSError, pa.ArrowInvalid):
-                        pass  # not finished yet (no footer), or renamed away meanwhile
-        return sum(self.counted.values())
 
 
 @dataclass
@@ -254,33 +202,6 @@ class _Poller:
         self.stopped.set()
         self.thread.join()
         self._poll()
-
-
-def training_watch(cycle_dir: Path) -> Callable[[Stage], None]:
-    """Follows rank 0's epoch events of a cycle's training (`report_epoch`): the epoch, its
-    loss, and the validation accuracy of the latest validation epoch."""
-    tail = EventTail(Path(cycle_dir) / EVENTS)
-    latest: dict[str, float] = {}
-
-    def watch(stage: Stage) -> None:
-        for event in tail.read():
-            if "val_accuracy" in event:
-                latest["val"] = event["val_accuracy"]
-            info = f"loss {event['loss']:.3f}" + (f" · val {latest['val']:.3f}" if latest else "")
-            stage.update(done=event["epoch"], total=event["epochs"], info=info)
-
-    return watch
-
-
-def scoring_watch(counter: RowCounter) -> Callable[[Stage], None]:
-    """Follows a scoring pass by the rows its finished files hold, with the rate so far."""
-
-    def watch(stage: Stage) -> None:
-        done = counter()
-        rate = done / max(stage.elapsed, 1e-9)
-        stage.update(done=done, info=f"{rate:,.{0 if rate >= 10 else 1}f} rows/s" if done else "")
-
-    return watch
 
 
 def duration_text(seconds: float) -> str:

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.labels import JUNK, LabelLedger
-from orchestrator.pool import PoolError, PoolInfo, atomic_write_text, open_pool, read_index, read_volumes
+from orchestrator.al.labels import JUNK, LabelLedger
+from orchestrator.campaign.metrics import number_text
+from orchestrator.data.images import slice_views, to_png
+from orchestrator.data.pool import PoolError, PoolInfo, atomic_write_text, open_pool, read_index, read_volumes
 
 REPORT = "report.html"
 SAMPLE = 8  # queried subtomograms shown per cycle: the first of its selection (highest ranked)
@@ -210,8 +212,6 @@ def query_tiles(run: Run) -> str:
     (after cycle 0) what the model predicted when it chose them."""
     if run.info is None:
         return f"<p class=muted>No slices: the pool cannot be opened ({_e(run.pool_error)}).</p>"
-    from orchestrator.annotate import slice_views, to_png
-
     sample = {c: rows[:SAMPLE] for c, rows in sorted(run.selections.items()) if rows}
     wanted = sorted({int(r["row"]) for rows in sample.values() for r in rows})
     try:
@@ -407,12 +407,6 @@ def _label_name(label, names: list[str]) -> str:
 
 def _float(value, default: float = math.nan) -> float:
     return default if value is None or value == "" else float(value)
-
-
-def number_text(value, digits: int = 3) -> str:
-    """A number as the tables show it; missing or NaN is a dash."""
-    value = _float(value)
-    return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _pct(value) -> str:

@@ -1,6 +1,6 @@
 """Ingest subtomograms into a pool, losing nothing: every bad item is named and set aside.
 
-    python -m orchestrator.ingest SOURCE --out POOL_DIR [--box N] [--labels labels.npy]
+    python -m orchestrator.data.ingest SOURCE --out POOL_DIR [--box N] [--labels labels.npy]
         [--star-labels] [--project-dir DIR] [--class-names a,b,c | --class-names-file F]
         [--voxel-size A] [--dtype float16|float32] [--shard-mb 256] [--overwrite]
         [--copick-tomo-type T] [--copick-voxel-size A] [--copick-user U] [--copick-session S]
@@ -48,9 +48,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from orchestrator import copick_io
-from orchestrator.copick_io import CopickError, CopickSelection
-from orchestrator.pool import (
+from orchestrator.data import copick_io
+from orchestrator.data.copick_io import CopickError, CopickSelection
+from orchestrator.data.pool import (
     MANIFEST,
     SHARD_DIR,
     VOLUME_DTYPES,
@@ -62,7 +62,7 @@ from orchestrator.pool import (
     open_pool,
     pool_summary,
 )
-from orchestrator.star import (
+from orchestrator.data.star import (
     TWO_D_HELP,
     StarError,
     StarFile,
@@ -73,7 +73,7 @@ from orchestrator.star import (
     read_star,
     two_d_groups,
 )
-from orchestrator.volumes import VOLUME_SUFFIXES, MrcContents, VolumeError, peek_sections, read_sections
+from orchestrator.data.volumes import VOLUME_SUFFIXES, MrcContents, VolumeError, peek_sections, read_sections
 
 log = logging.getLogger("cryoal.ingest")
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from orchestrator.storage import filesystem_for, is_file, is_uri, join, read_text
+from orchestrator.data.storage import filesystem_for, is_file, is_uri, join, read_text
 
 MANIFEST = "pool.json"
 SHARD_DIR = "shards"
@@ -35,7 +35,7 @@ FORMAT_VERSION = 1
 VOLUME_DTYPES = ("float16", "float32")
 ROW_GROUP_MB = 16  # volumes per Parquet row group, at most: bounds writer and reader memory
 # A row whose ground truth is "not a particle" (empty noise, a carbon edge, a fragment, ...):
-# the ledger's junk answer (orchestrator/labels.py imports it from here). Not a class, so it
+# the ledger's junk answer (orchestrator/al/labels.py imports it from here). Not a class, so it
 # never counts in num_classes and never in an accuracy.
 JUNK = -1
 INDEX_COLUMNS = (
@@ -307,7 +307,7 @@ def fsync_dir(directory: Path) -> None:
 
 
 def open_pool(path: str | Path) -> PoolInfo:
-    """The pool at a local path or a URI (s3://, gs://, file://…; see orchestrator/storage.py)."""
+    """The pool at a local path or a URI (s3://, gs://, file://…; see orchestrator/data/storage.py)."""
     # absolute: the path travels to Ray workers, whose working directory is not the driver's
     path = path if is_uri(path) else Path(path).resolve()
     manifest_path = join(path, MANIFEST)

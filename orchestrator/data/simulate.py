@@ -39,13 +39,13 @@ import yaml
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from orchestrator.pool import JUNK, PoolInfo, PoolWriter
-from orchestrator.volumes import MRC_SUFFIXES, read_sections
+from orchestrator.config import CONFIG_DIR, PROJECT_ROOT
+from orchestrator.data.pool import JUNK, PoolInfo, PoolWriter
+from orchestrator.data.volumes import MRC_SUFFIXES, read_sections
 
 log = logging.getLogger("cryoal.simulate")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PRESET_DIR = PROJECT_ROOT / "tune_configs"
+PRESET_DIR = CONFIG_DIR
 MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
 MAP_SUFFIXES = (".mrc", ".map")  # a folder of structures: single-volume maps (plus models)
 EXTENT_THRESHOLD = 0.05  # a structure's extent: voxels above 5% of its maximum

@@ -5,7 +5,7 @@ Why not `starfile` (teamtomo) for reading: measured on particle files, it turns 
 silently padded NaN/empty values, fails a whole file on one long row (naming neither file nor
 line), converts numeric-looking tomogram names ("001" → 1), and keeps no line numbers; ingest
 must reject one bad row, name it, and keep the rest. `starfile` writes the exported predictions
-(orchestrator/export.py), where none of that applies.
+(orchestrator/campaign/export.py), where none of that applies.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ all of it, in files:
 - the core worker of this process (C++) writes its warnings to file descriptor 2 directly, past
   Python's logging: fd 2 goes to `logs/native.log`, while Python's `sys.stderr` keeps the
   terminal, so tracebacks and error messages still reach it in full;
-- Ray Data's progress bars are off: the campaign shows its own (`orchestrator/progress.py`).
+- Ray Data's progress bars are off: the campaign shows its own (`orchestrator/campaign/progress.py`).
 """
 
 from __future__ import annotations

@@ -26,9 +26,11 @@ import ray
 import ray.data
 
 from actors.scorer import PoolScorer
+from orchestrator import faults
 from orchestrator.config import ScoreConfig
-from orchestrator.pool import iter_batches, open_pool, shard_locations
-from orchestrator.storage import absolute
+from orchestrator.data.pool import iter_batches, open_pool, shard_locations
+from orchestrator.data.storage import absolute
+from orchestrator.distributed.events import partial_dir
 
 SCORED_COLUMNS = ["row", "subtomo_id", "volume"]
 
@@ -50,6 +52,7 @@ def score_pool(
         return out_dir
     partial = partial_dir(out_dir)
     shutil.rmtree(partial, ignore_errors=True)
+    faults.maybe_fault("score-started")
     scorer_kwargs = {
         "model_path": str(Path(model_path).resolve()),
         "pool_path": absolute(pool_path),  # a URI stays one
@@ -68,11 +71,6 @@ def score_pool(
         _score_on_ray_data(pool_path, scorer_kwargs, exclude, partial, cfg)
     partial.rename(out_dir)
     return out_dir
-
-
-def partial_dir(out_dir: str | Path) -> Path:
-    """Where a pass writes until it is whole (then renamed to `out_dir`); progress watches it."""
-    return Path(out_dir).with_name(Path(out_dir).name + ".partial")
 
 
 def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, exclude: np.ndarray,
@@ -96,6 +94,7 @@ def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, exclude: np.ndarray,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         **actor_resources(cfg),
+        **({"runtime_env": env} if (env := faults.runtime_env()) else {}),
     )
     scored.write_parquet(str(partial.resolve()))
 

@@ -1,7 +1,10 @@
 """What a query strategy trains or computes besides T: plain PyTorch hooks, no Ray.
 
-A strategy may declare ``strategy.auxiliary`` (an :class:`Auxiliary`, or None). The campaign
-never looks at which strategy it runs; the same four hooks are called for every auxiliary:
+A strategy declares the auxiliary it needs by name in its training declaration
+(``strategy.training.auxiliary`` and ``.auxiliary_options``, ``orchestrator/al/training.py``);
+:func:`make_auxiliary` builds it from :data:`AUXILIARIES`, so the strategies stay numpy and
+this module never imports them. Training and scoring never look at which strategy they run;
+the same four hooks are called for every auxiliary:
 
 - ``build(model, num_classes) -> nn.Module | None``: the auxiliary module (architecture from T's
   shape only, so the scorer rebuilds it and loads its weights from ``model.pt["auxiliary"]``);
@@ -11,7 +14,8 @@ never looks at which strategy it runs; the same four hooks are called for every 
   already done, in [0, 1);
 - ``fit_after(aux, model, labelled_x, unlabelled_x, *, device, seed)``: once after T's training,
   on rank 0, with the kept T (VAAL's VAE + discriminator, HAL's discriminator, two-stream's
-  autoencoder). ``unlabelled_x`` is a seeded sample of ``unlabelled_sample`` unlabelled volumes;
+  autoencoder). ``unlabelled_x`` is the seeded sample of unlabelled volumes the campaign drew
+  for it (``Training.unlabelled_sample`` of them);
 - ``outputs(aux, model, x, *, seed, row_keys) -> {key: [N, ...] float32}``: the extra per-row
   keys of the scoring pass (``provides`` ⊆ ``strategies.OUTPUT_KEYS``), which the strategy's
   ``utility``/``select`` then reads. Pure and row-wise like ``learning.forward_outputs``: eval
@@ -30,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.ema import unwrap
-from orchestrator.learning import _device_of, _eval_mode, _volumes
+from orchestrator.nn.ema import unwrap
+from orchestrator.nn.tensors import as_volumes, device_of, eval_mode
 
 __all__ = [
+    "AUXILIARIES",
+    "make_auxiliary",
     "Auxiliary",
     "LearningLoss",
     "NoisePerturbation",
@@ -53,7 +59,6 @@ class Auxiliary:
 
     provides: frozenset[str] = frozenset()  # keys outputs() adds to the scoring pass
     joint: bool = False  # joint_loss trains build()'s module along with T
-    unlabelled_sample: int = 0  # unlabelled volumes fit_after wants (seeded sample)
 
     def build(self, model: nn.Module, num_classes: int) -> nn.Module | None:
         return None
@@ -159,8 +164,8 @@ class LearningLoss(Auxiliary):
 
     def outputs(self, aux, model, x, *, seed=0, row_keys=None):
         net = unwrap(model)
-        x = _volumes(x, _device_of(net))
-        with torch.inference_mode(), _eval_mode(net, aux):
+        x = as_volumes(x, device_of(net))
+        with torch.inference_mode(), eval_mode(net, aux):
             return {"predicted_loss": _numpy(aux(net.stage_outputs(x)))}
 
 
@@ -188,13 +193,13 @@ class NoisePerturbation(Auxiliary):
 
     def outputs(self, aux, model, x, *, seed=0, row_keys=None):
         net = unwrap(model)
-        x = _volumes(x, _device_of(net))
+        x = as_volumes(x, device_of(net))
         params = list(net.parameters())
         originals = [p.detach().clone() for p in params]
         norms = [float(p.norm()) for p in originals]
         logits = []
         try:
-            with torch.no_grad(), _eval_mode(net):
+            with torch.no_grad(), eval_mode(net):
                 for k in range(self.passes):
                     generator = torch.Generator().manual_seed(_seed(seed, k))
                     for p, original, norm in zip(params, originals, norms):
@@ -289,10 +294,9 @@ class VAAL(Auxiliary):
     provides = frozenset({"labelledness"})
 
     def __init__(self, epochs: int = 5, latent: int = 16, channels: int = 8,
-                 unlabelled_sample: int = 256, lr: float = 5e-4, beta: float = 1.0,
-                 adversary: float = 1.0):
+                 lr: float = 5e-4, beta: float = 1.0, adversary: float = 1.0):
         self.epochs, self.latent, self.channels = int(epochs), int(latent), int(channels)
-        self.unlabelled_sample, self.lr = int(unlabelled_sample), float(lr)
+        self.lr = float(lr)
         self.beta, self.adversary = float(beta), float(adversary)
 
     def build(self, model, num_classes):
@@ -307,7 +311,7 @@ class VAAL(Auxiliary):
         d_opt = torch.optim.Adam(aux.discriminator.parameters(), lr=self.lr)
         for _ in range(self.epochs):
             for lb, ub in _pairs(len(labelled_x), len(unlabelled_x), BATCH, generator):
-                xl, xu = _volumes(labelled_x[lb], device), _volumes(unlabelled_x[ub], device)
+                xl, xu = as_volumes(labelled_x[lb], device), as_volumes(unlabelled_x[ub], device)
                 rec_l, kl_l, mu_l = _reconstruction(aux.vae, xl, generator)
                 rec_u, kl_u, mu_u = _reconstruction(aux.vae, xu, generator)
                 d_all = aux.discriminator(torch.cat([mu_l, mu_u])).squeeze(1)
@@ -326,8 +330,8 @@ class VAAL(Auxiliary):
         aux.eval()
 
     def outputs(self, aux, model, x, *, seed=0, row_keys=None):
-        x = _volumes(x, _device_of(aux))
-        with torch.inference_mode(), _eval_mode(aux):
+        x = as_volumes(x, device_of(aux))
+        with torch.inference_mode(), eval_mode(aux):
             return {"labelledness": _numpy(aux.labelledness_logit(x).sigmoid())}
 
 
@@ -355,9 +359,9 @@ class FeatureDiscriminator(Auxiliary):
     provides = frozenset({"labelledness"})
 
     def __init__(self, epochs: int = 5, stage: int = -2, channels: int = 16,
-                 unlabelled_sample: int = 256, lr: float = 1e-3):
+                 lr: float = 1e-3):
         self.epochs, self.stage, self.channels = int(epochs), int(stage), int(channels)
-        self.unlabelled_sample, self.lr = int(unlabelled_sample), float(lr)
+        self.lr = float(lr)
 
     def _index(self, model) -> int:
         n = len(unwrap(model).stages)
@@ -368,8 +372,8 @@ class FeatureDiscriminator(Auxiliary):
 
     def _features(self, model, x, device):
         net, i = unwrap(model), self._index(model)
-        with torch.inference_mode(), _eval_mode(net):
-            return _in_batches(x, lambda b: net.stage_outputs(_volumes(b, device))[i].float())
+        with torch.inference_mode(), eval_mode(net):
+            return _in_batches(x, lambda b: net.stage_outputs(as_volumes(b, device))[i].float())
 
     def fit_after(self, aux, model, labelled_x, unlabelled_x, *, device, seed):
         if len(labelled_x) == 0 or len(unlabelled_x) == 0:
@@ -390,8 +394,8 @@ class FeatureDiscriminator(Auxiliary):
         aux.eval()
 
     def outputs(self, aux, model, x, *, seed=0, row_keys=None):
-        h = self._features(model, x, _device_of(unwrap(model)))
-        with torch.inference_mode(), _eval_mode(aux):
+        h = self._features(model, x, device_of(unwrap(model)))
+        with torch.inference_mode(), eval_mode(aux):
             return {"labelledness": _numpy(aux(h).sigmoid())}
 
 
@@ -406,9 +410,9 @@ class Autoencoder(Auxiliary):
     provides = frozenset({"ae_embeddings"})
 
     def __init__(self, epochs: int = 5, latent: int = 16, channels: int = 8,
-                 unlabelled_sample: int = 256, lr: float = 1e-3):
+                 lr: float = 1e-3):
         self.epochs, self.latent, self.channels = int(epochs), int(latent), int(channels)
-        self.unlabelled_sample, self.lr = int(unlabelled_sample), float(lr)
+        self.lr = float(lr)
 
     def build(self, model, num_classes):
         return ConvAutoencoder(self.latent, self.channels, variational=False)
@@ -423,7 +427,7 @@ class Autoencoder(Auxiliary):
         for _ in range(self.epochs):
             order = torch.randperm(len(x), generator=generator)
             for start in range(0, len(x), BATCH):
-                batch = _volumes(x[order[start : start + BATCH]], device)
+                batch = as_volumes(x[order[start : start + BATCH]], device)
                 loss = _reconstruction(aux, batch)[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -431,7 +435,27 @@ class Autoencoder(Auxiliary):
         aux.eval()
 
     def outputs(self, aux, model, x, *, seed=0, row_keys=None):
-        x = _volumes(x, _device_of(aux))
-        with torch.inference_mode(), _eval_mode(aux):
+        x = as_volumes(x, device_of(aux))
+        with torch.inference_mode(), eval_mode(aux):
             return {"ae_embeddings": _numpy(aux.encode(x)[0])}
 
+
+# --- registry ---------------------------------------------------------------------------------
+
+AUXILIARIES: dict[str, type[Auxiliary]] = {
+    "learning_loss": LearningLoss,
+    "noise_perturbation": NoisePerturbation,
+    "vaal": VAAL,
+    "feature_discriminator": FeatureDiscriminator,
+    "autoencoder": Autoencoder,
+}
+
+
+def make_auxiliary(name: str | None, options=None) -> Auxiliary | None:
+    """The auxiliary a strategy declared (``Training.auxiliary``, ``.auxiliary_options``), or
+    None when it declared none."""
+    if name is None:
+        return None
+    if name not in AUXILIARIES:
+        raise ValueError(f"unknown auxiliary {name!r}; valid: {sorted(AUXILIARIES)}")
+    return AUXILIARIES[name](**dict(options or {}))

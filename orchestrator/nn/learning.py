@@ -1,7 +1,8 @@
-"""Training, evaluation and the scoring forward pass of T and M: plain PyTorch, no Ray.
+"""Training and evaluation of T and M: loss, optimiser and schedule, one epoch, evaluation,
+BatchNorm recalibration and RNG state. Plain PyTorch, no Ray.
 
-Ray Train's ``train_loop_per_worker`` calls ``train_epoch``/``evaluate``; Ray Data's scoring
-actor calls ``forward_outputs``. Everything here runs as-is in a unit test.
+One cycle's recipe (``orchestrator/nn/cycle.py``) calls ``train_epoch``/``evaluate``; the
+scoring forward pass is ``orchestrator/nn/outputs.py``. Everything here runs as-is in a unit test.
 
 Shape conventions: volumes ``[B, 1, D, H, W]`` (``[B, D, H, W]`` gets its channel axis added),
 labels int64 ``[B]``, logits/probs ``[N, C]``, MC-dropout probs ``[N, C, K]``.
@@ -9,10 +10,8 @@ labels int64 ``[B]``, logits/probs ``[N, C]``, MC-dropout probs ``[N, C, K]``.
 
 from __future__ import annotations
 
-import contextlib
-from copy import deepcopy
-import hashlib
 import math
+from copy import deepcopy
 import random
 from collections.abc import Callable, Iterable
 
@@ -21,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.augment import Augmentation, augment
-from orchestrator.ema import unwrap, update_mean_model
+from orchestrator.nn.augment import Augmentation, augment
+from orchestrator.nn.ema import unwrap, update_mean_model
+from orchestrator.nn.tensors import as_volumes, autocast, device_of, eval_mode
 
 __all__ = [
     "DISTANCES",
-    "OUTPUTS",
     "regulariser",
     "objective",
     "OPTIMIZERS",
@@ -37,7 +36,7 @@ __all__ = [
     "sigmoid_rampup",
     "train_epoch",
     "evaluate",
-    "forward_outputs",
+    "recalibrated",
     "seed_everything",
     "get_rng_state",
     "set_rng_state",
@@ -171,21 +170,6 @@ def sigmoid_rampup(step: int, rampup_steps: int) -> float:
 # Training and evaluation
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _volumes(x, device: torch.device) -> torch.Tensor:
-    """float32 ``[B, 1, D, H, W]`` on ``device`` from a tensor or array (float16 storage ok)."""
-    x = torch.as_tensor(x).to(device=device, dtype=torch.float32, non_blocking=True)
-    if x.dim() == 4:
-        x = x.unsqueeze(1)
-    if x.dim() != 5:
-        raise ValueError(f"volumes must be [B, 1, D, H, W] or [B, D, H, W], got {tuple(x.shape)}")
-    return x
-
-
 def _paired(batches: Iterable, unlabelled: Iterable | None):
     """(labelled batch, unlabelled x or None), one unlabelled batch per labelled step.
 
@@ -206,12 +190,6 @@ def _paired(batches: Iterable, unlabelled: Iterable | None):
         if isinstance(u, (tuple, list)):  # (x, y) or (x,): the labels of the pool are not used
             u = u[0]
         yield b, u
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=amp_dtype)
 
 
 def train_epoch(
@@ -235,11 +213,11 @@ def train_epoch(
 ) -> dict[str, float]:
     """One pass over ``batches`` of (x, y): step T on CE + lam·D_reg(T, M), then EMA-update M.
 
-    ``model`` may be DDP-wrapped; ``mean_model`` is the bare M (see ``orchestrator.ema``). M runs
+    ``model`` may be DDP-wrapped; ``mean_model`` is the bare M (see ``orchestrator.nn.ema``). M runs
     in eval mode, as when it scores. ``lam == 0`` with no unlabelled batches is plain
     cross-entropy: M gets no forward (the reg metric is then 0) but still follows T's weights.
 
-    With ``augmentation`` each batch is transformed (``orchestrator.augment``, draws from
+    With ``augmentation`` each batch is transformed (``orchestrator.nn.augment``, draws from
     ``generator``) before T sees it. With ``unlabelled_batches`` (semi-supervised: Tarvainen &
     Valpola's mean teacher), each step also adds ``lam_unlabelled``·D_reg(T, M) on one unlabelled
     batch, which shares T's forward with the labelled batch (so BatchNorm sees both), and, when
@@ -268,16 +246,16 @@ def train_epoch(
             for k in ("loss", "ce", "reg", "reg_unlabelled", "extra")}
     n = steps = 0
     for (x, y), xu in _paired(batches, unlabelled_batches):
-        x = _volumes(x, device)
+        x = as_volumes(x, device)
         y = torch.as_tensor(y).to(device=device, dtype=torch.long, non_blocking=True)
         b = len(x)
         if xu is not None:
-            x = torch.cat([x, _volumes(xu, device)])
+            x = torch.cat([x, as_volumes(xu, device)])
         x_t = x if augmentation is None else augment(x, generator, augmentation)
         # the mean teacher's second view; without unlabelled data M judges T's own input
         x_m = x_t if xu is None or augmentation is None else augment(x, generator, augmentation)
         w_u = weight_u(steps) if xu is not None else 0.0
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             if extra_loss is None:
                 logits_t = model(x_t)
             else:
@@ -326,21 +304,6 @@ def _as_schedule(weight: float | Callable[[int], float]) -> Callable[[int], floa
     return weight if callable(weight) else (lambda step: float(weight))
 
 
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module | None):
-    """Every submodule in eval mode inside the block; each module's own flag restored after."""
-    modules = [m for model in models if model is not None for m in model.modules()]
-    flags = [m.training for m in modules]
-    try:
-        for model in models:
-            if model is not None:
-                model.eval()
-        yield
-    finally:
-        for m, flag in zip(modules, flags):
-            m.training = flag
-
-
 def evaluate(
     model: nn.Module,
     batches: Iterable,
@@ -353,14 +316,14 @@ def evaluate(
     Runs in eval mode under inference_mode on the model's device; the model's mode is restored.
     Also returns ``confusion`` (rows: true class, columns: predicted), as nested lists.
     """
-    device = _device_of(model)
+    device = device_of(model)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum = 0.0
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), eval_mode(model):
         for x, y in batches:
-            x = _volumes(x, device)
+            x = as_volumes(x, device)
             y = torch.as_tensor(y).to(device=device, dtype=torch.long)
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 logits = model(x)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
@@ -399,110 +362,14 @@ def recalibrated(model: nn.Module, batches: Iterable) -> nn.Module:
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over every batch below
-    device = _device_of(copy)
+    device = device_of(copy)
     copy.train()
     with torch.no_grad():
         for x, _ in batches:
-            copy(_volumes(x, device))
+            copy(as_volumes(x, device))
     for norm, momentum in zip(norms, momenta):
         norm.momentum = momentum
     return copy.eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring forward pass
-
-_T_OUTPUTS = {"logits", "probs", "embeddings", "grad_embeddings", "mc_probs"}
-_M_OUTPUTS = {"mean_logits", "mean_probs"}
-OUTPUTS = frozenset(_T_OUTPUTS | _M_OUTPUTS)
-
-
-def _row_generators(x: torch.Tensor, seed: int, row_keys) -> list[torch.Generator]:
-    """One generator per row, seeded from (seed, the row's key or its bytes): batch-independent.
-    ``x`` must be on the CPU when ``row_keys`` is None."""
-    gens = []
-    for i in range(len(x)):
-        h = hashlib.blake2b(str(int(seed)).encode(), digest_size=8)
-        if row_keys is None:
-            h.update(x[i].numpy().tobytes())
-        else:
-            h.update(b"key:" + str(row_keys[i]).encode())
-        gens.append(torch.Generator().manual_seed(int.from_bytes(h.digest(), "little") >> 1))
-    return gens
-
-
-def forward_outputs(
-    model: nn.Module,
-    mean_model: nn.Module | None,
-    x,
-    needs: Iterable[str],
-    mc_passes: int = 0,
-    *,
-    seed: int = 0,
-    row_keys=None,
-    amp_dtype: torch.dtype | None = None,
-) -> dict[str, np.ndarray]:
-    """What the scorers need for a batch of volumes, as float32 numpy; the one scoring forward.
-
-    ``needs`` ⊆ OUTPUTS: "logits", "probs" [N, C] (T); "mean_logits", "mean_probs" [N, C] (M);
-    "embeddings" [N, E] (T's penultimate features); "grad_embeddings" [N, C*E] (BADGE:
-    (onehot(argmax p) − p) ⊗ embedding, class-major like ``fc.weight``, i.e. minus the gradient
-    of CE at the predicted label w.r.t. ``fc.weight``); "mc_probs" [N, C, K], K = ``mc_passes``.
-
-    Pure and row-wise: both models run in eval mode (BatchNorm on running statistics), so a
-    row's outputs do not depend on the rest of its batch. MC dropout is applied where the
-    model's only dropout is, before ``fc``: features are computed once and K dropout masks
-    applied to them (K× cheaper than K full passes, same distribution). Each row's masks come
-    from a generator seeded by (``seed``, ``row_keys[i]``) — pass stable ids such as pool ids —
-    or, without keys, by the row's float32 bytes; so MC outputs are reproducible and
-    independent of batching too. Models are left in the mode they came in.
-    """
-    needs = set(needs)
-    if unknown := needs - OUTPUTS:
-        raise ValueError(f"unknown outputs {sorted(unknown)}; valid: {sorted(OUTPUTS)}")
-    if needs & _M_OUTPUTS and mean_model is None:
-        raise ValueError(f"{sorted(needs & _M_OUTPUTS)} need a mean model, got None")
-    if "mc_probs" in needs and mc_passes < 1:
-        raise ValueError(f"mc_probs needs mc_passes >= 1, got {mc_passes}")
-    net = unwrap(model)
-    device = _device_of(net)
-    x = _volumes(x, device)
-    out: dict[str, torch.Tensor] = {}
-
-    with torch.inference_mode(), _eval_mode(net, mean_model):
-        if needs & _T_OUTPUTS:
-            with _autocast(device, amp_dtype):
-                feats = net.features(x)
-            feats = feats.float()  # the head runs in float32 whatever the autocast
-            logits = net.classify(feats)
-            probs = logits.softmax(dim=1)
-            out.update(logits=logits, probs=probs, embeddings=feats)
-            if "grad_embeddings" in needs:
-                onehot = F.one_hot(probs.argmax(dim=1), probs.shape[1]).to(probs.dtype)
-                outer = (onehot - probs)[:, :, None] * feats[:, None, :]  # [N, C, E]
-                out["grad_embeddings"] = outer.flatten(1)
-            if "mc_probs" in needs:
-                gens = _row_generators(x if row_keys is not None else x.cpu(), seed, row_keys)
-                out["mc_probs"] = _mc_probs(net, feats, mc_passes, gens)
-        if needs & _M_OUTPUTS:
-            with _autocast(device, amp_dtype):
-                mean_logits = unwrap(mean_model)(x)
-            mean_logits = mean_logits.float()
-            out.update(mean_logits=mean_logits, mean_probs=mean_logits.softmax(dim=1))
-    return {k: out[k].cpu().numpy().astype(np.float32, copy=False) for k in needs}
-
-
-def _mc_probs(
-    net: nn.Module, feats: torch.Tensor, k: int, gens: list[torch.Generator]
-) -> torch.Tensor:
-    dropout = getattr(net, "dropout", None)
-    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-    if p <= 0.0:
-        raise ValueError("mc_probs needs a model built with dropout > 0 (all passes would agree)")
-    u = torch.stack([torch.rand(k, feats.shape[1], generator=g) for g in gens])  # [N, K, E]
-    keep = (u >= p).to(device=feats.device, dtype=feats.dtype) / (1.0 - p)
-    logits = net.fc(feats[:, None, :] * keep)  # [N, K, C]
-    return logits.softmax(dim=2).permute(0, 2, 1).contiguous()  # [N, C, K]
 
 
 # ---------------------------------------------------------------------------------------------

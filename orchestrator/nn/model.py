@@ -7,7 +7,7 @@ Every model also exposes the two halves of ``forward`` that selection strategies
   (core-set embeddings; BADGE's gradient embeddings are built from these and ``model.fc``);
 - ``model.classify(features) -> [B, C]``: dropout, then the final Linear ``model.fc``;
 - ``model.stage_outputs(x) -> [stage 1 output, …]``: intermediate features for auxiliary
-  modules (``orchestrator/auxiliary.py``); ``model(x, return_stages=True)`` gives logits and
+  modules (``orchestrator/nn/auxiliary.py``); ``model(x, return_stages=True)`` gives logits and
   these from one forward.
 
 ``forward(x) == classify(features(x))``. Dropout sits only before ``fc``, so in eval mode the

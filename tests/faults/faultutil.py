@@ -18,7 +18,7 @@ def run_cli(args: list[str], log: Path, fault: str | None = None, timeout: float
     CRYOAL_FAULT=fault, unset without one, on to its workers), output appended to `log`;
     returns its exit code."""
     env = dict(os.environ)
-    for key in ("CRYOAL_FAULT", "RAY_ADDRESS"):
+    for key in ("CRYOAL_FAULT", "CRYOAL_FAULT_ONCE", "RAY_ADDRESS"):
         env.pop(key, None)
     if fault:
         env["CRYOAL_FAULT"] = fault
@@ -39,34 +39,3 @@ def ledger(run_dir: Path) -> list[tuple[str, str, str]]:
     (the time column differs from run to run)."""
     with open(run_dir / "labels.csv", newline="") as f:
         return sorted((r["subtomo_id"], r["label"], r["cycle"]) for r in csv.DictReader(f))
-
-
-def descendants(root: int) -> dict[int, str]:
-    """pid -> command line of every live process descending from `root` (read from /proc)."""
-    parents, names = {}, {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            names[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = {}, [root]
-    while frontier:
-        pid = frontier.pop()
-        for child, parent in parents.items():
-            if parent == pid and child not in found:
-                found[child] = names.get(child, "")
-                frontier.append(child)
-    return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process, from /proc (0 if it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

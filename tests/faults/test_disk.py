@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.labels import LabelLedger, LabelRecord
-from orchestrator.pool import atomic_write_text
+from orchestrator.al.labels import LabelLedger, LabelRecord
+from orchestrator.data.pool import atomic_write_text
 
 pytestmark = [pytest.mark.faults, pytest.mark.ray, pytest.mark.slow]
 

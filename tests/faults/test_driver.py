@@ -1,7 +1,7 @@
 """Faults: the driver SIGKILLed during selection and while writing the ledger (the moments
 too short to hit from outside are reached through `CRYOAL_FAULT`, orchestrator/faults.py).
 `--resume` then finishes the campaign with the same ledger as an undisturbed run.
-(Driver kills mid-training and mid-scoring: tests/test_resume.py.)"""
+(Driver kills mid-training and mid-scoring: tests/faults/test_resume.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Aftermath of a Train worker killed between rank 0's checkpoint upload and Ray Train's
 registering it: the restart resumes from the previous checkpoint, and once the fit has
-succeeded the orphaned folder is deleted (orchestrator/train.py). No Ray cluster needed."""
+succeeded the orphaned folder is deleted (orchestrator/distributed/train.py). No Ray cluster needed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.train import (
+from orchestrator.distributed.train import (
     SNAPSHOT,
     registered_checkpoints,
     remove_unregistered_checkpoints,

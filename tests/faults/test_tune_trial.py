@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.campaign.loop import Campaign
 from orchestrator.config import load_config
-from orchestrator.loop import Campaign
-from orchestrator.pool import open_pool
+from orchestrator.data.pool import open_pool
 
 from faultutil import ledger, run_cli
 
 pytestmark = [pytest.mark.faults, pytest.mark.ray, pytest.mark.slow]
 
 KILLED, SPARED = "lam=0.1", "lam=0"
-TINY = {  # tests/test_strategy_campaigns.py's TINY, but 1 Train worker: a Tune trial refuses
+TINY = {  # tests/integration/test_strategy_campaigns.py's TINY, but 1 Train worker: a Tune trial refuses
     # Ray Train's in-process mode (sweep.check_trial_config). Scoring in the trial's process.
     "model.width": 4, "model.stem": "small", "train.epochs": 1, "train.min_steps": 0, "train.batch_size": 8,
     "train.num_workers": 1, "score.batch_size": 32, "score.actors": 0, "budget.counts": [12, 18],

@@ -10,13 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import trajectory
+from orchestrator.al.labels import LabelLedger
+from orchestrator.campaign.labelled import PoolView
+from orchestrator.campaign.loop import Campaign
 from orchestrator.config import ModelConfig, ScoreConfig, TrainConfig, config_to_dict, load_config
-from orchestrator.labels import LabelLedger
-from orchestrator.loop import Campaign
-from orchestrator.model import build_model
-from orchestrator.pool import read_volumes
-from orchestrator.score import column_array, read_scores, score_pool
-from orchestrator.train import CycleJob, run_training
+from orchestrator.data.pool import read_volumes
+from orchestrator.distributed.score import column_array, read_scores, score_pool
+from orchestrator.distributed.train import run_training
+from orchestrator.nn.checkpoint import model_from_checkpoint
+from orchestrator.nn.cycle import CycleJob
+from orchestrator.nn.learning import evaluate
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -71,11 +75,7 @@ def test_kl_scores_match_a_plain_torch_computation_with_the_same_weights(finishe
     table = read_scores(run_dir / "cycles/c00/scores")
     rows = table.column("row").to_numpy()
     saved = torch.load(run_dir / "cycles/c00/model.pt")
-    nets = {}
-    for key in ("model", "mean"):
-        nets[key] = build_model("resnet10", num_classes=3, width=4, stem="small")
-        nets[key].load_state_dict(saved[key])
-        nets[key].eval()
+    nets = {key: model_from_checkpoint(saved, key) for key in ("model", "mean")}
     x = torch.from_numpy(read_volumes(shape_pool.path, rows))[:, None]
     with torch.no_grad():
         log_p = torch.log_softmax(nets["model"](x), dim=1)
@@ -123,11 +123,22 @@ def test_the_run_directory_holds_every_promised_file(finished_campaign):
     assert (run_dir / "cycles/c01/model.pt").is_file()
 
 
-def test_metrics_have_a_row_per_cycle_with_test_accuracy(finished_campaign):
-    run_dir, _ = finished_campaign
+def test_metrics_have_a_row_per_cycle_with_the_kept_models_test_accuracy(finished_campaign, shape_pool):
+    """metrics.csv says what state.json says, and that is the accuracy of the classifier
+    validation kept (model.pt), measured again here on the test split."""
+    run_dir, state = finished_campaign
     rows = read_csv(run_dir / "metrics.csv")
     assert [r["cycle"] for r in rows] == ["0", "1"]
-    assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
+    test_rows = PoolView.load(shape_pool).scored_rows_of("test")
+    x = torch.from_numpy(read_volumes(shape_pool.path, test_rows))
+    y = torch.as_tensor(PoolView.load(shape_pool).truth[test_rows])
+    for row, record in zip(rows, state["cycles"]):
+        assert row["test_accuracy"] == f"{record['test_accuracy']:.4f}"
+        saved = torch.load(run_dir / f"cycles/c{record['cycle']:02d}/model.pt")
+        kept = model_from_checkpoint(saved, "mean" if saved["classifier"] == "mean" else "model")
+        measured = evaluate(kept, [(x, y)], num_classes=3)["accuracy"]
+        assert record["classifier"] == saved["classifier"]
+        assert record["test_accuracy"] == pytest.approx(measured, abs=1e-9)
 
 
 def test_predictions_cover_every_subtomogram_of_the_pool(finished_campaign, shape_pool):
@@ -155,20 +166,19 @@ def test_the_mean_model_is_the_ema_of_the_task_models_trajectory_on_every_rank(
         train_rows=list(range(24)), train_labels=[r % 3 for r in range(24)],
         model=config_to_dict(ModelConfig(width=4, stem="small")),
         train=config_to_dict(TrainConfig(epochs=1, min_steps=0, batch_size=4, num_workers=2, ema_alpha=alpha)),
-        record_trajectory=True,
     )
-    run_training(job, run_name="ema-trajectory")
-    trajectory = tmp_path / "trajectory"
-    steps = torch.load(trajectory / "t_steps_epoch0.pt")
-    expected = torch.load(trajectory / "mean_initial.pt")
+    run_training(job, run_name="ema-trajectory", loop=trajectory.loop())  # records T and M
+    recorded = tmp_path / "trajectory"
+    steps = torch.load(recorded / "t_steps.pt")
+    expected = torch.load(recorded / "mean_initial.pt")
     for state in steps:
         for key, value in state.items():
             if value.is_floating_point():
                 expected[key] = alpha * expected[key] + (1 - alpha) * value
             else:
                 expected[key] = value.clone()
-    rank0 = torch.load(trajectory / "mean_rank0.pt")
-    rank1 = torch.load(trajectory / "mean_rank1.pt")
+    rank0 = torch.load(recorded / "mean_rank0.pt")
+    rank1 = torch.load(recorded / "mean_rank1.pt")
     assert len(steps) == 3  # 24 volumes, 2 ranks, batches of 4
     for key in expected:
         torch.testing.assert_close(rank0[key], expected[key], rtol=1e-5, atol=1e-6)

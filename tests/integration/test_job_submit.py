@@ -25,19 +25,18 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from orchestrator.config import PROJECT_ROOT
+from orchestrator.distributed.connect import RAY_ENV_DEFAULTS
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 RAY = Path(sys.executable).with_name("ray")
 JOB_TIMEOUT_S = 900
 # Uploaded with --working-dir: Ray already skips what .gitignore lists (.venv/, runs/, pools/).
 RUNTIME_ENV = {
     "excludes": [".git", ".hypothesis", ".pytest_cache"],
-    "env_vars": {
-        "PYTHONUNBUFFERED": "1",
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    },
+    "env_vars": {"PYTHONUNBUFFERED": "1", **RAY_ENV_DEFAULTS},
 }
 
 

@@ -15,10 +15,14 @@ import csv
 import pytest
 import torch
 
-from orchestrator import loop
+from orchestrator.al.labels import parse_label
+from orchestrator.al.strategies import STRATEGIES, make_strategy
+from orchestrator.campaign import loop
+from orchestrator.campaign.labelled import LabelledSet
+from orchestrator.campaign.loop import Campaign
 from orchestrator.config import load_config
-from orchestrator.loop import Campaign
-from orchestrator.strategies import STRATEGIES, make_strategy
+from orchestrator.nn.auxiliary import make_auxiliary
+from orchestrator.nn.checkpoint import model_from_checkpoint
 
 THROUGH_RAY_DATA = {"hal"}
 
@@ -41,9 +45,9 @@ OPTIONS = {
 def test_strategy_completes_a_two_cycle_campaign(name, ray_local, shape_pool, tmp_path,
                                                  monkeypatch):
     if name in THROUGH_RAY_DATA:
-        # the final predictions pass is the same for every strategy (tests/test_campaign.py),
+        # the final predictions pass is the same for every strategy (tests/integration/test_campaign.py),
         # and so is the export of those predictions that follows it
-        monkeypatch.setattr(loop, "write_predictions", lambda campaign: None)
+        monkeypatch.setattr(Campaign, "write_predictions", lambda campaign: None)
         monkeypatch.setattr(loop, "after_campaign", lambda run_dir, info: None)
     options = OPTIONS.get(name, {})
     actors = 1 if name in THROUGH_RAY_DATA else 0
@@ -62,17 +66,10 @@ def test_strategy_completes_a_two_cycle_campaign(name, ray_local, shape_pool, tm
     assert state["done"]
 
     saved = torch.load(tmp_path / "cycles/c00/model.pt")
-    auxiliary = make_strategy(name, **options).auxiliary
-    has_module = auxiliary is not None and auxiliary.build(_model(saved), 3) is not None
+    training = make_strategy(name, **options).training
+    auxiliary = make_auxiliary(training.auxiliary, training.auxiliary_options)
+    has_module = auxiliary is not None and auxiliary.build(model_from_checkpoint(saved), 3) is not None
     assert ("auxiliary" in saved) == has_module
-
-
-def _model(saved):
-    from orchestrator.model import build_model
-
-    cfg = saved["model_config"]
-    return build_model(cfg["name"], num_classes=saved["num_classes"], width=cfg["width"],
-                       stem=cfg["stem"], dropout=cfg["dropout"])
 
 
 # --- issue 17: junk, cold start, the bandit's record ---------------------------------------------
@@ -84,7 +81,7 @@ def junk_pool(tmp_path_factory):
     import numpy as np
 
     from conftest import shape_volume
-    from orchestrator.pool import PoolWriter
+    from orchestrator.data.pool import PoolWriter
 
     rng = np.random.default_rng(0)
     path = tmp_path_factory.mktemp("pools") / "junk"
@@ -111,7 +108,7 @@ def read_csv(path):
 
 def test_a_pool_with_junk_is_answered_junk_and_accuracy_counts_real_classes_only(
         ray_local, junk_pool, tmp_path):
-    from orchestrator.pool import read_index
+    from orchestrator.data.pool import read_index
 
     state = run_campaign(junk_pool, tmp_path, "strategy.name=poal",
                          "strategy.options={informativeness: entropy}")
@@ -153,8 +150,8 @@ def test_albl_records_its_arms_and_a_resumed_selection_chooses_the_same(ray_loca
     campaign = Campaign(load_config(None, TINY + [
         "score.actors=0", f"data.pool={shape_pool.path}", "budget.counts=[12, 18, 24]",
         "strategy.name=albl", "strategy.options={arms: [entropy, random, coreset]}"]), tmp_path, shape_pool)
-    before = np.sort([campaign.row_of[r["subtomo_id"]] for r in read_csv(tmp_path / "labels.csv")
-                      if int(r["cycle"]) < 2])
-    again = campaign._strategy_queries(2, 6, before, {})
+    before = LabelledSet.of({r["subtomo_id"]: parse_label(r["label"]) for r in
+                             read_csv(tmp_path / "labels.csv") if int(r["cycle"]) < 2}, campaign.view)
+    again = campaign._strategy_queries(2, 6, before)
     first = read_csv(tmp_path / "cycles/c02/selection.csv")
     assert [(q.row, q.chosen_by) for q in again] == [(int(r["row"]), r["chosen_by"]) for r in first]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from orchestrator.config import PROJECT_ROOT
+
+sys.path.insert(0, str(PROJECT_ROOT))
 
 from bench.label_efficiency import (  # noqa: E402
     COLUMNS, FRACTIONS, accuracy_at, labels_to_reach, mean_ci, planned, read_results, report,

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from orchestrator.config import PROJECT_ROOT
+
+ROOT = PROJECT_ROOT
 DEPLOY = ROOT / "deploy"
 KUBERAY = DEPLOY / "kuberay"
 MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
@@ -176,7 +178,7 @@ def test_an_entrypoint_names_only_files_that_exist_in_the_image(name, entrypoint
 )
 def test_a_campaign_entrypoint_parses_and_its_config_and_overrides_load(name, entrypoint):
     from orchestrator.config import load_config
-    from orchestrator.run import parse_args
+    from orchestrator.campaign.cli import parse_args
 
     argv = shlex.split(entrypoint)[2:]
     args = parse_args(argv)
@@ -202,8 +204,18 @@ def launcher_config() -> dict:
 def test_the_cluster_launcher_config_passes_rays_own_validation():
     from ray.autoscaler._private.util import fillout_defaults, prepare_config, validate_config
 
-    validate_config(fillout_defaults(launcher_config()))  # raises on unknown keys or bad types
-    validate_config(prepare_config(launcher_config()))  # what `ray up` itself does first
+    config = launcher_config()
+    assert validate_config(fillout_defaults(config)) is None  # raises on unknown keys or bad types
+    prepared = prepare_config(launcher_config())  # what `ray up` itself does first
+    assert validate_config(prepared) is None
+    assert set(prepared["available_node_types"]) == set(config["available_node_types"])
+    # ... and the same validation refuses a launcher file with a mistake in it
+    broken = launcher_config()
+    broken["available_node_types"][config["head_node_type"]]["max_wokers"] = 1
+    from jsonschema.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="max_wokers"):
+        validate_config(fillout_defaults(broken))
 
 
 def test_the_launcher_has_a_cpu_head_and_gpu_workers_running_the_project_image():

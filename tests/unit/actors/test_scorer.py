@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from actors.scorer import PoolScorer
-from orchestrator.ema import init_mean_model
-from orchestrator.learning import forward_outputs
-from orchestrator.model import build_model
-from orchestrator.pool import decode_volumes, iter_batches
+from orchestrator.data.pool import decode_volumes, iter_batches
+from orchestrator.nn.ema import init_mean_model
+from orchestrator.nn.model import build_model
+from orchestrator.nn.outputs import forward_outputs
 
 COLUMNS = ["row", "subtomo_id", "volume"]
 

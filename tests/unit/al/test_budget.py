@@ -1,7 +1,7 @@
 import pytest
 
+from orchestrator.al.budget import BudgetError, budget_schedule
 from orchestrator.config import BudgetConfig
-from orchestrator.loop import CampaignError, budget_schedule
 
 
 def test_the_paper_schedule_goes_from_ten_to_forty_percent_in_five_percent_steps():
@@ -14,15 +14,15 @@ def test_absolute_counts_override_the_fractions():
 
 
 def test_counts_must_increase():
-    with pytest.raises(CampaignError, match="must increase"):
+    with pytest.raises(BudgetError, match="must increase"):
         budget_schedule(BudgetConfig(counts=(10, 10)), 100)
 
 
 def test_a_budget_larger_than_the_train_split_is_refused():
-    with pytest.raises(CampaignError, match="train split has 50"):
+    with pytest.raises(BudgetError, match="train split has 50"):
         budget_schedule(BudgetConfig(counts=(10, 60)), 50)
 
 
 def test_fractions_out_of_order_are_refused():
-    with pytest.raises(CampaignError, match="initial"):
+    with pytest.raises(BudgetError, match="initial"):
         budget_schedule(BudgetConfig(initial=0.5, final=0.2), 100)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import make_shape_pool, shape_volume
-from orchestrator.cold_start import pool_features, radial_features, typiclust_initial
-from orchestrator.pool import read_index, read_volumes
+from orchestrator.al.cold_start import pool_features, radial_features, typiclust_initial
+from orchestrator.data.pool import read_index, read_volumes
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import math
 
 import numpy as np
 
-from orchestrator.history import UNANSWERED, read_history
-from orchestrator.loop import write_selection
-from orchestrator.oracle import Query
+from orchestrator.al.history import UNANSWERED, read_history
+from orchestrator.al.oracle import Query
+from orchestrator.campaign.files import write_selection
 
 
 def selection(run_dir, cycle, rows, chosen_by, pred):

@@ -6,8 +6,8 @@ from datetime import datetime, timedelta
 import numpy as np
 import pytest
 
-import orchestrator.labels as labels_module
-from orchestrator.labels import JUNK, LabelLedger, LabelRecord, LedgerError
+import orchestrator.al.labels as labels_module
+from orchestrator.al.labels import JUNK, LabelLedger, LabelRecord, LedgerError
 
 IDS = {"a", "b", "c", "d"}
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_shape_pool
-from orchestrator.labels import LabelLedger, LedgerError
-from orchestrator.oracle import AwaitingLabels, FileOracle, Query, SimulatedOracle, pick_initial
+from orchestrator.al.labels import LabelLedger, LedgerError
+from orchestrator.al.oracle import AwaitingLabels, FileOracle, Query, SimulatedOracle, pick_initial
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from orchestrator import selection_math as sm
+from orchestrator.al import selection_math as sm
 
 
 def test_percentile_rank_spreads_finite_values_over_0_to_1_and_shares_ties():

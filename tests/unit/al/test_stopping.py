@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from orchestrator.al.stopping import aligned, cohens_kappa, is_stable, mean_uncertainty
 from orchestrator.config import ConfigError, load_config
-from orchestrator.stopping import aligned, cohens_kappa, is_stable, mean_uncertainty
 
 NAN = float("nan")
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator import selection_math as sm
-from orchestrator.history import CampaignHistory, CycleSelection
-from orchestrator.strategies import (
+from orchestrator.al import selection_math as sm
+from orchestrator.al.history import CampaignHistory, CycleSelection
+from orchestrator.al.strategies import (
     OUTPUT_KEYS,
     STRATEGIES,
     Candidates,
@@ -117,14 +117,12 @@ class TestEveryStrategy:
         strategy = make_strategy(name, **options)
         assert strategy.needs | strategy.needs_labelled <= OUTPUT_KEYS
 
-    def test_returns_k_unique_positions_in_range(self, name, options):
+    def test_names_the_strategy_that_chose_each_pick(self, name, options):
         strategy = make_strategy(name, **options)
         candidates, _ = pool_candidates(strategy)
-        positions = select(strategy, candidates, 17, np.random.default_rng(0))
-        assert positions.dtype == np.int64
-        assert len(positions) == 17
-        assert len(set(positions.tolist())) == 17
-        assert 0 <= positions.min() and positions.max() < len(candidates)
+        selection = select_with_record(strategy, candidates, 17, np.random.default_rng(0))
+        arms = set(getattr(strategy, "arms", (strategy.name,)))
+        assert len(selection.chosen_by) == 17 and set(selection.chosen_by) <= arms
 
     def test_same_seed_gives_the_same_selection(self, name, options):
         strategy = make_strategy(name, **options)
@@ -152,6 +150,31 @@ class TestEveryStrategy:
         candidates, _ = pool_candidates(strategy)
         for k in (0, -3):
             assert select(strategy, candidates, k, np.random.default_rng(0)).shape == (0,)
+
+
+class Broken(RowwiseStrategy):
+    """Returns whatever positions it is given: what select() must refuse."""
+
+    name = "broken"
+
+    def __init__(self, positions):
+        super().__init__()
+        self.positions = positions
+
+    def select(self, candidates, k, rng):
+        return np.asarray(self.positions)
+
+
+@pytest.mark.parametrize("positions, why", [
+    ([0, 1, 1], "a duplicate"), ([0, 1, 3], "out of range"), ([-1, 0, 1], "negative"),
+    ([0, 1], "too few"), ([0, 1, 2, 0], "too many"),
+])
+def test_select_refuses_positions_that_break_the_contract(positions, why):
+    """The contract every strategy is held to above is enforced by select() itself: a
+    strategy's bug is an error at selection, never a wrong or repeated query."""
+    candidates = probs_candidates([[0.5, 0.5]] * 3)
+    with pytest.raises(RuntimeError, match="must be k unique positions|named the chooser"):
+        select(Broken(positions), candidates, 3, np.random.default_rng(0))
 
 
 ROWWISE = [(n, o) for n, o in CONFIGS if issubclass(STRATEGIES[n], RowwiseStrategy)]
@@ -531,11 +554,11 @@ def test_ema_kl_semi_scores_like_ema_kl_and_asks_for_semi_supervised_training():
     semi, plain = make_strategy("ema_kl_semi", distance="js"), make_strategy("ema_kl", distance="js")
     outputs = pool_candidates(plain)[0].outputs
     np.testing.assert_array_equal(semi.score(outputs), plain.score(outputs))
-    assert semi.semi_supervised and not plain.semi_supervised
+    assert semi.training.semi_supervised and not plain.training.semi_supervised
 
 
 def test_only_strategies_with_a_model_of_their_own_declare_an_auxiliary():
-    with_auxiliary = {n for n in STRATEGIES if make_strategy(n).auxiliary is not None}
+    with_auxiliary = {n for n in STRATEGIES if make_strategy(n).training.auxiliary is not None}
     assert with_auxiliary == {"ll4al", "noise_stability", "vaal", "hal", "two_stream"}
 
 
@@ -681,7 +704,7 @@ def test_multi_criteria_prefers_the_dense_region_when_scores_tie():
 def test_multi_criteria_needs_a_row_wise_informativeness():
     with pytest.raises(ValueError, match=r"row-wise strategy.*'coreset'.*valid:.*'entropy'"):
         make_strategy("multi_criteria", informativeness="coreset")
-    assert make_strategy("multi_criteria").uses_mean_model  # EMA-KL: trained with M, like ema_kl
+    assert make_strategy("multi_criteria").training.mean_model  # EMA-KL: trained with M, like ema_kl
     assert make_strategy("multi_criteria").needs == {"logits", "mean_logits", "embeddings"}
 
 
@@ -795,7 +818,7 @@ def test_albl_declares_what_its_arms_need():
     strategy = make_strategy("albl", arms=["coreset", "bald", "ema_kl"])
     assert strategy.needs == {"embeddings", "mc_probs", "logits", "mean_logits"}
     assert strategy.needs_labelled == {"embeddings"}
-    assert (strategy.mc_passes, strategy.uses_mean_model, strategy.needs_history) == (10, True, True)
+    assert (strategy.mc_passes, strategy.training.mean_model, strategy.needs_history) == (10, True, True)
 
 
 def test_every_strategy_says_it_chose_its_own_picks_unless_it_delegates():

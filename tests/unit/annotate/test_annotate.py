@@ -21,14 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_shape_pool, shape_volume
-from orchestrator.annotate import AnnotateError, AnnotateServer, Annotator, main, parse_args
-from orchestrator.labels import LabelLedger, LabelRecord, LedgerError, parse_label
-from orchestrator.oracle import FileOracle, Query, write_queries
-from orchestrator.pool import PoolWriter, read_index
-from orchestrator.rundir_lock import RunDirLock
+from conftest import ARTIFACTS, make_shape_pool, shape_volume
+from orchestrator.al.labels import LabelLedger, LabelRecord, LedgerError, parse_label
+from orchestrator.al.oracle import FileOracle, Query, write_queries
+from orchestrator.annotate.server import AnnotateError, AnnotateServer, Annotator, main, parse_args
+from orchestrator.campaign.rundir_lock import RunDirLock
+from orchestrator.data.pool import PoolWriter, read_index
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 HOSTILE_IDS = ["<script>alert(1)</script>", "quo\"te's", "../../etc/passwd",
                "<img src=x onerror=alert(2)>", "a&amp;b\u00e9"]
 HOSTILE_CLASSES = ["<b>ball</b>", "sl\"ab'", "../rod"]
@@ -84,7 +83,7 @@ def build_run(run_dir: Path, info, *, cycle: int, queried: list[str], earlier: l
 def templates(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         # FileOracle's per-query PNGs (matplotlib, ~0.3 s each) are for people; the page renders its own
-        patch.setattr("orchestrator.oracle._write_slice_pngs", lambda *args: None)
+        patch.setattr("orchestrator.al.oracle._write_slice_pngs", lambda *args: None)
         yield build_templates(tmp_path_factory.mktemp("annotate"))
 
 
@@ -325,8 +324,8 @@ def test_finish_checks_the_labels_as_resume_will_import_them_and_says_how_to_con
 
 FAKE_RESUME = """
 import shutil, sys
-from orchestrator.labels import LabelLedger
-from orchestrator.rundir_lock import lock_run_dir
+from orchestrator.al.labels import LabelLedger
+from orchestrator.campaign.rundir_lock import lock_run_dir
 run, nxt = sys.argv[1], sys.argv[2]
 lock = lock_run_dir(run)  # as run.py does: the page hands its lock over, so this is not refused
 LabelLedger(run, known_ids=None, num_classes=3).import_labels(
@@ -336,6 +335,7 @@ print("cycle 2: 3 subtomograms to label")
 """
 
 
+@pytest.mark.slow  # runs the resume as a subprocess
 def test_continue_runs_the_resume_and_then_serves_the_next_cycle(make, tmp_path):
     run_dir, info, queries = make("shapes")
     following = tmp_path / "next-queries"
@@ -428,7 +428,7 @@ def test_parse_label_reads_a_cell_as_the_import_does(text, label):
 
 # A resume that takes its time: its training stage (progress.json, as run.py's display writes
 # it) lasts until the test creates the file `go`; then it opens cycle 2.
-SLOW_RESUME = FAKE_RESUME.replace('shutil.copytree(', """from orchestrator.progress import STATUS, Display
+SLOW_RESUME = FAKE_RESUME.replace('shutil.copytree(', """from orchestrator.campaign.progress import STATUS, Display
 import time
 from pathlib import Path
 with Display(open(os.devnull, "w"), status_path=Path(run) / STATUS).stage(

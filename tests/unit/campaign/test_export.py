@@ -10,11 +10,11 @@ import pytest
 import starfile
 
 from conftest import finished_run
-from orchestrator.export import write_star
-from orchestrator.ingest import ingest, parse_star
-from orchestrator.pool import PoolWriter, open_pool
+from orchestrator.campaign.export import write_star
+from orchestrator.data.ingest import ingest, parse_star
+from orchestrator.data.pool import PoolWriter, open_pool
+from orchestrator.data.volumes import write_volume
 from orchestrator.run import main as run_main
-from orchestrator.volumes import write_volume
 
 
 def noise(seed: int) -> np.ndarray:

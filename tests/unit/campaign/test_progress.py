@@ -13,12 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.progress import (
+from orchestrator.campaign.progress import Display, duration_text
+from orchestrator.distributed.events import (
     EVENTS,
-    Display,
     EventTail,
     RowCounter,
-    duration_text,
     report_epoch,
     scoring_watch,
     training_watch,

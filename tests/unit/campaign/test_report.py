@@ -12,17 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_shape_pool
+from conftest import ARTIFACTS, make_shape_pool
+from orchestrator.al.labels import LabelLedger, LabelRecord
+from orchestrator.al.oracle import Query
+from orchestrator.al.stopping import aligned, cohens_kappa
+from orchestrator.campaign.files import write_metrics, write_selection
+from orchestrator.campaign.loop import Campaign
+from orchestrator.campaign.report import REPORT, build_report, write_report
 from orchestrator.config import config_to_dict, load_config, save_config
-from orchestrator.labels import LabelLedger, LabelRecord
-from orchestrator.loop import Campaign, write_metrics, write_selection
-from orchestrator.oracle import Query
-from orchestrator.report import REPORT, build_report, write_report
+from orchestrator.distributed.score import read_scores
 from orchestrator.run import main
-from orchestrator.score import read_scores
-from orchestrator.stopping import aligned, cohens_kappa
 
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 COUNTS = [6, 12, 18]  # labelled after each of three cycles
 
 

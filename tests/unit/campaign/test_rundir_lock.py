@@ -13,20 +13,22 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.rundir_lock import LOCK_FILE, RunDirBusy, RunDirLock
+from orchestrator.config import PROJECT_ROOT
+
+from orchestrator.campaign.rundir_lock import LOCK_FILE, RunDirBusy, RunDirLock
 from orchestrator.run import main as run_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 HOLD = """
 import sys, time
-from orchestrator.rundir_lock import RunDirLock
+from orchestrator.campaign.rundir_lock import RunDirLock
 RunDirLock(sys.argv[1], "a campaign").acquire()
 print("held", flush=True)
 time.sleep(600)
 """
 TRY = """
 import sys
-from orchestrator.rundir_lock import RunDirBusy, lock_run_dir
+from orchestrator.campaign.rundir_lock import RunDirBusy, lock_run_dir
 try:
     lock_run_dir(sys.argv[1])
 except RunDirBusy as err:
@@ -52,6 +54,7 @@ def holder(tmp_path):
         process.kill()
 
 
+@pytest.mark.slow  # another process holds or tries the lock
 def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path, holder):
     started = time.monotonic()
     with pytest.raises(RunDirBusy) as err:
@@ -60,12 +63,14 @@ def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path, holder):
     assert f"is in use by a campaign (pid {holder.pid} on {socket.gethostname()}, since " in str(err.value)
 
 
+@pytest.mark.slow  # another process holds or tries the lock
 def test_a_resume_is_refused_while_the_campaign_runs(tmp_path, holder, capsys):
     (tmp_path / "config.yaml").write_text("name: x\n")
     assert run_main(["--resume", str(tmp_path)]) == 2  # refused before Ray or the config is touched
     assert f"in use by a campaign (pid {holder.pid}" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # another process holds or tries the lock
 def test_a_holder_killed_outright_leaves_no_lock_behind(tmp_path, holder):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
@@ -86,6 +91,7 @@ def test_a_run_directory_that_cannot_hold_a_lock_file_is_a_clear_error(tmp_path,
     assert f"error: cannot lock the run directory: {tmp_path / LOCK_FILE}: Is a directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # another process holds or tries the lock
 def test_a_child_handed_the_lock_writes_in_its_holders_stead_and_no_one_else_does(tmp_path):
     with RunDirLock(tmp_path, "the labelling page") as lock:
         assert try_lock(tmp_path) == 3  # a stranger is refused
@@ -95,6 +101,7 @@ def test_a_child_handed_the_lock_writes_in_its_holders_stead_and_no_one_else_doe
             RunDirLock(tmp_path, "a campaign").acquire()
 
 
+@pytest.mark.slow  # another process holds or tries the lock
 def test_a_forged_handoff_variable_gives_no_lock(tmp_path):
     with RunDirLock(tmp_path, "the labelling page"):
         with open(tmp_path / "other", "w") as other:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import finished_run
-from orchestrator.copick_io import CopickSelection, root_logging_kept
-from orchestrator.export import after_campaign, write_copick
-from orchestrator.ingest import IngestError, ingest, main
-from orchestrator.pool import iter_volumes, open_pool, read_index, zscore
-from orchestrator.simulate import builtin_structure
+from orchestrator.campaign.export import after_campaign, write_copick
+from orchestrator.data.copick_io import CopickSelection, root_logging_kept
+from orchestrator.data.ingest import IngestError, ingest, main
+from orchestrator.data.pool import iter_volumes, open_pool, read_index, zscore
+from orchestrator.data.simulate import builtin_structure
 
 with root_logging_kept():  # importing copick takes over the root logger
     import copick

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator.ingest import IngestError, ingest, main, parse_star
-from orchestrator.pool import MANIFEST, PoolError, iter_volumes, open_pool, read_index, zscore
-from orchestrator.volumes import write_volume
+from conftest import SHARED_DATA
+from orchestrator.data.ingest import IngestError, ingest, main, parse_star
+from orchestrator.data.pool import MANIFEST, PoolError, iter_volumes, open_pool, read_index, zscore
+from orchestrator.data.volumes import write_volume
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BOX = 6
 
 
@@ -417,7 +417,7 @@ def test_overwrite_that_accepts_nothing_keeps_the_previous_pool_and_puts_the_rej
 def test_ctrl_c_during_an_overwrite_ends_in_one_line_and_leaves_the_previous_pool(old_pool, mixed_folder, tmp_path,
                                                                                   capsys, monkeypatch):
     pool, before = old_pool
-    from orchestrator import ingest as module
+    from orchestrator.data import ingest as module
 
     taken = []
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.pool import (
+from orchestrator.data.pool import (
     MANIFEST,
     DuplicateIdError,
     PoolError,

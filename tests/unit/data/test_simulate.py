@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orchestrator import simulate as sim
-from orchestrator.pool import iter_volumes, open_pool, read_index
-from orchestrator.volumes import write_volume
+from conftest import SHARED_DATA
+from orchestrator.data import simulate as sim
+from orchestrator.data.pool import iter_volumes, open_pool, read_index
+from orchestrator.data.volumes import write_volume
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STRUCTURES_10A = SHARED_DATA / "structures_10A"
 
 
@@ -176,6 +176,7 @@ def test_builtin_classes_can_be_chosen_by_name():
 # ----------------------------------------------------------------------------- pools
 
 
+@pytest.mark.slow  # worker processes
 def test_same_seed_gives_byte_identical_pool_files_whatever_the_worker_count(tmp_path):
     cfg = sim.SimulationConfig(structures="builtin:3", per_class=4, seed=11)
     one = sim.simulate_pool(None, cfg, tmp_path / "one", workers=1, progress=False)
@@ -370,6 +371,7 @@ def three_classes():
     return [sim.prepare_structure(d, 32, n) for n, d in zip(names, densities)]
 
 
+@pytest.mark.slow  # worker processes
 def test_junk_fraction_makes_that_share_of_the_pool_junk_in_every_split(tmp_path):
     cfg = sim.SimulationConfig(structures="builtin:3", per_class=8, junk_fraction=0.2,
                                val_fraction=0.25, test_fraction=0.25, seed=3)

@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import loop
+from orchestrator.al.oracle import AwaitingLabels
+from orchestrator.campaign import loop
+from orchestrator.campaign.loop import Campaign
 from orchestrator.config import ConfigError
-from orchestrator.loop import Campaign
-from orchestrator.oracle import AwaitingLabels
-from orchestrator.pool import (
+from orchestrator.data.pool import (
     PoolError,
     PoolWriter,
     iter_batches,
@@ -31,10 +31,10 @@ from orchestrator.pool import (
     read_volumes,
     shard_locations,
 )
-from orchestrator.run import parse_args, prepare_run
-from orchestrator.storage import STAGING_ENV, RunMirror, StorageError, is_uri, join
+from orchestrator.campaign.cli import parse_args, prepare_run
+from orchestrator.data.storage import STAGING_ENV, RunMirror, StorageError, is_uri, join
 
-# tests/test_strategy_campaigns.py's tiny campaign; scoring in this process (no Ray Data actors)
+# tests/integration/test_strategy_campaigns.py's tiny campaign; scoring in this process (no Ray Data actors)
 TINY = [
     "model.width=4", "model.stem=small", "train.epochs=1", "train.min_steps=0", "train.batch_size=8",
     "train.num_workers=0", "score.batch_size=32", "score.actors=0", "budget.counts=[12, 18]",

@@ -1,15 +1,13 @@
 """MRC reading and writing: real maps, unknown voxel size, damaged files, volume stacks."""
 
-from pathlib import Path
-
 import emfile
 import mrcfile
 import numpy as np
 import pytest
 
-from orchestrator.volumes import VolumeError, peek_sections, read_sections, read_volume, write_volume
+from conftest import SHARED_DATA
+from orchestrator.data.volumes import VolumeError, peek_sections, read_sections, read_volume, write_volume
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"shared test data not found at {SHARED_DATA} (only beside the project checkout)"
 )

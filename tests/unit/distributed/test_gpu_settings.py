@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import ScoreConfig, TrainConfig, config_to_dict
-from orchestrator.score import actor_resources
-from orchestrator.train import distributed_setup
+from orchestrator.distributed.score import actor_resources
+from orchestrator.distributed.train import distributed_setup
 
 
 def test_a_gpu_training_config_asks_for_one_gpu_per_worker_joined_by_nccl():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.augment import Augmentation, augment
+from orchestrator.nn.augment import Augmentation, augment
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator import auxiliary
-from orchestrator.ema import init_mean_model
-from orchestrator.learning import make_optimizer, train_epoch
-from orchestrator.model import build_model
-from orchestrator.strategies import OUTPUT_KEYS, STRATEGIES, make_strategy
+from orchestrator.al.strategies import OUTPUT_KEYS, STRATEGIES, make_strategy
+from orchestrator.nn import auxiliary
+from orchestrator.nn.ema import init_mean_model
+from orchestrator.nn.learning import make_optimizer, train_epoch
+from orchestrator.nn.model import build_model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,7 +40,8 @@ def in_chunks(fn, x, bounds):
 
 def test_every_auxiliary_provides_only_known_output_keys():
     for name in STRATEGIES:
-        aux = make_strategy(name).auxiliary
+        training = make_strategy(name).training
+        aux = auxiliary.make_auxiliary(training.auxiliary, training.auxiliary_options)
         if aux is not None:
             assert aux.provides <= OUTPUT_KEYS
             assert make_strategy(name).needs - {"probs", "logits", "embeddings"} <= aux.provides

@@ -1,14 +1,12 @@
 """How one cycle trains, decided by pure functions: its length, its batches, which model it
-keeps, and what each strategy's training includes (no Ray, no model)."""
+keeps (no Ray, no model). What each strategy's training includes: tests/unit/al/test_training.py."""
 
 import numpy as np
 import pytest
 import torch
 
 from orchestrator.config import TrainConfig, config_to_dict
-from orchestrator.loop import strategy_training, unlabelled_for_training
-from orchestrator.strategies import make_strategy
-from orchestrator.train import _epoch_order, choose_classifier, cycle_plan, unlabelled_indices
+from orchestrator.nn.cycle import choose_classifier, cycle_plan, epoch_order, unlabelled_indices
 
 
 def plan(n, **settings):
@@ -56,23 +54,23 @@ def test_checkpoints_come_at_least_every_eighth_of_the_cycle():
 
 def test_unequal_classes_are_drawn_equally_often_when_balanced():
     labels = torch.tensor([0] * 90 + [1] * 10)
-    drawn = np.concatenate([labels[_epoch_order(labels, 0, e, 0, 1, balanced=True)].numpy()
+    drawn = np.concatenate([labels[epoch_order(labels, 0, e, 0, 1, balanced=True)].numpy()
                             for e in range(20)])
     assert len(drawn) == 2000
     assert 0.4 < drawn.mean() < 0.6  # class 1 is 10% of the rows, about half of the draws
-    plain = labels[_epoch_order(labels, 0, 0, 0, 1, balanced=False)].numpy()
+    plain = labels[epoch_order(labels, 0, 0, 0, 1, balanced=False)].numpy()
     assert plain.mean() == pytest.approx(0.1)
 
 
 def test_equal_classes_get_a_plain_permutation_even_when_balanced():
     labels = torch.tensor([0, 1, 2] * 10)
-    order = _epoch_order(labels, 3, 1, 0, 1, balanced=True)
+    order = epoch_order(labels, 3, 1, 0, 1, balanced=True)
     assert sorted(order.tolist()) == list(range(30))
 
 
 def test_ranks_take_disjoint_equal_slices_of_an_epoch():
     labels = torch.tensor([0, 1] * 11)
-    a, b = (_epoch_order(labels, 0, 2, rank, 2) for rank in (0, 1))
+    a, b = (epoch_order(labels, 0, 2, rank, 2) for rank in (0, 1))
     assert len(a) == len(b) == 11
     assert not set(a) & set(b)
 
@@ -108,58 +106,3 @@ def test_the_classifier_is_chosen_on_validation_accuracy(rule, val_task, val_mea
 def test_an_unknown_classifier_rule_is_refused():
     with pytest.raises(ValueError, match="task, mean, best"):
         choose_classifier("ensemble", 0.5, 0.5)
-
-
-# --- what each strategy's training includes ----------------------------------------------------
-
-
-def test_baselines_train_on_plain_cross_entropy_and_ema_kl_keeps_its_regulariser():
-    train = TrainConfig(lam=0.03)
-    assert strategy_training(train, make_strategy("entropy"))["lam"] == 0.0
-    assert strategy_training(train, make_strategy("badge"))["lam"] == 0.0
-    assert strategy_training(train, make_strategy("ema_kl"))["lam"] == 0.03
-    assert strategy_training(train, make_strategy("ema_kl_semi"))["lam"] == 0.03
-
-
-def test_a_shared_trainer_gives_every_strategy_the_same_regulariser():
-    train = TrainConfig(lam=0.03, trainer="shared")
-    assert strategy_training(train, make_strategy("entropy"))["lam"] == 0.03
-
-
-def test_semi_supervised_training_is_asked_for_by_the_strategy_or_the_config():
-    assert strategy_training(TrainConfig(), make_strategy("ema_kl_semi"))["semi_supervised"]
-    assert not strategy_training(TrainConfig(), make_strategy("ema_kl"))["semi_supervised"]
-    assert strategy_training(TrainConfig(semi_supervised=True),
-                             make_strategy("random"))["semi_supervised"]
-
-
-def test_semi_supervised_training_draws_on_every_unlabelled_row_up_to_its_cap():
-    rows = np.arange(100, 400)
-    semi = strategy_training(TrainConfig(unlabelled_max=1000), make_strategy("ema_kl_semi"))
-    assert np.array_equal(unlabelled_for_training(rows, semi, make_strategy("ema_kl_semi"), 0), rows)
-    capped = strategy_training(TrainConfig(unlabelled_max=50), make_strategy("ema_kl_semi"))
-    sample = unlabelled_for_training(rows, capped, make_strategy("ema_kl_semi"), 0)
-    assert len(sample) == 50 and set(sample) <= set(rows)
-
-
-def test_supervised_strategies_read_unlabelled_rows_only_for_their_auxiliary():
-    rows = np.arange(1000)
-    plain = strategy_training(TrainConfig(), make_strategy("entropy"))
-    assert len(unlabelled_for_training(rows, plain, make_strategy("entropy"), 0)) == 0
-    vaal = make_strategy("vaal", unlabelled_sample=64)
-    assert len(unlabelled_for_training(rows, strategy_training(TrainConfig(), vaal), vaal, 0)) == 64
-
-
-def test_junk_answers_are_neither_training_labels_nor_unlabelled_volumes(shape_pool, tmp_path):
-    from orchestrator.config import load_config
-    from orchestrator.labels import JUNK, LabelRecord
-    from orchestrator.loop import Campaign
-
-    campaign = Campaign(load_config(None, [f"data.pool={shape_pool.path}"]), tmp_path, shape_pool)
-    first, second = (str(campaign.view.ids[r]) for r in campaign.train_rows[:2])
-    campaign.ledger.append([LabelRecord(first, 1, 0, "person"), LabelRecord(second, JUNK, 0, "person")])
-    rows = [campaign.row_of[first], campaign.row_of[second]]
-    assert campaign.training_pairs() == [(rows[0], 1)]
-    unlabelled = campaign.unlabelled_rows()
-    assert not set(rows) & set(unlabelled.tolist())
-    assert len(unlabelled) == len(campaign.train_rows) - 2

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.ema import init_mean_model, reset_mean_model, unwrap, update_mean_model
+from orchestrator.nn.ema import init_mean_model, reset_mean_model, unwrap, update_mean_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

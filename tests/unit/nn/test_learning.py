@@ -10,12 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.augment import Augmentation
-from orchestrator.ema import init_mean_model
-from orchestrator.learning import (
-    OUTPUTS,
+from orchestrator.nn.augment import Augmentation
+from orchestrator.nn.ema import init_mean_model
+from orchestrator.nn.learning import (
     evaluate,
-    forward_outputs,
     get_rng_state,
     lr_factor,
     make_optimizer,
@@ -27,7 +25,8 @@ from orchestrator.learning import (
     sigmoid_rampup,
     train_epoch,
 )
-from orchestrator.model import build_model
+from orchestrator.nn.model import build_model
+from orchestrator.nn.outputs import OUTPUTS, forward_outputs
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from orchestrator.model import MODEL_PARAMS, build_model
+from orchestrator.nn.model import MODEL_PARAMS, build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

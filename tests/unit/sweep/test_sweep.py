@@ -16,27 +16,28 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import CONFIG_DIR, ConfigError, config_to_dict
-from orchestrator.sweep import (
-    Sweep,
-    aubc,
+from orchestrator.campaign.metrics import aubc
+from orchestrator.config import CONFIG_DIR, PROJECT_ROOT, ConfigError, config_to_dict
+from orchestrator.sweep.results import (
+    cycle_metrics,
+    mean_std,
+    results_csv,
+    results_markdown,
+    summarise,
+)
+from orchestrator.sweep.spec import (
     base_config,
     check_spec,
     check_trial_config,
     concurrent_trials,
-    cycle_metrics,
     expand_grid,
     load_sweep,
-    make_scheduler,
-    mean_std,
-    results_csv,
-    results_markdown,
     set_strings,
-    summarise,
     trial_config,
 )
+from orchestrator.sweep.tune import Sweep, make_scheduler
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = PROJECT_ROOT
 
 
 # -- AUBC and summaries ------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def test_an_asha_stop_between_cycles_leaves_nothing_behind_for_the_next_trial(ra
     from ray.tune.schedulers import AsyncHyperBandScheduler
     from ray.util import placement_group_table
 
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep.tune import run_sweep
 
     sweep = Sweep.create(write_spec(tmp_path / "s.yaml", shape_pool.path), [], tmp_path / "sweep")
     asha = AsyncHyperBandScheduler(time_attr="training_iteration", metric="val_aubc", mode="max",

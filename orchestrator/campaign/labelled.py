@@ -1,0 +1,110 @@
+"""The pool's index and the labelled set, as the campaign reads them: pool rows, not ids.
+
+`PoolView` is the pool's index loaded once (ids, splits, ground truth; no volumes).
+`LabelledSet` is the ledger's answers turned into pool rows at one moment of the campaign: the
+one in-memory view of the labelled set that every step reads, built from the ledger (the
+record on disk, `orchestrator/al/labels.py`) whenever a step needs it. Junk is an answer, not
+a class: a row answered junk is labelled (never a candidate again, never unlabelled data to
+learn from) but is no training pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from orchestrator.al.labels import JUNK
+from orchestrator.data.pool import PoolInfo, read_index
+
+__all__ = ["UNKNOWN", "PoolView", "LabelledSet"]
+
+UNKNOWN = -2  # PoolView.truth of a row with no ground truth (JUNK, -1, is a known answer)
+
+
+@dataclass
+class PoolView:
+    """The pool's index, loaded once (no volumes)."""
+
+    info: PoolInfo
+    ids: np.ndarray  # str, by row
+    split: np.ndarray  # str, by row ("train" where the pool has no split)
+    truth: np.ndarray  # int, by row: a class, JUNK (not a particle) or UNKNOWN
+    _rows: dict[str, int] = field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def load(cls, info: PoolInfo) -> "PoolView":
+        index = read_index(info.path, ["row", "subtomo_id", "split", "label"]).sort_by("row")
+        split = np.asarray(index.column("split").fill_null("train").to_pylist())
+        truth = index.column("label").fill_null(UNKNOWN).to_numpy().astype(np.int64)
+        return cls(info, np.asarray(index.column("subtomo_id").to_pylist()), split, truth)
+
+    def rows_of(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+    def scored_rows_of(self, split: str) -> np.ndarray:
+        """The split's rows of a real class: accuracy is measured on particles only (a junk
+        row has no class to get right)."""
+        return np.flatnonzero((self.split == split) & (self.truth >= 0))
+
+    def row_of(self, subtomo_id: str) -> int:
+        """The pool row of a subtomogram id."""
+        if not self._rows:
+            self._rows.update((sid, r) for r, sid in enumerate(self.ids))
+        return self._rows[subtomo_id]
+
+    def known_ids(self) -> set[str]:
+        return set(self.ids.tolist())
+
+
+@dataclass(frozen=True, eq=False)
+class LabelledSet:
+    """Every answered subtomogram as a pool row with its answer, and the train split they come
+    from: what is labelled, what is not, what training learns from."""
+
+    rows: np.ndarray  # int64, sorted: the pool rows of every answer in the ledger, junk included
+    answers: np.ndarray  # int64, aligned with rows: a class or JUNK
+    train_rows: np.ndarray  # int64, sorted: the train split, where candidates come from
+
+    @classmethod
+    def of(cls, answers: Mapping[str, int], view: PoolView) -> "LabelledSet":
+        """From the ledger's current answers (subtomogram id → class or JUNK)."""
+        pairs = sorted((view.row_of(sid), int(label)) for sid, label in answers.items())
+        rows = np.asarray([r for r, _ in pairs], dtype=np.int64)
+        return cls(rows, np.asarray([a for _, a in pairs], dtype=np.int64),
+                   view.rows_of("train").astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def contains(self, rows) -> np.ndarray:
+        """Which of ``rows`` are labelled (a boolean mask aligned with them)."""
+        return np.isin(np.asarray(rows, dtype=np.int64), self.rows)
+
+    def answers_of(self, rows) -> np.ndarray:
+        """The answers for labelled ``rows`` (each must be labelled), aligned with them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        position = np.searchsorted(self.rows, rows)
+        if len(rows) and (position.max() >= len(self.rows) or (self.rows[position] != rows).any()):
+            raise KeyError("answers_of: some rows are not labelled")
+        return self.answers[position]
+
+    def label_or_none(self, rows) -> list[int | None]:
+        """Each row's answer, or None where it has none (the predictions' label column)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        position = np.searchsorted(self.rows, rows).clip(max=max(len(self.rows) - 1, 0))
+        found = (len(self.rows) > 0) & (self.rows[position] == rows) if len(self.rows) else \
+            np.zeros(len(rows), dtype=bool)
+        return [int(self.answers[p]) if hit else None for p, hit in zip(position, found)]
+
+    @property
+    def unlabelled(self) -> np.ndarray:
+        """Train-split rows nobody has answered yet. Junk answers are answered: a volume a
+        person called junk is neither a class to learn nor an unlabelled one to learn from."""
+        return np.setdiff1d(self.train_rows, self.rows)
+
+    def training_pairs(self) -> list[tuple[int, int]]:
+        """(pool row, class) of every labelled subtomogram, by row; junk answers are left out."""
+        keep = self.answers != JUNK
+        return list(zip(self.rows[keep].tolist(), self.answers[keep].tolist()))

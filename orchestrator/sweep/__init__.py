@@ -1,0 +1,1 @@
+"""Sweeps: many simulated campaigns on Ray Tune (`run.py sweep`). Sits above campaign/."""

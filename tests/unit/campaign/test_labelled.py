@@ -1,0 +1,96 @@
+"""The labelled set as the campaign reads it (`LabelledSet`, built from the ledger): what is
+labelled, what is not, what training learns from, and what a strategy selects from out of a
+scoring pass's table. No Ray, no model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from orchestrator.al.labels import JUNK, LabelRecord
+from orchestrator.al.strategies import make_strategy
+from orchestrator.campaign.labelled import LabelledSet, PoolView
+from orchestrator.campaign.loop import Campaign, candidates_of
+from orchestrator.config import load_config
+
+
+@pytest.fixture
+def view(shape_pool):
+    return PoolView.load(shape_pool)
+
+
+def answered(view, labels: dict[int, int]) -> LabelledSet:
+    """A labelled set of pool rows → answers, through the ids as the ledger holds them."""
+    return LabelledSet.of({str(view.ids[r]): a for r, a in labels.items()}, view)
+
+
+def test_junk_answers_are_neither_training_labels_nor_unlabelled_volumes(shape_pool, tmp_path):
+    campaign = Campaign(load_config(None, [f"data.pool={shape_pool.path}"]), tmp_path, shape_pool)
+    first, second = (str(campaign.view.ids[r]) for r in campaign.train_rows[:2])
+    campaign.ledger.append([LabelRecord(first, 1, 0, "person"), LabelRecord(second, JUNK, 0, "person")])
+    rows = [campaign.view.row_of(first), campaign.view.row_of(second)]
+    assert campaign.training_pairs() == [(rows[0], 1)]
+    unlabelled = campaign.unlabelled_rows()
+    assert not set(rows) & set(unlabelled.tolist())
+    assert len(unlabelled) == len(campaign.train_rows) - 2
+
+
+def test_rows_come_sorted_with_their_answers_whatever_order_the_ledger_has(view):
+    labelled = LabelledSet.of({str(view.ids[9]): 2, str(view.ids[3]): JUNK, str(view.ids[5]): 0}, view)
+    assert labelled.rows.tolist() == [3, 5, 9]
+    assert labelled.answers.tolist() == [JUNK, 0, 2]
+    assert labelled.training_pairs() == [(5, 0), (9, 2)]
+    assert labelled.contains([9, 4, 3]).tolist() == [True, False, True]
+    assert labelled.answers_of([9, 3]).tolist() == [2, JUNK]
+    assert labelled.label_or_none([4, 5, 9]) == [None, 0, 2]
+    with pytest.raises(KeyError, match="not labelled"):
+        labelled.answers_of([4])
+
+
+def test_unlabelled_is_the_train_split_minus_every_answer(view):
+    train = view.rows_of("train")
+    not_train = int(np.setdiff1d(np.arange(len(view.ids)), train)[0])
+    labelled = answered(view, {int(train[0]): 1, int(train[1]): JUNK, not_train: 0})
+    assert labelled.unlabelled.tolist() == train[2:].tolist()
+    assert LabelledSet.of({}, view).unlabelled.tolist() == train.tolist()
+    assert LabelledSet.of({}, view).label_or_none([0]) == [None]
+
+
+def scores_table(rows, n_classes=3, dim=4) -> pa.Table:
+    """A scoring pass's table for these rows: each row's arrays hold the row number, so
+    alignment can be read back."""
+    rows = np.asarray(rows, dtype=np.int64)
+    emb = np.repeat(rows[:, None].astype(np.float32), dim, axis=1)
+    probs = np.full((len(rows), n_classes), 1.0 / n_classes, dtype=np.float32)
+    return pa.table({
+        "row": rows,
+        "embeddings": pa.FixedShapeTensorArray.from_numpy_ndarray(emb),
+        "probs": pa.FixedShapeTensorArray.from_numpy_ndarray(probs),
+    })
+
+
+def test_candidates_are_the_unlabelled_rows_with_their_own_arrays(view):
+    table = scores_table([0, 1, 2, 3, 4, 5, 6, 7])
+    labelled = answered(view, {2: 1, 5: JUNK, 7: 0})
+    candidates = candidates_of(table, labelled, make_strategy("poal", informativeness="entropy"))
+    assert candidates.rows.tolist() == [0, 1, 3, 4, 6]
+    assert candidates.outputs["embeddings"][:, 0].tolist() == [0, 1, 3, 4, 6]
+    assert candidates.labelled["embeddings"][:, 0].tolist() == [2, 5, 7]
+    assert candidates.labelled_answers.tolist() == [1, JUNK, 0]  # poal reads the answers
+
+
+def test_candidates_carry_only_what_the_strategy_declared(view):
+    table = scores_table([0, 1, 2, 3])
+    candidates = candidates_of(table, answered(view, {1: 0}), make_strategy("coreset"))
+    assert set(candidates.outputs) == {"embeddings"} and set(candidates.labelled) == {"embeddings"}
+    assert candidates.rows.tolist() == [0, 2, 3]
+    assert candidates.labelled_answers is None  # coreset does not read the ledger's answers
+
+
+def test_a_pass_that_skipped_the_labelled_rows_gives_every_row_as_a_candidate(view):
+    # the scoring pass leaves the labelled rows out unless the strategy reads them
+    table = scores_table([0, 3, 4])
+    candidates = candidates_of(table, answered(view, {1: 0, 2: 2}), make_strategy("typiclust"))
+    assert candidates.rows.tolist() == [0, 3, 4]
+    assert candidates.labelled["embeddings"].shape == (0, 4)
