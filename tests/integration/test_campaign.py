@@ -165,7 +165,7 @@ def test_the_mean_model_is_the_ema_of_the_task_models_trajectory_on_every_rank(
         pool=shape_pool.path, out_dir=str(tmp_path), num_classes=3,
         train_rows=list(range(24)), train_labels=[r % 3 for r in range(24)],
         model=config_to_dict(ModelConfig(width=4, stem="small")),
-        train=config_to_dict(TrainConfig(epochs=1, min_steps=0, batch_size=4, num_workers=2, ema_alpha=alpha)),
+        train=config_to_dict(TrainConfig(epochs=1, min_steps=0, batch_size=8, num_workers=2, ema_alpha=alpha)),
     )
     run_training(job, run_name="ema-trajectory", loop=trajectory.loop())  # records T and M
     recorded = tmp_path / "trajectory"
@@ -179,7 +179,7 @@ def test_the_mean_model_is_the_ema_of_the_task_models_trajectory_on_every_rank(
                 expected[key] = value.clone()
     rank0 = torch.load(recorded / "mean_rank0.pt")
     rank1 = torch.load(recorded / "mean_rank1.pt")
-    assert len(steps) == 3  # 24 volumes, 2 ranks, batches of 4
+    assert len(steps) == 3  # 24 volumes over 2 ranks, a global batch of 8: 4 a rank
     for key in expected:
         torch.testing.assert_close(rank0[key], expected[key], rtol=1e-5, atol=1e-6)
         assert torch.equal(rank0[key], rank1[key]), key

@@ -129,15 +129,7 @@ def local_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def smoke_pool_overrides(request) -> list[str]:
-    """The smoke config simulates its pool with `simulate_from_preset`; until the simulator has
-    it, the campaign runs on the tiny shape pool of conftest instead (same budget, 60 train)."""
-    if "def simulate_from_preset(" in (ROOT / "orchestrator" / "simulate.py").read_text():
-        return []
-    return ["--set", f"data.pool={request.getfixturevalue('shape_pool').path}"]
-
-
-def test_ray_job_submit_runs_the_smoke_campaign_to_the_end(local_cluster, tmp_path, request):
+def test_ray_job_submit_runs_the_smoke_campaign_to_the_end(local_cluster, tmp_path):
     run_dir = tmp_path / "run"
     submission_id = f"cryoal-smoke-{secrets.token_hex(4)}"
     submit = subprocess.run(
@@ -145,7 +137,7 @@ def test_ray_job_submit_runs_the_smoke_campaign_to_the_end(local_cluster, tmp_pa
          "--submission-id", submission_id, "--working-dir", str(ROOT),
          "--runtime-env-json", json.dumps(RUNTIME_ENV), "--",
          sys.executable, "orchestrator/run.py", "--config", "smoke",
-         "--set", f"run_root={tmp_path}", "--run-dir", str(run_dir), *smoke_pool_overrides(request)],
+         "--set", f"run_root={tmp_path}", "--run-dir", str(run_dir)],
         env=local_cluster.env, capture_output=True, text=True, timeout=300,
     )
     assert submit.returncode == 0, submit.stdout + submit.stderr
