@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,30 +128,6 @@ def small_groups_pool(path, n=40):
     vols = volumes(n)
     info = write_pool(path, vols, shard_mb=12 * BOX**3 * 4 / 2**20, rows_per_group=4, dtype="float32")
     return info, vols
-
-
-@pytest.fixture
-def row_groups_read(monkeypatch):
-    """Every Parquet read as (shard file name, row group, columns); whole-file reads fail."""
-    reads = []
-    original_init, original_read = pq.ParquetFile.__init__, pq.ParquetFile.read_row_group
-
-    def init(self, source, *args, **kwargs):
-        self.shard_name = Path(str(source)).stem
-        original_init(self, source, *args, **kwargs)
-
-    def read_row_group(self, group, columns=None, **kwargs):
-        reads.append((self.shard_name, group, tuple(columns or ())))
-        return original_read(self, group, columns=columns, **kwargs)
-
-    def refuse(self, *args, **kwargs):
-        raise AssertionError("a whole shard was read")
-
-    monkeypatch.setattr(pq.ParquetFile, "__init__", init)
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_row_group)
-    monkeypatch.setattr(pq.ParquetFile, "iter_batches", refuse)
-    monkeypatch.setattr(pq.ParquetFile, "read", refuse)
-    return reads
 
 
 def test_reading_some_rows_opens_only_the_row_groups_that_hold_them(tmp_path, row_groups_read):
