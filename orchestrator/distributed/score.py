@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -167,6 +167,15 @@ def read_scores(scores_dir: str | Path, columns: Sequence[str] | None = None) ->
         return pa.table({c: pa.array([], pa.int64()) for c in (columns or ["row"])})
     table = pa.concat_tables(tables)
     return table.sort_by("row")
+
+
+def iter_scores(scores_dir: str | Path, columns: Sequence[str]) -> Iterator[pa.Table]:
+    """The scores written by `score_pool`, file by file (a block of the pass each, in no
+    particular row order): what a reduction over the pass reads, one block in memory at a time."""
+    for path in sorted(Path(scores_dir).glob("*.parquet")):
+        table = pq.read_table(path, columns=list(columns))
+        if table.num_rows:
+            yield table
 
 
 def column_array(table: pa.Table, name: str) -> np.ndarray:
