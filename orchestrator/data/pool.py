@@ -454,7 +454,8 @@ def _load_row_group_index(info: PoolInfo) -> RowGroupIndex | None:
         arrays = [np.asarray(saved[name], dtype=np.int64) for name in ("shard", "group", "first", "last")]
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    if len({len(a) for a in arrays}) != 1:
+    # a pool rewritten in place by a writer that left the old file behind: counts differ
+    if len({len(a) for a in arrays}) != 1 or int((arrays[3] - arrays[2] + 1).sum()) != info.n_rows:
         return None
     return RowGroupIndex(*arrays)
 
