@@ -2,6 +2,8 @@
 
 Ray Data runs it as a callable class (`map_batches(PoolScorer, compute=ActorPoolStrategy(...))`);
 it returns ids and scores only, never volumes, so the scored pool never travels to the driver.
+It scores every row it is given: the rows a pass skips are filtered in the read
+(`orchestrator/distributed/score.py`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,10 @@ class PoolScorer:
         pool_path: str,
         strategy: str,
         strategy_options: dict,
-        exclude_rows=None,  # ObjectRef or array of pool rows not to score (the labelled set)
         threads: int = 1,
         use_gpu: bool = False,
         seed: int = 0,
     ):
-        import ray  # only to resolve the ObjectRef; the rest of this class is plain PyTorch
-
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.info = open_pool(pool_path)
@@ -49,20 +48,15 @@ class PoolScorer:
         self.aux = load_auxiliary(self.strategy, saved, self.model, self.device)
         # the prediction a person sees comes from the classifier training chose on validation
         self.prediction = "mean_probs" if saved.get("classifier") == "mean" else "probs"
-        if isinstance(exclude_rows, ray.ObjectRef):
-            exclude_rows = ray.get(exclude_rows)
-        self.exclude = np.sort(np.asarray(exclude_rows if exclude_rows is not None else [], np.int64))
         self.seed = seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = np.asarray(batch["row"], dtype=np.int64)
-        keep = ~_isin_sorted(rows, self.exclude)
-        rows = rows[keep]
-        volumes = decode_volumes(batch["volume"][keep], self.info)
+        volumes = decode_volumes(batch["volume"], self.info)
         outputs = score_volumes(
             self.model, self.mean, volumes, rows, self.strategy, self.needs, self.seed, self.aux
         )
-        result = {"row": rows, "subtomo_id": np.asarray(batch["subtomo_id"])[keep]}
+        result = {"row": rows, "subtomo_id": np.asarray(batch["subtomo_id"])}
         result.update(summarise(outputs, self.reported, self.info.num_classes, self.prediction))
         result.update(strategy_columns(self.strategy, outputs))
         faults.maybe_fault("score-batch")  # tests: a batch scored and lost with its process
@@ -112,7 +106,7 @@ def summarise(outputs: dict, reported: dict, num_classes: int, prediction: str =
     """Prediction, its probability, all probabilities (from ``prediction``: T's "probs" or M's
     "mean_probs"), and the reported scores, per row."""
     probs = outputs.get(prediction)
-    if probs is None:  # every row of the batch was excluded
+    if probs is None:  # an empty batch
         empty = np.zeros(0, np.float32)
         return {"pred": np.zeros(0, np.int64), "pred_prob": empty,
                 "probs": np.zeros((0, num_classes), np.float32), **{name: empty for name in reported}}
@@ -137,9 +131,3 @@ def _auxiliary(strategy):
     """The hooks of the auxiliary the strategy declared for training (or None)."""
     return make_auxiliary(strategy.training.auxiliary, strategy.training.auxiliary_options)
 
-
-def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    if len(sorted_set) == 0:
-        return np.zeros(len(values), dtype=bool)
-    position = np.searchsorted(sorted_set, values).clip(max=len(sorted_set) - 1)
-    return sorted_set[position] == values

@@ -76,6 +76,31 @@ def ray_local():
         yield ray
 
 
+@pytest.fixture
+def row_groups_read(monkeypatch):
+    """Every Parquet row group read, as (shard file name, row group, columns); a whole-file
+    read fails the test (what a read of some rows must not do)."""
+    reads = []
+    original_init, original_read = pq.ParquetFile.__init__, pq.ParquetFile.read_row_group
+
+    def init(self, source, *args, **kwargs):
+        self.shard_name = Path(str(source)).stem
+        original_init(self, source, *args, **kwargs)
+
+    def read_row_group(self, group, columns=None, **kwargs):
+        reads.append((self.shard_name, group, tuple(columns or ())))
+        return original_read(self, group, columns=columns, **kwargs)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a whole shard was read")
+
+    monkeypatch.setattr(pq.ParquetFile, "__init__", init)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", read_row_group)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", refuse)
+    monkeypatch.setattr(pq.ParquetFile, "read", refuse)
+    return reads
+
+
 def shape_volume(kind: int, box: int, rng: np.random.Generator, noise: float = 0.3) -> np.ndarray:
     """Three easily told apart shapes (ball, slab, rod) with a random shift and noise."""
     z, y, x = np.mgrid[:box, :box, :box] - box / 2 + rng.uniform(-1.5, 1.5, size=3)[:, None, None, None]

@@ -90,6 +90,7 @@ __all__ = [
     "select",
     "select_with_record",
     "top_k",
+    "top_k_merge",
     "unlabelled_positions",
 ]
 
@@ -202,6 +203,24 @@ def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     tied = tied[np.argsort(tiebreak[valid[tied]], kind="stable")[: k - above.size]]
     chosen = valid[np.concatenate([above, tied])]
     return chosen[_rank(scores[chosen], tiebreak[chosen])].astype(np.int64)
+
+
+def top_k_merge(best: dict[str, np.ndarray] | None, block: dict[str, np.ndarray], k: int
+                ) -> dict[str, np.ndarray]:
+    """The k best rows of ``best`` and ``block`` together, best first, in :func:`top_k`'s
+    order: highest ``score`` first, NaN last, equal scores by ascending ``tiebreak``. Both are
+    dicts of aligned columns holding at least "score" and "tiebreak" (other columns ride along).
+
+    ``top_k`` ranks by (NaN, −score, tiebreak) with tiebreak a permutation, a total order, so
+    folding a table's blocks through this (in any order and any sizes, from ``best=None``),
+    each row carrying ``rng.permutation(N)[its position]``, gives exactly ``top_k(scores, k,
+    rng)``'s picks, while holding k + one block of rows instead of the whole table.
+    """
+    merged = block if best is None else {key: np.concatenate([best[key], block[key]]) for key in block}
+    scores = np.asarray(merged["score"], dtype=np.float64)
+    is_nan = np.isnan(scores)
+    order = np.lexsort((merged["tiebreak"], -np.where(is_nan, 0.0, scores), is_nan))[:max(k, 0)]
+    return {key: np.asarray(value)[order] for key, value in merged.items()}
 
 
 def _rank(values: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ from orchestrator.al.history import read_history
 from orchestrator.al.labels import LabelLedger
 from orchestrator.al.oracle import AwaitingLabels, FileOracle, Query, SimulatedOracle, pick_initial
 from orchestrator.al.stopping import aligned, cohens_kappa, is_stable, mean_uncertainty
-from orchestrator.al.strategies import Candidates, make_strategy, select_with_record, top_k
+from orchestrator.al.strategies import Candidates, make_strategy, select_with_record, top_k_merge
 from orchestrator.al.training import auxiliary_sample, strategy_training, unlabelled_for_training
 from orchestrator.campaign.export import after_campaign
 from orchestrator.campaign.files import (
@@ -55,7 +55,7 @@ from orchestrator.config import CampaignConfig, config_to_dict
 from orchestrator.data.pool import PoolInfo
 from orchestrator.data.storage import RunMirror
 from orchestrator.distributed.events import scoring_pass_watch, training_watch
-from orchestrator.distributed.score import column_array, read_scores, score_pool
+from orchestrator.distributed.score import column_array, iter_scores, read_scores, score_pool
 from orchestrator.distributed.train import run_training
 from orchestrator.faults import maybe_fault
 from orchestrator.nn.auxiliary import make_auxiliary
@@ -223,20 +223,20 @@ class Campaign:
         """The strategy's k picks from model cycle−1's scores (written when that model was
         trained), with the model's guess for each: what the person sees."""
         strategy = self.strategy
-        table = read_scores(self._selection_scores(cycle - 1, labelled))
+        folder = self._selection_scores(cycle - 1, labelled)
         rng = np.random.default_rng([self.cfg.seed, cycle])
+        if hasattr(strategy, "score"):  # row-wise: scored in the pass, ranked here file by file
+            best = best_scored(folder, labelled, k, rng)
+            return [Query(int(r), str(self.view.ids[r]), self._source(r), int(p), float(q), strategy.name)
+                    for r, p, q in zip(best["row"], best["pred"], best["pred_prob"])]
+        table = read_scores(folder)
         is_candidate = ~labelled.contains(table.column("row").to_numpy())
-        if "score" in table.column_names:  # row-wise: scored in the pass, ranked here
-            rows = table.column("row").to_numpy()[is_candidate]
-            positions = top_k(table.column("score").to_numpy()[is_candidate], k, rng)
-            chosen_by = (strategy.name,) * len(positions)
-        else:
-            history = (read_history(self.run_dir, self.state, self.ledger.current(), cycle)
-                       if strategy.needs_history else None)
-            candidates = candidates_of(table, labelled, strategy, history)
-            rows = candidates.rows
-            selection = select_with_record(strategy, candidates, k, rng)
-            positions, chosen_by = selection.positions, selection.chosen_by
+        history = (read_history(self.run_dir, self.state, self.ledger.current(), cycle)
+                   if strategy.needs_history else None)
+        candidates = candidates_of(table, labelled, strategy, history)
+        rows = candidates.rows
+        selection = select_with_record(strategy, candidates, k, rng)
+        positions, chosen_by = selection.positions, selection.chosen_by
         pred = table.column("pred").to_numpy()[is_candidate]
         prob = table.column("pred_prob").to_numpy()[is_candidate]
         return [Query(int(rows[p]), str(self.view.ids[rows[p]]), self._source(rows[p]),
@@ -370,6 +370,28 @@ class Campaign:
             self.display.line(f"report.html not written: {type(err).__name__}: {err}")
             return
         self._upload()
+
+
+def best_scored(folder: Path, labelled: LabelledSet, k: int, rng: np.random.Generator
+                ) -> dict[str, np.ndarray]:
+    """A row-wise strategy's k picks among a pass's candidates (the scored rows not labelled),
+    best first, with the model's guess for each ("row", "score", "pred", "pred_prob").
+
+    Exactly `top_k(candidate scores, k, rng)` on the whole table (the same tiebreak draw, over
+    the candidates in row order), but read file by file through `top_k_merge`: the driver holds
+    the scored rows' ids and k + one file of rows, not every row's scores and probabilities."""
+    names = ["row", "score", "pred", "pred_prob"]
+    rows = read_scores(folder, ["row"]).column("row").to_numpy()
+    candidates = rows[~labelled.contains(rows)]  # sorted, as top_k's positions are
+    tiebreak = rng.permutation(len(candidates))  # top_k's draw: same size, same generator
+    best = None
+    for table in iter_scores(folder, names):
+        block_rows = table.column("row").to_numpy()
+        is_candidate = ~labelled.contains(block_rows)
+        block = {name: table.column(name).to_numpy()[is_candidate] for name in names}
+        block["tiebreak"] = tiebreak[np.searchsorted(candidates, block["row"])]
+        best = top_k_merge(best, block, k)
+    return best if best is not None else {name: np.zeros(0) for name in names}
 
 
 def candidates_of(table: pa.Table, labelled: LabelledSet, strategy, history=None) -> Candidates:

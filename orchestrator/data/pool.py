@@ -4,6 +4,7 @@ A million small MRC files is a filesystem problem, so a pool is ingested once in
 shards that Ray Data (and the plain readers here) stream shard by shard. Layout:
 
     POOL/pool.json              manifest: box, dtype, normalisation, class names, shards, counts
+    POOL/row_groups.json        which rows each row group of each shard holds (see RowGroupIndex)
     POOL/shards/part-00000.parquet
 
 Columns: `row` (position in the pool), `subtomo_id` (unique), `volume` (fixed-size binary of
@@ -11,16 +12,19 @@ box voxels in [z, y, x] order, `dtype`), `source` (file and section it came from
 `voxel_size_A` (null = unknown), `label` (ground truth where known: a class index, or
 JUNK = -1 for a non-particle, as the ledger spells it), `split`, `tomogram`, `x`, `y`, `z`.
 Nothing here loads the whole pool into memory, except the small index (every column but
-`volume`).
+`volume`). Reading some rows' volumes (`read_volumes`, `iter_rows`) opens only the row groups
+that hold them, found in `row_groups.json` (or, for a pool written before it existed, in the
+shards' Parquet footers), so its cost follows the rows read, not the pool's size.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +34,7 @@ import pyarrow.parquet as pq
 from orchestrator.data.storage import filesystem_for, is_file, is_uri, join, read_text
 
 MANIFEST = "pool.json"
+ROW_GROUPS = "row_groups.json"  # written before the manifest; derived from the shards' footers
 SHARD_DIR = "shards"
 FORMAT_VERSION = 1
 VOLUME_DTYPES = ("float16", "float32")
@@ -147,6 +152,7 @@ class PoolWriter:
             for old in (self.path / SHARD_DIR).glob("*.parquet"):
                 old.unlink()
             (self.path / MANIFEST).unlink(missing_ok=True)
+            (self.path / ROW_GROUPS).unlink(missing_ok=True)
         (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         self.box = as_box(box)
         self.dtype = dtype
@@ -253,6 +259,8 @@ class PoolWriter:
             shards=tuple(self._shards),
             description=self.description,
         )
+        # The index before the manifest: a pool with a manifest always has its index.
+        save_row_group_index(info, build_row_group_index(info))
         manifest = {k: v for k, v in asdict(info).items() if k != "path"}
         atomic_write_text(self.path / MANIFEST, json.dumps(manifest, indent=2))
         self._closed = True
@@ -341,6 +349,155 @@ def shard_locations(info: PoolInfo) -> tuple[pafs.FileSystem | None, list[str]]:
     return filesystem, [f"{root.rstrip('/')}/{shard}" for shard in info.shards]
 
 
+# -- where each row is: the row-group index ----------------------------------------------------
+
+@dataclass(frozen=True)
+class RowGroupIndex:
+    """Where the pool's rows are: disjoint ranges of rows [first, last], each inside one row
+    group (`group`) of one shard (`shard`, a position in PoolInfo.shards), sorted by first row.
+    PoolWriter writes rows in order, so its pools have one range per row group: a few numbers
+    per 16 MB of volumes."""
+    shard: np.ndarray
+    group: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+
+    def locate(self, rows: np.ndarray, pool: str) -> np.ndarray:
+        """The range of each row (positions into the arrays); a row in none is an error naming it."""
+        rows = np.asarray(rows, dtype=np.int64)
+        at = np.searchsorted(self.first, rows, side="right") - 1
+        inside = (at >= 0) & (rows <= self.last[at.clip(min=0)]) if len(self.first) else at >= 0
+        if not inside.all():
+            missing = rows[~inside]
+            held = f"rows {self.first[0]}..{self.last[-1]}" if len(self.first) else "no rows"
+            raise PoolError(f"row {missing[0]} is not in the pool {pool} (it holds {held}; "
+                            f"{len(missing)} of the {len(rows)} asked rows are not in it)")
+        return at
+
+    def rows(self) -> np.ndarray:
+        """Every row of the pool, in order."""
+        if not len(self.first):
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(a, b + 1) for a, b in zip(self.first, self.last)])
+
+
+def row_group_index(info: PoolInfo) -> RowGroupIndex:
+    """The pool's row-group index: its `row_groups.json`, or, for a pool written before that
+    file existed (or whose file does not match its shards), one built from the shards' Parquet
+    footers, metadata only, once per process."""
+    return _load_row_group_index(info) or _built_index(info.path, info.shards)
+
+
+@functools.lru_cache(maxsize=16)
+def _built_index(path: str, shards: tuple[str, ...]) -> RowGroupIndex:
+    return build_row_group_index(open_pool(path))
+
+
+def build_row_group_index(info: PoolInfo) -> RowGroupIndex:
+    """The index from each shard's footer: a row group's min and max `row` when they span
+    exactly its row count (any pool PoolWriter wrote), else its `row` column (8 bytes a row;
+    never the volumes)."""
+    filesystem, shards = shard_locations(info)
+    found: list[tuple[int, int, int, int]] = []
+    for s, shard in enumerate(shards):
+        parquet = pq.ParquetFile(shard, filesystem=filesystem)
+        for group in range(parquet.metadata.num_row_groups):
+            found += [(s, group, first, last) for first, last in _row_ranges(parquet, group)]
+    found.sort(key=lambda r: r[2])
+    shard, group, first, last = (np.asarray([r[i] for r in found], dtype=np.int64) for i in range(4))
+    overlap = np.flatnonzero(first[1:] <= last[:-1])
+    if len(overlap):
+        i = overlap[0]
+        raise PoolError(f"{info.path}: row {first[i + 1]} is in two row groups ({info.shards[shard[i]]} "
+                        f"group {group[i]} and {info.shards[shard[i + 1]]} group {group[i + 1]})")
+    return RowGroupIndex(shard, group, first, last)
+
+
+def _row_ranges(parquet: pq.ParquetFile, group: int) -> list[tuple[int, int]]:
+    """The rows of one row group as ranges of consecutive rows."""
+    meta = parquet.metadata.row_group(group)
+    if meta.num_rows == 0:
+        return []
+    column = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "row")
+    stats = column.statistics
+    if stats is not None and stats.has_min_max and stats.max - stats.min + 1 == meta.num_rows:
+        return [(int(stats.min), int(stats.max))]
+    rows = np.sort(parquet.read_row_group(group, columns=["row"]).column(0).to_numpy())
+    return consecutive_runs(rows)
+
+
+def consecutive_runs(sorted_rows: np.ndarray) -> list[tuple[int, int]]:
+    """[0, 1, 2, 5, 6, 9] → [(0, 2), (5, 6), (9, 9)]; a repeated row starts a new run."""
+    if not len(sorted_rows):
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+    starts, ends = np.r_[0, breaks], np.r_[breaks, len(sorted_rows)] - 1
+    return [(int(sorted_rows[a]), int(sorted_rows[b])) for a, b in zip(starts, ends)]
+
+
+def save_row_group_index(info: PoolInfo, index: RowGroupIndex) -> None:
+    saved = {"format_version": FORMAT_VERSION, "shards": list(info.shards),
+             **{name: getattr(index, name).tolist() for name in ("shard", "group", "first", "last")}}
+    atomic_write_text(Path(info.path) / ROW_GROUPS, json.dumps(saved, separators=(",", ":")))
+
+
+def _load_row_group_index(info: PoolInfo) -> RowGroupIndex | None:
+    """The saved index, or None when there is none or it does not describe these shards (it is
+    derived data: the shards' footers rebuild it)."""
+    where = join(info.path, ROW_GROUPS)
+    if not is_file(where):
+        return None
+    try:
+        saved = json.loads(read_text(where))
+        if saved.get("format_version") != FORMAT_VERSION or saved["shards"] != list(info.shards):
+            return None
+        arrays = [np.asarray(saved[name], dtype=np.int64) for name in ("shard", "group", "first", "last")]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    # a pool rewritten in place by a writer that left the old file behind: counts differ
+    if len({len(a) for a in arrays}) != 1 or int((arrays[3] - arrays[2] + 1).sum()) != info.n_rows:
+        return None
+    return RowGroupIndex(*arrays)
+
+
+def _rows_by_row_group(
+    info: PoolInfo, rows: np.ndarray, columns: Sequence[str]
+) -> Iterator[tuple[np.ndarray, pa.Table]]:
+    """(positions in `rows`, a table of those rows' `columns` in that order), one row group at
+    a time, reading only the row groups that hold the asked rows (16 MB of volumes at most in
+    memory). Shards and row groups are visited in order."""
+    if not len(rows):
+        return
+    index = row_group_index(info)
+    at = index.locate(rows, info.path)
+    place = index.shard[at] * (2**31) + index.group[at]  # one number per (shard, row group)
+    order = np.lexsort((rows, place))
+    read_columns = list(dict.fromkeys(["row", *columns]))
+    filesystem, shards = shard_locations(info)
+    parquet, open_shard = None, -1
+    for run in np.split(order, np.flatnonzero(np.diff(place[order])) + 1):
+        shard, group = int(index.shard[at[run[0]]]), int(index.group[at[run[0]]])
+        if shard != open_shard:
+            parquet, open_shard = pq.ParquetFile(shards[shard], filesystem=filesystem), shard
+        table = parquet.read_row_group(group, columns=read_columns)
+        positions = _positions_in(table.column("row").to_numpy(), rows[run], info, shard, group)
+        yield run, table.take(positions).select(list(columns))
+
+
+def _positions_in(group_rows: np.ndarray, wanted: np.ndarray, info: PoolInfo, shard: int,
+                  group: int) -> np.ndarray:
+    """Where each wanted row is in a row group's `row` column; the index named this row group,
+    so a row missing here means the index no longer describes the shards."""
+    order = np.argsort(group_rows, kind="stable")
+    found = order[np.searchsorted(group_rows[order], wanted).clip(max=len(order) - 1)]
+    missing = group_rows[found] != wanted
+    if missing.any():
+        raise PoolError(f"row {wanted[missing][0]} is not in {info.shards[shard]} row group {group}, "
+                        f"where {ROW_GROUPS} places it: the shards changed after the index was "
+                        f"written (delete {join(info.path, ROW_GROUPS)}; it is rebuilt)")
+    return found
+
+
 def decode_volumes(column, info: PoolInfo) -> np.ndarray:
     """The `volume` column (Arrow fixed-size binary, or numpy array of bytes) → float32 [n, z, y, x]."""
     if isinstance(column, pa.ChunkedArray):
@@ -378,22 +535,11 @@ def iter_volumes(
 ) -> Iterator[tuple[np.ndarray, np.ndarray, pa.Table]]:
     """Yield (ids, volumes float32 [n, z, y, x], index columns) batch by batch.
 
-    Every batch has batch_rows rows except the last: Parquet batches end at shard boundaries,
-    so short pieces are carried over and joined (memory still holds about one batch).
+    Every batch has batch_rows rows except the last (`in_batches_of`).
     """
     info = open_pool(path)
-    pending: list[pa.RecordBatch] = []
-    n_pending = 0
-    for batch in iter_batches(path, batch_rows=batch_rows):
-        pending.append(batch)
-        n_pending += batch.num_rows
-        while n_pending >= batch_rows:
-            table = pa.Table.from_batches(pending)
-            yield _volume_batch(table.slice(0, batch_rows), info)
-            rest = table.slice(batch_rows)
-            pending, n_pending = rest.to_batches(), rest.num_rows
-    if n_pending:
-        yield _volume_batch(pa.Table.from_batches(pending), info)
+    for table in in_batches_of(iter_batches(path, batch_rows=batch_rows), batch_rows):
+        yield _volume_batch(table, info)
 
 
 def _volume_batch(table: pa.Table, info: PoolInfo) -> tuple[np.ndarray, np.ndarray, pa.Table]:
@@ -412,26 +558,55 @@ def read_index(path: str | Path, columns: Sequence[str] = INDEX_COLUMNS) -> pa.T
 
 
 def read_volumes(path: str | Path, rows: Sequence[int]) -> np.ndarray:
-    """The volumes of the given pool rows, in that order (for the labelled set; streams shards)."""
+    """The volumes of the given pool rows, in that order (the labelled set, a page of queries).
+    Only the row groups holding them are read: the cost follows len(rows), not the pool."""
     info = open_pool(path)
-    rows = np.asarray(rows, dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    repeated = _repeated(rows)
+    if repeated is not None:
+        raise PoolError(f"read_volumes: row {repeated} asked twice")
     out = np.empty((len(rows), *info.box), dtype=np.float32)
-    wanted = {int(r): i for i, r in enumerate(rows)}
-    if len(wanted) != len(rows):
-        raise PoolError("read_volumes: repeated rows")
-    found = 0
-    for batch in iter_batches(path, columns=["row", "volume"]):
-        batch_rows = batch.column(0).to_numpy()
-        hit = np.fromiter((r in wanted for r in batch_rows), dtype=bool, count=len(batch_rows))
-        if not hit.any():
-            continue
-        volumes = decode_volumes(batch.column(1).filter(pa.array(hit)), info)
-        for r, vol in zip(batch_rows[hit], volumes):
-            out[wanted[int(r)]] = vol
-        found += int(hit.sum())
-    if found != len(rows):
-        raise PoolError(f"read_volumes: {len(rows) - found} of the requested rows are not in {path}")
+    for positions, table in _rows_by_row_group(info, rows, ["volume"]):
+        out[positions] = decode_volumes(table.column("volume"), info)
     return out
+
+
+def iter_rows(
+    path: str | Path, rows: Sequence[int], columns: Sequence[str], batch_rows: int = 1024
+) -> Iterator[pa.Table]:
+    """The given rows' columns (and `row`) in pool order, in tables of batch_rows rows (the last
+    shorter), reading only the row groups that hold them: a scoring pass over the candidates
+    never reads, let alone decodes, a row group of labelled or held-out rows only."""
+    info = open_pool(path)
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    columns = list(dict.fromkeys(["row", *columns]))
+    pieces = (table for _, table in _rows_by_row_group(info, rows, columns))
+    yield from in_batches_of(pieces, batch_rows)
+
+
+def in_batches_of(pieces: Iterable[pa.Table | pa.RecordBatch], batch_rows: int) -> Iterator[pa.Table]:
+    """The rows of `pieces` again, in tables of batch_rows rows (the last shorter): pieces end
+    at shard or row-group boundaries, so short ones are carried over and joined (memory still
+    holds about one batch)."""
+    pending: list[pa.RecordBatch] = []
+    n_pending = 0
+    for piece in pieces:
+        pending += piece.to_batches() if isinstance(piece, pa.Table) else [piece]
+        n_pending += piece.num_rows
+        while n_pending >= batch_rows:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, batch_rows)
+            rest = table.slice(batch_rows)
+            pending, n_pending = rest.to_batches(), rest.num_rows
+    if n_pending:
+        yield pa.Table.from_batches(pending)
+
+
+def _repeated(rows: np.ndarray) -> int | None:
+    """A row that appears twice in `rows`, or None."""
+    ordered = np.sort(rows)
+    twice = ordered[1:][ordered[1:] == ordered[:-1]]
+    return int(twice[0]) if len(twice) else None
 
 
 def pool_summary(info: PoolInfo) -> dict:

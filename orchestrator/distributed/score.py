@@ -1,7 +1,9 @@
 """Scoring the unlabelled pool on Ray Data. The one module importing ray.data.
 
 The pool's Parquet shards are read in parallel, an actor pool holding T and M maps each batch
-to per-row scores (`actors/scorer.py`), and the scores are written to Parquet. Only ids and
+to per-row scores (`actors/scorer.py`), and the scores are written to Parquet. Rows the pass
+skips (held out, labelled) are filtered in the read: a row group that holds none of the rows
+scored is not read, and the skipped rows of the others never reach an actor. Only ids and
 scores reach the driver; memory stays flat as the pool grows. The output directory appears
 whole or not at all (written under a temporary name, then renamed), so a scoring pass cut
 short by a crash is simply run again.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,11 +26,12 @@ import torch
 
 import ray
 import ray.data
+from ray.data.expressions import col
 
 from actors.scorer import PoolScorer
 from orchestrator import faults
 from orchestrator.config import ScoreConfig
-from orchestrator.data.pool import iter_batches, open_pool, shard_locations
+from orchestrator.data.pool import PoolInfo, iter_batches, iter_rows, open_pool, row_group_index, shard_locations
 from orchestrator.data.storage import absolute
 from orchestrator.distributed.events import partial_dir
 
@@ -62,18 +65,28 @@ def score_pool(
         "use_gpu": cfg.gpus_per_actor > 0,
         "seed": seed,
     }
-    exclude = np.asarray(exclude_rows, dtype=np.int64)
-    if cfg.actors == 0:  # the caller's own thread setting stays as it is
-        scorer = PoolScorer(**{**scorer_kwargs, "threads": torch.get_num_threads()},
-                            exclude_rows=exclude)
-        _score_in_process(pool_path, scorer, partial, cfg.batch_size)
+    rows = rows_to_score(open_pool(pool_path), exclude_rows)
+    if rows is not None and not len(rows):  # nothing left to score: an empty pass
+        partial.mkdir(parents=True)
+    elif cfg.actors == 0:  # the caller's own thread setting stays as it is
+        scorer = PoolScorer(**{**scorer_kwargs, "threads": torch.get_num_threads()})
+        _score_in_process(pool_path, scorer, partial, cfg.batch_size, rows)
     else:
-        _score_on_ray_data(pool_path, scorer_kwargs, exclude, partial, cfg)
+        _score_on_ray_data(pool_path, scorer_kwargs, rows, partial, cfg)
     partial.rename(out_dir)
     return out_dir
 
 
-def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, exclude: np.ndarray,
+def rows_to_score(info: PoolInfo, exclude_rows: Sequence[int]) -> np.ndarray | None:
+    """The pool rows a pass scores, sorted: every row but `exclude_rows`; None when nothing is
+    excluded (the pass then reads the pool as it is stored, with no filter)."""
+    exclude = np.unique(np.asarray(exclude_rows, dtype=np.int64))
+    if not len(exclude):
+        return None
+    return np.setdiff1d(row_group_index(info).rows(), exclude, assume_unique=True)
+
+
+def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, rows: np.ndarray | None,
                        partial: Path, cfg: ScoreConfig) -> None:
     info = open_pool(pool_path)
     filesystem, shards = shard_locations(info)  # (None, paths) for a local pool
@@ -83,13 +96,19 @@ def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, exclude: np.ndarray,
         # at least two blocks per actor, or a pool of few shards keeps all but one actor idle
         override_num_blocks=max(len(info.shards), 2 * cfg.actors),
     ).select_columns(SCORED_COLUMNS)
+    if rows is not None:
+        # Ray Data pushes the filter into the Parquet scan: row groups whose `row` statistics
+        # hold no scored row are skipped, the rest filtered as they are read, so skipped rows
+        # are never decoded nor sent to an actor (a filter that stayed a step after the read
+        # would give the same rows).
+        dataset = dataset.filter(expr=scored_rows_filter(rows))
     # A shard (256 MB) is read by one task, as one stream of blocks: without a split, a pool of
     # fewer shards than actors feeds one actor and leaves the rest idle. Streaming repartition
     # cuts the stream into batch-sized blocks without holding the pool (memory stays flat).
     dataset = dataset.repartition(target_num_rows_per_block=cfg.batch_size)
     scored = dataset.map_batches(
         PoolScorer,
-        fn_constructor_kwargs={**scorer_kwargs, "exclude_rows": ray.put(exclude)},
+        fn_constructor_kwargs=scorer_kwargs,
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -97,6 +116,12 @@ def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, exclude: np.ndarray,
         **({"runtime_env": env} if (env := faults.runtime_env()) else {}),
     )
     scored.write_parquet(str(partial.resolve()))
+
+
+def scored_rows_filter(rows: np.ndarray):
+    """`row` among `rows`, as a Ray Data expression (in PyArrow, an `is_in` that the Parquet
+    scan also checks against each row group's min/max statistics)."""
+    return col("row").is_in(np.asarray(rows, dtype=np.int64).tolist())
 
 
 def limit_buffer(context: ray.data.DataContext, buffer_mb: int) -> None:
@@ -116,13 +141,15 @@ def actor_resources(cfg: ScoreConfig) -> dict:
     return resources
 
 
-def _score_in_process(pool_path: str, scorer: PoolScorer, partial: Path, batch_size: int) -> None:
-    """The same batches through the same scorer, one Parquet file per batch, as Ray Data does."""
+def _score_in_process(pool_path: str, scorer: PoolScorer, partial: Path, batch_size: int,
+                      rows: np.ndarray | None) -> None:
+    """The same batches through the same scorer, one Parquet file per batch, as Ray Data does;
+    with `rows`, only the row groups holding them are read and only they are scored."""
     partial.mkdir(parents=True)
-    for i, batch in enumerate(iter_batches(pool_path, columns=SCORED_COLUMNS, batch_rows=batch_size)):
+    batches = (iter_batches(pool_path, columns=SCORED_COLUMNS, batch_rows=batch_size) if rows is None
+               else iter_rows(pool_path, rows, SCORED_COLUMNS, batch_rows=batch_size))
+    for i, batch in enumerate(batches):
         result = scorer({c: batch.column(c).to_numpy(zero_copy_only=False) for c in SCORED_COLUMNS})
-        if len(result["row"]) == 0:  # every row of the batch excluded
-            continue
         table = pa.table({
             key: pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(value))
             if np.ndim(value) > 1 else value
@@ -140,6 +167,15 @@ def read_scores(scores_dir: str | Path, columns: Sequence[str] | None = None) ->
         return pa.table({c: pa.array([], pa.int64()) for c in (columns or ["row"])})
     table = pa.concat_tables(tables)
     return table.sort_by("row")
+
+
+def iter_scores(scores_dir: str | Path, columns: Sequence[str]) -> Iterator[pa.Table]:
+    """The scores written by `score_pool`, file by file (a block of the pass each, in no
+    particular row order): what a reduction over the pass reads, one block in memory at a time."""
+    for path in sorted(Path(scores_dir).glob("*.parquet")):
+        table = pq.read_table(path, columns=list(columns))
+        if table.num_rows:
+            yield table
 
 
 def column_array(table: pa.Table, name: str) -> np.ndarray:

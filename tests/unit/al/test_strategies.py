@@ -18,6 +18,7 @@ from orchestrator.al.strategies import (
     select,
     select_with_record,
     top_k,
+    top_k_merge,
     unlabelled_positions,
 )
 
@@ -311,6 +312,36 @@ def test_top_k_takes_the_best_k_in_order_with_nan_last(values, k, seed):
         worst_taken = max((nan_rank[p], -key[p]) for p in positions)
         best_left = min((nan_rank[p], -key[p]) for p in left_out)
         assert worst_taken <= best_left
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.sampled_from([0.0, 1.0, 2.0, 2.5, -np.inf, np.inf, np.nan]), max_size=40),
+    st.integers(0, 45),
+    st.integers(1, 9),
+    st.integers(0, 2**32 - 1),
+)
+def test_folding_blocks_through_top_k_merge_picks_exactly_what_top_k_picks(values, k, block, seed):
+    # ties and NaN included: each row carries its entry of top_k's own permutation draw
+    scores = np.array(values, dtype=np.float64)
+    expected = top_k(scores, k, np.random.default_rng(seed))
+    tiebreak = np.random.default_rng(seed).permutation(len(scores))
+    shuffled = np.random.default_rng(seed + 1).permutation(len(scores))  # blocks in any row order
+    best = None
+    for start in range(0, len(scores), block):
+        positions = shuffled[start:start + block]
+        best = top_k_merge(best, {"score": scores[positions], "tiebreak": tiebreak[positions],
+                                  "position": positions}, k)
+    folded = [] if best is None else best["position"].tolist()
+    assert folded == expected.tolist()
+
+
+def test_top_k_merge_keeps_at_most_k_rows_with_their_columns():
+    best = top_k_merge(None, {"score": np.array([0.1, 0.9, 0.5]), "tiebreak": np.array([0, 1, 2]),
+                              "row": np.array([10, 11, 12])}, 2)
+    best = top_k_merge(best, {"score": np.array([0.7]), "tiebreak": np.array([3]), "row": np.array([13])}, 2)
+    assert best["row"].tolist() == [11, 13]
+    assert best["score"].tolist() == [0.9, 0.7]
 
 
 # --- uncertainty: known rankings --------------------------------------------------------------

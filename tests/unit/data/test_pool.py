@@ -6,15 +6,22 @@ import math
 import numpy as np
 import pytest
 
+import pyarrow.parquet as pq
+
 from orchestrator.data.pool import (
     MANIFEST,
+    ROW_GROUPS,
     DuplicateIdError,
     PoolError,
     PoolWriter,
+    build_row_group_index,
+    consecutive_runs,
+    iter_rows,
     iter_volumes,
     open_pool,
     read_index,
     read_volumes,
+    row_group_index,
     zscore,
 )
 
@@ -101,10 +108,115 @@ def test_read_volumes_returns_the_asked_rows_in_that_order(tmp_path):
     np.testing.assert_allclose(read_volumes(tmp_path / "pool", rows), np.stack([zscore(vols[r]) for r in rows]), atol=1e-6)
 
 
-def test_read_volumes_refuses_rows_not_in_the_pool(tmp_path):
+def test_read_volumes_refuses_rows_not_in_the_pool_naming_the_first_missing_row(tmp_path):
     write_pool(tmp_path / "pool", volumes(3))
-    with pytest.raises(PoolError, match="not in"):
-        read_volumes(tmp_path / "pool", [1, 99])
+    for rows, missing in (([1, 99, 98], 99), ([-1], -1)):
+        with pytest.raises(PoolError, match=rf"row {missing} is not in the pool .*pool \(it holds rows 0..2"):
+            read_volumes(tmp_path / "pool", rows)
+
+
+def test_read_volumes_refuses_a_row_asked_twice(tmp_path):
+    write_pool(tmp_path / "pool", volumes(3))
+    with pytest.raises(PoolError, match="row 2 asked twice"):
+        read_volumes(tmp_path / "pool", [2, 0, 2])
+
+
+# -- reads that open only the row groups holding the asked rows --------------------------------
+
+def small_groups_pool(path, n=40):
+    """4 rows a row group, 12 rows (3 row groups) a shard: rows 36..39 are shard 3's group 0."""
+    vols = volumes(n)
+    info = write_pool(path, vols, shard_mb=12 * BOX**3 * 4 / 2**20, rows_per_group=4, dtype="float32")
+    return info, vols
+
+
+def test_reading_some_rows_opens_only_the_row_groups_that_hold_them(tmp_path, row_groups_read):
+    info, vols = small_groups_pool(tmp_path / "pool")
+    rows = [37, 5, 6]
+    back = read_volumes(info.path, rows)
+    np.testing.assert_allclose(back, np.stack([zscore(vols[r]) for r in rows]), atol=1e-6)
+    assert [(name, group) for name, group, _ in row_groups_read] == [("part-00000", 1), ("part-00003", 0)]
+    assert all(columns == ("row", "volume") for _, _, columns in row_groups_read)
+
+
+@pytest.mark.parametrize("damage", ["removed", "garbage", "other shards", "other row count"])
+def test_a_pool_without_a_usable_row_group_index_reads_from_the_parquet_footers(tmp_path, row_groups_read, damage):
+    info, vols = small_groups_pool(tmp_path / "pool")
+    index_file = tmp_path / "pool" / ROW_GROUPS
+    saved = json.loads(index_file.read_text())
+    if damage == "removed":  # a pool written before the index existed
+        index_file.unlink()
+    elif damage == "garbage":
+        index_file.write_text("{not json")
+    elif damage == "other shards":
+        index_file.write_text(json.dumps({**saved, "shards": ["shards/elsewhere.parquet"]}))
+    else:  # left behind by a writer that replaced the pool with fewer rows
+        index_file.write_text(json.dumps({**saved, "last": [*saved["last"][:-1], 45]}))
+    rows = [39, 0, 13]
+    np.testing.assert_allclose(read_volumes(info.path, rows), np.stack([zscore(vols[r]) for r in rows]), atol=1e-6)
+    # the index came from the footers alone: the only reads are the three asked rows' groups
+    assert [columns for _, _, columns in row_groups_read] == [("row", "volume")] * 3
+    assert damage == "removed" or index_file.exists()  # a reader leaves the pool as it found it
+    assert not (damage == "removed" and index_file.exists())
+
+
+def test_a_pool_at_a_uri_without_its_index_reads_the_asked_rows(tmp_path, row_groups_read):
+    info, vols = small_groups_pool(tmp_path / "pool")
+    (tmp_path / "pool" / ROW_GROUPS).unlink()
+    rows = [20, 3]
+    back = read_volumes((tmp_path / "pool").as_uri(), rows)
+    np.testing.assert_allclose(back, np.stack([zscore(vols[r]) for r in rows]), atol=1e-6)
+    assert [(name, group) for name, group, _ in row_groups_read] == [("part-00000", 0), ("part-00001", 2)]
+
+
+def test_the_footers_give_the_index_the_writer_saved(tmp_path):
+    info, _ = small_groups_pool(tmp_path / "pool")
+    saved = json.loads((tmp_path / "pool" / ROW_GROUPS).read_text())
+    built = build_row_group_index(info)
+    assert built.first.tolist() == saved["first"] == list(range(0, 40, 4))
+    assert built.last.tolist() == saved["last"] == list(range(3, 40, 4))
+    assert built.shard.tolist() == saved["shard"] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
+    assert built.group.tolist() == saved["group"] == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+
+
+def test_a_shard_with_rows_out_of_order_and_no_statistics_is_indexed_from_its_row_column(tmp_path):
+    info, vols = small_groups_pool(tmp_path / "pool", n=12)  # one shard
+    shard = tmp_path / "pool" / info.shards[0]
+    table = pq.read_table(shard)
+    shuffled = table.take([5, 0, 11, 3, 1, 2, 4, 6, 7, 10, 9, 8])  # groups {0,3,5,11} {1,2,4,6} {7..10}
+    pq.write_table(shuffled, shard, row_group_size=4, write_statistics=False)
+    (tmp_path / "pool" / ROW_GROUPS).unlink()
+    index = row_group_index(open_pool(info.path))
+    assert list(zip(index.first.tolist(), index.last.tolist(), index.group.tolist())) == [
+        (0, 0, 0), (1, 2, 1), (3, 3, 0), (4, 4, 1), (5, 5, 0), (6, 6, 1), (7, 10, 2), (11, 11, 0)]
+    rows = [11, 0, 5, 2]
+    np.testing.assert_allclose(read_volumes(info.path, rows), np.stack([zscore(vols[r]) for r in rows]), atol=1e-6)
+
+
+def test_an_index_that_no_longer_matches_its_shards_is_an_error_saying_to_delete_it(tmp_path):
+    info, _ = small_groups_pool(tmp_path / "pool")
+    index_file = tmp_path / "pool" / ROW_GROUPS
+    saved = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps({**saved, "group": saved["group"][::-1]}))
+    with pytest.raises(PoolError, match=rf"row 5 is not in shards/part-00000.parquet row group 2, .*delete .*{ROW_GROUPS}"):
+        read_volumes(info.path, [5])
+
+
+def test_iter_rows_gives_only_the_asked_rows_in_pool_order_in_batches(tmp_path, row_groups_read):
+    info, _ = small_groups_pool(tmp_path / "pool")
+    rows = [38, 2, 1, 13, 14, 15, 16, 17]
+    tables = list(iter_rows(info.path, rows, ["subtomo_id", "volume"], batch_rows=3))
+    assert [t.num_rows for t in tables] == [3, 3, 2]
+    assert [r for t in tables for r in t.column("row").to_pylist()] == sorted(rows)
+    assert tables[0].column("subtomo_id").to_pylist() == ["s001", "s002", "s013"]
+    assert {(name, group) for name, group, _ in row_groups_read} == {
+        ("part-00000", 0), ("part-00001", 0), ("part-00001", 1), ("part-00003", 0)}
+
+
+def test_consecutive_rows_make_one_run():
+    assert consecutive_runs(np.array([0, 1, 2, 5, 6, 9])) == [(0, 2), (5, 6), (9, 9)]
+    assert consecutive_runs(np.array([4, 4])) == [(4, 4), (4, 4)]
+    assert consecutive_runs(np.array([], dtype=np.int64)) == []
 
 
 def test_duplicate_id_is_refused(tmp_path):

@@ -1,0 +1,45 @@
+"""The campaign's selection from a scoring pass's files, without a campaign: a row-wise
+strategy's picks read file by file are the picks of the whole table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.al.strategies import top_k
+from orchestrator.campaign.labelled import LabelledSet
+from orchestrator.campaign.loop import best_scored
+from orchestrator.distributed.score import read_scores
+
+
+def write_pass(folder, n=200, files=7, seed=0):
+    """A pass's files: rows 0..n-1 spread over `files` files in shuffled order, scores with
+    many ties and a few NaN, predictions and their probabilities."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    rows = rng.permutation(n)
+    scores = rng.integers(0, 6, n).astype(np.float64)
+    scores[rng.choice(n, 5, replace=False)] = np.nan
+    for i, part in enumerate(np.array_split(rows, files)):
+        pq.write_table(pa.table({"row": part, "subtomo_id": [f"s{r}" for r in part],
+                                 "score": scores[part], "pred": part % 3,
+                                 "pred_prob": (part / n).astype(np.float32)}),
+                       folder / f"part-{i:05d}.parquet")
+    return folder
+
+
+@pytest.mark.parametrize("k", [0, 1, 17, 190, 500])
+def test_row_wise_picks_read_file_by_file_equal_top_k_over_the_whole_table(tmp_path, k):
+    folder = write_pass(tmp_path / "scores")
+    labelled = LabelledSet(rows=np.arange(0, 200, 20), answers=np.zeros(10, np.int64),
+                           train_rows=np.arange(200))
+    best = best_scored(folder, labelled, k, np.random.default_rng([3, 1]))
+
+    table = read_scores(folder)  # what the selection read before: the whole table
+    is_candidate = ~labelled.contains(table.column("row").to_numpy())
+    positions = top_k(table.column("score").to_numpy()[is_candidate], k, np.random.default_rng([3, 1]))
+    for name in ("row", "pred", "pred_prob"):
+        np.testing.assert_array_equal(best[name], table.column(name).to_numpy()[is_candidate][positions])
+    assert not set(best["row"].tolist()) & set(range(0, 200, 20))

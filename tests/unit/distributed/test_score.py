@@ -1,0 +1,57 @@
+"""A scoring pass reads only what it scores: the rows it skips (held out, labelled) are filtered
+in the read, in this process's pass (`score.actors=0`) as in Ray Data's, never sent to the
+scorer; row groups holding none of the scored rows are not read at all."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from orchestrator.config import ScoreConfig
+from orchestrator.distributed.score import read_scores, rows_to_score, score_pool, scored_rows_filter
+from orchestrator.nn.ema import init_mean_model
+from orchestrator.nn.model import build_model
+
+# the shape pool: rows 0..59 train, 60..71 val, 72..83 test; 6 rows (one row group) a shard
+HELD_OUT = list(range(60, 84))
+
+
+def saved_model(path, num_classes):
+    torch.manual_seed(0)
+    model = build_model("resnet10", num_classes=num_classes, width=4, stem="small")
+    torch.save({"model": model.state_dict(), "mean": init_mean_model(model).state_dict(),
+                "num_classes": num_classes,
+                "model_config": {"name": "resnet10", "width": 4, "stem": "small", "dropout": 0.0}}, path)
+    return path
+
+
+def test_the_rows_to_score_are_every_row_but_the_excluded_and_none_means_the_whole_pool(shape_pool):
+    assert rows_to_score(shape_pool, []) is None
+    assert rows_to_score(shape_pool, [83, 0, 0, 500] + HELD_OUT).tolist() == list(range(1, 60))
+
+
+def test_an_in_process_pass_reads_only_the_row_groups_holding_rows_it_scores(
+        shape_pool, tmp_path, row_groups_read, one_torch_thread):
+    labelled = [0, 1, 2, 3, 4, 5, 9]  # shard 0 whole, and one row of shard 1
+    out = score_pool(shape_pool.path, str(saved_model(tmp_path / "model.pt", shape_pool.num_classes)),
+                     tmp_path / "scores", strategy="entropy", strategy_options={},
+                     exclude_rows=labelled + HELD_OUT, cfg=ScoreConfig(actors=0, batch_size=16))
+    scored = read_scores(out, ["row", "subtomo_id", "score"])
+    assert scored.column("row").to_pylist() == sorted(set(range(60)) - set(labelled))
+    assert scored.column("subtomo_id").to_pylist()[:2] == ["train-0006", "train-0007"]
+    assert np.isfinite(scored.column("score").to_numpy()).all()
+    assert sorted(name for name, _, _ in row_groups_read) == [f"part-{s:05d}" for s in range(1, 10)]
+
+
+def test_the_ray_data_filter_skips_row_groups_without_a_scored_row_in_the_parquet_scan(shape_pool):
+    # what Ray Data pushes into its Parquet reads, checked on PyArrow's scan without Ray
+    import pyarrow.dataset as ds
+
+    rows = rows_to_score(shape_pool, list(range(0, 12)) + HELD_OUT)  # shards 0, 1 and 10..13 skipped
+    expression = scored_rows_filter(rows).to_pyarrow()
+    kept = {}
+    for fragment in ds.dataset(shape_pool.shard_paths, format="parquet").get_fragments():
+        kept[fragment.path.rsplit("/", 1)[-1]] = len(fragment.subset(filter=expression).row_groups)
+    assert [name for name, groups in sorted(kept.items()) if groups] == [f"part-{s:05d}.parquet" for s in range(2, 10)]
+    table = ds.dataset(shape_pool.shard_paths, format="parquet").to_table(columns=["row"], filter=expression)
+    assert sorted(table.column("row").to_pylist()) == list(range(12, 60))
