@@ -153,3 +153,7 @@ def test_ray_job_submit_runs_the_smoke_campaign_to_the_end(local_cluster, tmp_pa
     assert len(labels) == 1 + 9  # header + the budget's 9 labels
     assert pq.read_table(run_dir / "predictions.parquet").num_rows > 0
     assert str(run_dir) in logs  # the driver's own output reached the job log
+    # ... and only the driver's: Ray's own output (Train reports, Data's operator tables) went
+    # to the run directory's logs/, leaving a short plain log with no control codes
+    assert "TrainingReport(" not in logs and "\x1b" not in logs and "\r" not in logs, logs
+    assert len(logs.splitlines()) <= 40, logs
