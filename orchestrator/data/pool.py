@@ -569,9 +569,7 @@ def read_volumes(path: str | Path, rows: Sequence[int], out: np.ndarray | None =
     memory holds no more than a row group however many rows are read."""
     info = open_pool(path)
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    repeated = _repeated(rows)
-    if repeated is not None:
-        raise PoolError(f"read_volumes: row {repeated} asked twice")
+    _refuse_repeated(rows)
     if out is None:
         out = np.empty((len(rows), *info.box), dtype=np.float32)
     elif out.shape != (len(rows), *info.box):
@@ -590,9 +588,13 @@ def cache_volumes(path: str | Path, rows: Sequence[int], directory: str | None =
     float16 pools). The file has no name (unlinked at once): its blocks are freed when the
     array is garbage collected, or when the process ends, killed or not."""
     info = open_pool(path)
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     shape = (len(rows), *info.box)
     if not len(rows):
         return np.empty(shape, dtype=info.dtype)
+    # refused before any disk is taken, so a refusal's traceback holds no cache
+    _refuse_repeated(rows)
+    row_group_index(info).locate(rows, info.path)
     directory = directory or tempfile.gettempdir()
     with tempfile.TemporaryFile(prefix="cryoal-volumes-", dir=directory) as file:
         _reserve(file.fileno(), int(np.prod(shape)) * np.dtype(info.dtype).itemsize, directory)
@@ -608,9 +610,9 @@ def _reserve(fd: int, size: int, directory: str) -> None:
         os.posix_fallocate(fd, 0, size)
     except (AttributeError, OSError) as err:  # AttributeError: no posix_fallocate (macOS)
         if getattr(err, "errno", errno.EOPNOTSUPP) not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise OSError(err.errno, f"cannot reserve {size / 2**30:.2f} GiB for the volume "
-                          f"cache in {directory}: {err.strerror} (set TMPDIR to a local disk "
-                          "with room)") from err
+            raise OSError(err.errno, f"cannot reserve {size:,} bytes for the volume cache in "
+                          f"{directory}: {err.strerror} (set TMPDIR to a local disk with room)"
+                          ) from err
         os.ftruncate(fd, size)
 
 
@@ -645,11 +647,12 @@ def in_batches_of(pieces: Iterable[pa.Table | pa.RecordBatch], batch_rows: int) 
         yield pa.Table.from_batches(pending)
 
 
-def _repeated(rows: np.ndarray) -> int | None:
-    """A row that appears twice in `rows`, or None."""
+def _refuse_repeated(rows: np.ndarray) -> None:
+    """An error naming a row that appears twice in `rows`, if one does."""
     ordered = np.sort(rows)
     twice = ordered[1:][ordered[1:] == ordered[:-1]]
-    return int(twice[0]) if len(twice) else None
+    if len(twice):
+        raise PoolError(f"read_volumes: row {int(twice[0])} asked twice")
 
 
 def pool_summary(info: PoolInfo) -> dict:

@@ -5,8 +5,8 @@ train.py`` runs it on Ray Train (DDP, checkpoints, restarts), and a unit test ru
 
 - The data (:class:`CycleData`): every worker reads the cycle's labelled volumes from the pool,
   the validation volumes, and for semi-supervised training the unlabelled ones, once per cycle,
-  into a memory-mapped cache on its own disk (``orchestrator/nn/volumes.py``); each batch is
-  gathered from it as float32, so a worker's memory follows the batch, not the labelled set.
+  into memory-mapped caches on its own disk (``orchestrator/nn/cycle_volumes.py``); each batch
+  is gathered from them as float32, so a worker's memory follows the batch, not the labels.
 - How long it trains and when it validates (:func:`cycle_plan`): ``train.epochs``, or more for a
   small labelled set (``min_steps``), validation over the second half, checkpoints after every
   validation and at least every eighth of the cycle.
@@ -56,7 +56,7 @@ from orchestrator.nn.learning import (
     sigmoid_rampup,
     train_epoch,
 )
-from orchestrator.nn.volumes import Volumes, cached_volumes
+from orchestrator.nn.cycle_volumes import Volumes, cached_volumes
 
 __all__ = ["AMP_DTYPES", "CycleJob", "CyclePlan", "cycle_plan", "CycleData", "Cycle",
            "choose_classifier", "unlabelled_indices"]
