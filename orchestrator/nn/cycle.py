@@ -27,6 +27,7 @@ train.py`` runs it on Ray Train (DDP, checkpoints, restarts), and a unit test ru
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -144,15 +145,14 @@ class CycleData:
         # cheap when the labelled set is large (a few hundred volumes pin the statistics down)
         order = np.random.default_rng([job.seed, 17]).permutation(len(y_train))
         order = np.sort(order[:int(tcfg["calibration_samples"])])
-        read = []  # what is already cached, freed if a later read fails
-        try:
-            for rows in (job.train_rows, job.val_rows if job.val_rows else None,
-                         job.unlabelled_rows if semi else None):
-                read.append(None if rows is None else cached_volumes(job.pool, rows))
-        except BaseException:
-            _close(read)
-            raise
-        x_train, x_val, x_unlabelled = read
+        with contextlib.ExitStack() as cached:  # a failed read frees the caches before it
+            def cache(rows):
+                return cached.enter_context(cached_volumes(job.pool, rows))
+
+            x_train = cache(job.train_rows)
+            x_val = cache(job.val_rows) if job.val_rows else None
+            x_unlabelled = cache(job.unlabelled_rows) if semi else None
+            cached.pop_all()  # read: the cycle closes them (close())
         return cls(x_train, y_train, x_val, torch.as_tensor(job.val_labels, dtype=torch.int64),
                    x_unlabelled, order, int(tcfg["batch_size"]))
 
@@ -161,7 +161,9 @@ class CycleData:
         return _batches(self.x_train, self.y_train, self.calibration_order, self.batch_size)
 
     def close(self) -> None:
-        _close([self.x_train, self.x_val, self.x_unlabelled])
+        for volumes in (self.x_train, self.x_val, self.x_unlabelled):
+            if volumes is not None:
+                volumes.close()
 
 
 class Cycle:
@@ -452,12 +454,6 @@ def _batches(x: Volumes, y: torch.Tensor | None, order: np.ndarray, batch_size: 
     for start in range(0, len(order), batch_size):
         index = torch.from_numpy(order[start:start + batch_size])
         yield x.gather(index), (None if y is None else y[index])
-
-
-def _close(volumes) -> None:
-    for v in volumes:
-        if v is not None:
-            v.close()
 
 
 def _seed(*parts: int) -> int:
