@@ -129,6 +129,15 @@ def shape_pool(tmp_path_factory):
     return make_shape_pool(tmp_path_factory.mktemp("pools") / "shapes")
 
 
+def mapped_from(directory) -> list[str]:
+    """This process's memory maps of files in `directory` (Linux's /proc/self/maps): how a
+    test sees a volume cache, whose file has no name to list."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    return [line for line in maps.read_text().splitlines() if f" {directory}/" in line]
+
+
 def finished_run(run_dir: Path, pool: Path, pred: list[int], prob: list[float]) -> Path:
     """A run directory as a finished campaign leaves it, with what an export reads: state.json
     naming the pool, and predictions.parquet (pool rows 0.. in order)."""

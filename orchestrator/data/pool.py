@@ -19,9 +19,11 @@ shards' Parquet footers), so its cost follows the rows read, not the pool's size
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -498,8 +500,9 @@ def _positions_in(group_rows: np.ndarray, wanted: np.ndarray, info: PoolInfo, sh
     return found
 
 
-def decode_volumes(column, info: PoolInfo) -> np.ndarray:
-    """The `volume` column (Arrow fixed-size binary, or numpy array of bytes) → float32 [n, z, y, x]."""
+def decode_volumes(column, info: PoolInfo, dtype=np.float32) -> np.ndarray:
+    """The `volume` column (Arrow fixed-size binary, or numpy array of bytes) → `dtype` (float32
+    unless asked otherwise) [n, z, y, x]."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if isinstance(column, pa.FixedSizeBinaryArray):
@@ -514,7 +517,7 @@ def decode_volumes(column, info: PoolInfo) -> np.ndarray:
                             offset=column.offset * width).view(info.dtype)
     else:  # numpy object array of bytes, as Ray Data hands binary columns to numpy batches
         raw = np.frombuffer(b"".join(column), dtype=info.dtype)
-    return raw.reshape(len(column), *info.box).astype(np.float32)
+    return raw.reshape(len(column), *info.box).astype(dtype)
 
 
 def iter_batches(
@@ -557,18 +560,60 @@ def read_index(path: str | Path, columns: Sequence[str] = INDEX_COLUMNS) -> pa.T
     return pa.concat_tables(tables)
 
 
-def read_volumes(path: str | Path, rows: Sequence[int]) -> np.ndarray:
-    """The volumes of the given pool rows, in that order (the labelled set, a page of queries).
-    Only the row groups holding them are read: the cost follows len(rows), not the pool."""
+def read_volumes(path: str | Path, rows: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    """The volumes of the given pool rows, in that order (the labelled set, a page of queries),
+    float32. Only the row groups holding them are read: the cost follows len(rows), not the pool.
+
+    ``out`` (``len(rows)`` volumes of the pool's box, e.g. a memory-mapped file, see
+    `cache_volumes`) receives them in its own dtype instead, one row group's rows at a time, so
+    memory holds no more than a row group however many rows are read."""
     info = open_pool(path)
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    repeated = _repeated(rows)
-    if repeated is not None:
-        raise PoolError(f"read_volumes: row {repeated} asked twice")
-    out = np.empty((len(rows), *info.box), dtype=np.float32)
+    _refuse_repeated(rows)
+    if out is None:
+        out = np.empty((len(rows), *info.box), dtype=np.float32)
+    elif out.shape != (len(rows), *info.box):
+        raise PoolError(f"read_volumes: out has shape {out.shape}, the rows need {(len(rows), *info.box)}")
     for positions, table in _rows_by_row_group(info, rows, ["volume"]):
-        out[positions] = decode_volumes(table.column("volume"), info)
+        out[positions] = decode_volumes(table.column("volume"), info, out.dtype)
     return out
+
+
+def cache_volumes(path: str | Path, rows: Sequence[int], directory: str | None = None) -> np.ndarray:
+    """The volumes of the given rows, in that order, in the pool's dtype, in a memory-mapped file
+    on this node's disk: ``directory``, or the temporary directory (``TMPDIR``, else /tmp).
+    Converted to float32 they are exactly what `read_volumes` returns, but the process holds
+    only the pages it touches (the kernel's page cache, dropped under pressure), so a set larger
+    than memory can be read. It needs len(rows) × voxels × itemsize bytes of disk (2 for
+    float16 pools). The file has no name (unlinked at once): its blocks are freed when the
+    array is garbage collected, or when the process ends, killed or not."""
+    info = open_pool(path)
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    shape = (len(rows), *info.box)
+    if not len(rows):
+        return np.empty(shape, dtype=info.dtype)
+    # refused before any disk is taken, so a refusal's traceback holds no cache
+    _refuse_repeated(rows)
+    row_group_index(info).locate(rows, info.path)
+    directory = directory or tempfile.gettempdir()
+    with tempfile.TemporaryFile(prefix="cryoal-volumes-", dir=directory) as file:
+        _reserve(file.fileno(), int(np.prod(shape)) * np.dtype(info.dtype).itemsize, directory)
+        cache = np.memmap(file, dtype=info.dtype, mode="r+", shape=shape)  # the map keeps the file
+    return read_volumes(path, rows, out=cache)
+
+
+def _reserve(fd: int, size: int, directory: str) -> None:
+    """Allocate the cache's blocks before writing: a full disk is then an error naming the
+    size, not a SIGBUS at the first page written into a hole. A filesystem that cannot
+    allocate ahead gets a sparse file."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except (AttributeError, OSError) as err:  # AttributeError: no posix_fallocate (macOS)
+        if getattr(err, "errno", errno.EOPNOTSUPP) not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise OSError(err.errno, f"cannot reserve {size:,} bytes for the volume cache in "
+                          f"{directory}: {err.strerror} (set TMPDIR to a local disk with room)"
+                          ) from err
+        os.ftruncate(fd, size)
 
 
 def iter_rows(
@@ -602,11 +647,12 @@ def in_batches_of(pieces: Iterable[pa.Table | pa.RecordBatch], batch_rows: int) 
         yield pa.Table.from_batches(pending)
 
 
-def _repeated(rows: np.ndarray) -> int | None:
-    """A row that appears twice in `rows`, or None."""
+def _refuse_repeated(rows: np.ndarray) -> None:
+    """An error naming a row that appears twice in `rows`, if one does."""
     ordered = np.sort(rows)
     twice = ordered[1:][ordered[1:] == ordered[:-1]]
-    return int(twice[0]) if len(twice) else None
+    if len(twice):
+        raise PoolError(f"read_volumes: row {int(twice[0])} asked twice")
 
 
 def pool_summary(info: PoolInfo) -> dict:

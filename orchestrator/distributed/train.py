@@ -43,23 +43,24 @@ def train_loop_per_worker(config: dict) -> dict | None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(float(job.train["cpus_per_worker"]))))
-    cycle = Cycle(job, rank=rank, world=world, device=ray.train.torch.get_device(),
-                  wrap=ray.train.torch.prepare_model)
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as directory:
-            cycle.load_state_dict(torch.load(Path(directory) / STATE_FILE,
-                                             map_location=cycle.device, weights_only=False))
-    for epoch in range(cycle.progress["epoch"], cycle.plan.epochs):
-        metrics = cycle.train_epoch(epoch)
-        if epoch in cycle.plan.evaluate_at:
-            metrics.update(cycle.validate(epoch))  # rank 0 keeps model.pt when it is the best
-        if rank == 0:  # one event per epoch: the driver's progress display follows them
-            report_epoch(job.out_dir, epoch=epoch + 1, epochs=cycle.plan.epochs,
-                         **{k: metrics[k] for k in SHOWN if k in metrics})
-        if epoch in cycle.plan.checkpoint_at:
-            report(metrics, cycle.state_dict() if rank == 0 else None)
-            faults.maybe_fault("train-checkpointed", scope=f"rank{rank}")
-    return cycle.finish() if rank == 0 else None
+    # the cycle's volume caches are freed when it ends, and when it fails
+    with Cycle(job, rank=rank, world=world, device=ray.train.torch.get_device(),
+               wrap=ray.train.torch.prepare_model) as cycle:
+        if (checkpoint := ray.train.get_checkpoint()) is not None:
+            with checkpoint.as_directory() as directory:
+                cycle.load_state_dict(torch.load(Path(directory) / STATE_FILE,
+                                                 map_location=cycle.device, weights_only=False))
+        for epoch in range(cycle.progress["epoch"], cycle.plan.epochs):
+            metrics = cycle.train_epoch(epoch)
+            if epoch in cycle.plan.evaluate_at:
+                metrics.update(cycle.validate(epoch))  # rank 0 keeps model.pt when it is the best
+            if rank == 0:  # one event per epoch: the driver's progress display follows them
+                report_epoch(job.out_dir, epoch=epoch + 1, epochs=cycle.plan.epochs,
+                             **{k: metrics[k] for k in SHOWN if k in metrics})
+            if epoch in cycle.plan.checkpoint_at:
+                report(metrics, cycle.state_dict() if rank == 0 else None)
+                faults.maybe_fault("train-checkpointed", scope=f"rank{rank}")
+        return cycle.finish() if rank == 0 else None
 
 
 def report(metrics: dict, state: dict | None) -> None:

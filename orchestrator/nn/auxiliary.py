@@ -96,6 +96,18 @@ def _in_batches(x: torch.Tensor, fn, batch: int = BATCH) -> torch.Tensor:
     return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
+def _rows_end_to_end(first, second, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` of ``first`` and ``second`` placed end to end, in ``index``'s order, read
+    from each (tensors or cycle volumes) without joining them: only the batch is copied."""
+    in_first = index < len(first)
+    parts = torch.cat([torch.as_tensor(first[index[in_first]]),
+                       torch.as_tensor(second[index[~in_first] - len(first)])])
+    placed = torch.cat([torch.nonzero(in_first).flatten(), torch.nonzero(~in_first).flatten()])
+    rows = torch.empty_like(parts)
+    rows[placed] = parts
+    return rows
+
+
 # --- LL4AL ------------------------------------------------------------------------------------
 
 
@@ -418,16 +430,17 @@ class Autoencoder(Auxiliary):
         return ConvAutoencoder(self.latent, self.channels, variational=False)
 
     def fit_after(self, aux, model, labelled_x, unlabelled_x, *, device, seed):
-        x = torch.cat([torch.as_tensor(labelled_x), torch.as_tensor(unlabelled_x)])
-        if len(x) == 0:
+        n = len(labelled_x) + len(unlabelled_x)
+        if n == 0:
             return
         aux.to(device).train()
         generator = torch.Generator().manual_seed(_seed(seed, 17))
         optimizer = torch.optim.Adam(aux.parameters(), lr=self.lr)
         for _ in range(self.epochs):
-            order = torch.randperm(len(x), generator=generator)
-            for start in range(0, len(x), BATCH):
-                batch = as_volumes(x[order[start : start + BATCH]], device)
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, BATCH):
+                picked = _rows_end_to_end(labelled_x, unlabelled_x, order[start : start + BATCH])
+                batch = as_volumes(picked, device)
                 loss = _reconstruction(aux, batch)[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

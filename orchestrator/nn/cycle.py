@@ -3,9 +3,10 @@
 ``Cycle`` holds a cycle's state on one rank and does its steps; ``orchestrator/distributed/
 train.py`` runs it on Ray Train (DDP, checkpoints, restarts), and a unit test runs it as is.
 
-- The data (:class:`CycleData`): every worker reads the cycle's labelled volumes from the pool
-  (a small fraction of it), the validation volumes, and for semi-supervised training the
-  unlabelled ones, once per cycle.
+- The data (:class:`CycleData`): every worker reads the cycle's labelled volumes from the pool,
+  the validation volumes, and for semi-supervised training the unlabelled ones, once per cycle,
+  into memory-mapped caches on its own disk (``orchestrator/nn/cycle_volumes.py``); each batch
+  is gathered from them as float32, so a worker's memory follows the batch, not the labels.
 - How long it trains and when it validates (:func:`cycle_plan`): ``train.epochs``, or more for a
   small labelled set (``min_steps``), validation over the second half, checkpoints after every
   validation and at least every eighth of the cycle.
@@ -26,6 +27,7 @@ train.py`` runs it on Ray Train (DDP, checkpoints, restarts), and a unit test ru
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,7 +37,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from orchestrator.data.pool import read_volumes
 from orchestrator.nn.augment import Augmentation
 from orchestrator.nn.auxiliary import make_auxiliary
 from orchestrator.nn.checkpoint import (
@@ -56,6 +57,7 @@ from orchestrator.nn.learning import (
     sigmoid_rampup,
     train_epoch,
 )
+from orchestrator.nn.cycle_volumes import Volumes, cached_volumes
 
 __all__ = ["AMP_DTYPES", "CycleJob", "CyclePlan", "cycle_plan", "CycleData", "Cycle",
            "choose_classifier", "unlabelled_indices"]
@@ -122,31 +124,46 @@ def cycle_plan(n_labelled: int, tcfg: dict, world: int = 1) -> CyclePlan:
 
 @dataclass
 class CycleData:
-    """The volumes a worker trains on, read once per cycle: labelled (train), validation, and
-    for semi-supervised training the unlabelled ones (kept in storage dtype: float16 halves it)."""
+    """The volumes a worker trains on, read once per cycle into caches on its disk (in the
+    pool's dtype, :func:`cached_volumes`): labelled (train), validation, and for
+    semi-supervised training the unlabelled ones. ``close()`` frees the caches."""
 
-    x_train: torch.Tensor
+    x_train: Volumes
     y_train: torch.Tensor
-    x_val: torch.Tensor | None
+    x_val: Volumes | None
     y_val: torch.Tensor
-    x_unlabelled: torch.Tensor | None
-    calibration: list  # (x, y) batches of up to train.calibration_samples labelled volumes
+    x_unlabelled: Volumes | None
+    calibration_order: np.ndarray  # the labelled positions that set BatchNorm statistics
+    batch_size: int  # of a calibration batch
 
     @classmethod
     def read(cls, job: CycleJob) -> "CycleData":
         tcfg = job.train
-        x_train = torch.from_numpy(read_volumes(job.pool, job.train_rows))
         y_train = torch.as_tensor(job.train_labels, dtype=torch.int64)
-        x_val = torch.from_numpy(read_volumes(job.pool, job.val_rows)) if job.val_rows else None
         semi = tcfg["semi_supervised"] and job.unlabelled_rows
-        x_unlabelled = torch.from_numpy(read_volumes(job.pool, job.unlabelled_rows)) if semi else None
         # BatchNorm statistics for evaluation from a fixed subset: the same for T and M, and
         # cheap when the labelled set is large (a few hundred volumes pin the statistics down)
         order = np.random.default_rng([job.seed, 17]).permutation(len(y_train))
         order = np.sort(order[:int(tcfg["calibration_samples"])])
-        calibration = list(_batches(x_train, y_train, order, int(tcfg["batch_size"])))
+        with contextlib.ExitStack() as cached:  # a failed read frees the caches before it
+            def cache(rows):
+                return cached.enter_context(cached_volumes(job.pool, rows))
+
+            x_train = cache(job.train_rows)
+            x_val = cache(job.val_rows) if job.val_rows else None
+            x_unlabelled = cache(job.unlabelled_rows) if semi else None
+            cached.pop_all()  # read: the cycle closes them (close())
         return cls(x_train, y_train, x_val, torch.as_tensor(job.val_labels, dtype=torch.int64),
-                   x_unlabelled, calibration)
+                   x_unlabelled, order, int(tcfg["batch_size"]))
+
+    def calibration(self):
+        """(x, y) batches of the calibration volumes, gathered afresh at each call."""
+        return _batches(self.x_train, self.y_train, self.calibration_order, self.batch_size)
+
+    def close(self) -> None:
+        for volumes in (self.x_train, self.x_val, self.x_unlabelled):
+            if volumes is not None:
+                volumes.close()
 
 
 class Cycle:
@@ -167,7 +184,16 @@ class Cycle:
         self.job, self.rank, self.world, self.device = job, rank, world, torch.device(device)
         self.amp_dtype = AMP_DTYPES[tcfg["amp"]] if self.device.type == "cuda" else None
         self.data = CycleData.read(job)
-        self.plan = cycle_plan(len(self.data.y_train), tcfg, world)
+        try:
+            self._build(wrap)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, wrap) -> None:
+        """The plan, T, M, the auxiliary, optimiser, scheduler and augmentation."""
+        job, tcfg = self.job, self.job.train
+        self.plan = cycle_plan(len(self.data.y_train), tcfg, self.world)
         self.auxiliary = make_auxiliary(job.auxiliary, job.auxiliary_options)
         self.model, self.mean, self.aux = self._build_models(wrap)
         trained = self.model if self.aux is None else torch.nn.ModuleList([self.model, self.aux])
@@ -180,6 +206,16 @@ class Cycle:
         augmentation = Augmentation(shift=tcfg["augment_shift"], intensity=tcfg["augment_intensity"])
         self.augmentation = augmentation if tcfg["augment"] else None
         self.progress = {"epoch": 0, "best_val": -1.0, "best_epoch": -1}
+
+    def close(self) -> None:
+        """Free the cycle's volume caches (their disk): after the cycle, or when it fails."""
+        self.data.close()
+
+    def __enter__(self) -> "Cycle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _build_models(self, wrap):
         """T, M, and the strategy's jointly trained auxiliary if it has one."""
@@ -223,8 +259,8 @@ class Cycle:
         """Validate T and M (each with BatchNorm statistics recomputed on the calibration set);
         when the chosen classifier beats the best so far, rank 0 saves this epoch's pair."""
         data = self.data
-        task_eval = recalibrated(self.model, data.calibration)
-        mean_eval = recalibrated(self.mean, data.calibration)
+        task_eval = recalibrated(self.model, data.calibration())
+        mean_eval = recalibrated(self.mean, data.calibration())
         val_task = self._accuracy(task_eval, data.x_val, data.y_val)
         val_mean = self._accuracy(mean_eval, data.x_val, data.y_val)
         classifier, score = choose_classifier(self.job.train["classifier"], val_task, val_mean)
@@ -284,7 +320,7 @@ class Cycle:
         if x is None:
             return None
         first, b = epoch * self.plan.steps_per_epoch, self.plan.rank_batch
-        return (x[unlabelled_indices(len(x), b, self.job.seed, step, self.rank, self.world)]
+        return (x.gather(unlabelled_indices(len(x), b, self.job.seed, step, self.rank, self.world))
                 for step in range(first, first + self.plan.steps_per_epoch))
 
     def _unlabelled_weight(self, epoch: int):
@@ -295,11 +331,14 @@ class Cycle:
         first = epoch * plan.steps_per_epoch
         return lambda i: tcfg["lam_unlabelled"] * sigmoid_rampup(first + i, rampup_steps)
 
-    def _accuracy(self, model, x, y) -> float:
+    def _accuracy(self, model, x: Volumes | None, y) -> float:
         if x is None:
             return float("nan")
+        return float(self._evaluate(model, x, y)["accuracy"])
+
+    def _evaluate(self, model, x: Volumes, y) -> dict:
         batches = _batches(x, y, np.arange(len(x)), self.job.train["batch_size"] * 2)
-        return float(evaluate(model, batches, self.job.num_classes, amp_dtype=self.amp_dtype)["accuracy"])
+        return evaluate(model, batches, self.job.num_classes, amp_dtype=self.amp_dtype)
 
     def _save_model(self, model, mean, epoch: int, *, classifier: str, val_task: float,
                     val_mean: float) -> None:
@@ -328,11 +367,9 @@ class Cycle:
         if "auxiliary" in saved:
             aux.load_state_dict(saved["auxiliary"])
         aux.to(device)
-        rows = job.auxiliary_rows
-        x_unlabelled = (torch.from_numpy(read_volumes(job.pool, rows)) if len(rows)
-                        else self.data.x_train[:0])
-        self.auxiliary.fit_after(aux, model, self.data.x_train, x_unlabelled, device=device,
-                                 seed=job.seed)
+        with cached_volumes(job.pool, job.auxiliary_rows) as x_unlabelled:
+            self.auxiliary.fit_after(aux, model, self.data.x_train, x_unlabelled, device=device,
+                                     seed=job.seed)
         saved.update(auxiliary=aux.state_dict(), auxiliary_fitted=True)
         atomic_torch_save(saved, model_path(job.out_dir))
 
@@ -349,12 +386,12 @@ class Cycle:
         }
         if not job.test_rows:
             return summary
-        x_test = torch.from_numpy(read_volumes(job.pool, job.test_rows))
         y_test = torch.as_tensor(job.test_labels, dtype=torch.int64)
-        for key, name in (("model", "task"), ("mean", "mean")):
-            model = model_from_checkpoint(saved, key, self.device)
-            batches = _batches(x_test, y_test, np.arange(len(x_test)), job.train["batch_size"] * 2)
-            result = evaluate(model, batches, job.num_classes, amp_dtype=self.amp_dtype)
+        with cached_volumes(job.pool, job.test_rows) as x_test:
+            results = {name: self._evaluate(model_from_checkpoint(saved, key, self.device),
+                                            x_test, y_test)
+                       for key, name in (("model", "task"), ("mean", "mean"))}
+        for name, result in results.items():
             summary[f"test_accuracy_{name}"] = float(result["accuracy"])
             if name == summary["classifier"]:
                 summary.update(
@@ -412,10 +449,11 @@ def epoch_order(labels: torch.Tensor, seed: int, epoch: int, rank: int, world: i
     return order[rank * per_rank:(rank + 1) * per_rank] if n >= world else order
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor | None, order: np.ndarray, batch_size: int):
+def _batches(x: Volumes, y: torch.Tensor | None, order: np.ndarray, batch_size: int):
+    """(volumes, labels) at ``order``, ``batch_size`` at a time, each gathered when reached."""
     for start in range(0, len(order), batch_size):
         index = torch.from_numpy(order[start:start + batch_size])
-        yield x[index], (None if y is None else y[index])
+        yield x.gather(index), (None if y is None else y[index])
 
 
 def _seed(*parts: int) -> int:

@@ -1,12 +1,15 @@
 """The Parquet pool: round trips, normalisation, sharding, streaming, refusals."""
 
+import errno
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 
 import pyarrow.parquet as pq
+from conftest import mapped_from
 
 from orchestrator.data.pool import (
     MANIFEST,
@@ -15,6 +18,7 @@ from orchestrator.data.pool import (
     PoolError,
     PoolWriter,
     build_row_group_index,
+    cache_volumes,
     consecutive_runs,
     iter_rows,
     iter_volumes,
@@ -119,6 +123,54 @@ def test_read_volumes_refuses_a_row_asked_twice(tmp_path):
     write_pool(tmp_path / "pool", volumes(3))
     with pytest.raises(PoolError, match="row 2 asked twice"):
         read_volumes(tmp_path / "pool", [2, 0, 2])
+
+
+# -- a cache of some rows on the local disk ---------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_cache_holds_the_asked_rows_in_that_order_as_read_volumes_reads_them(tmp_path, dtype):
+    write_pool(tmp_path / "pool", volumes(30), shard_mb=12 * BOX**3 * 4 / 2**20, rows_per_group=4,
+               dtype=dtype)
+    rows = [29, 0, 13, 7, 8, 21]
+    cache = cache_volumes(tmp_path / "pool", rows, directory=str(tmp_path))
+    assert cache.dtype == dtype  # the pool's: half the disk of float32 for a float16 pool
+    np.testing.assert_array_equal(cache.astype(np.float32), read_volumes(tmp_path / "pool", rows))
+
+
+def test_a_cache_is_a_mapped_file_with_no_name_that_goes_with_the_array(tmp_path):
+    write_pool(tmp_path / "pool", volumes(5))
+    (tmp_path / "cache").mkdir()
+    cache = cache_volumes(tmp_path / "pool", [4, 1], directory=str(tmp_path / "cache"))
+    assert len(mapped_from(tmp_path / "cache")) == 1
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing a killed worker could leave behind
+    del cache
+    assert mapped_from(tmp_path / "cache") == []
+
+
+def test_a_cache_of_no_rows_is_empty(tmp_path):
+    write_pool(tmp_path / "pool", volumes(3))
+    assert cache_volumes(tmp_path / "pool", [], directory=str(tmp_path)).shape == (0, BOX, BOX, BOX)
+
+
+def test_a_cache_refuses_a_row_not_in_the_pool_or_asked_twice_as_read_volumes_does(tmp_path):
+    write_pool(tmp_path / "pool", volumes(3))
+    with pytest.raises(PoolError, match=r"row 99 is not in the pool .*pool \(it holds rows 0..2"):
+        cache_volumes(tmp_path / "pool", [1, 99], directory=str(tmp_path))
+    with pytest.raises(PoolError, match="row 2 asked twice"):
+        cache_volumes(tmp_path / "pool", [2, 0, 2], directory=str(tmp_path))
+
+
+def test_a_cache_that_does_not_fit_on_the_disk_says_how_much_it_needs_and_where(tmp_path, monkeypatch):
+    write_pool(tmp_path / "pool", volumes(3))
+
+    def full_disk(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk, raising=False)
+    # 2 rows of BOX³ float16 voxels
+    with pytest.raises(OSError, match=rf"reserve 256 bytes for the volume cache in {tmp_path}: "
+                                      r"No space left on device \(set TMPDIR"):
+        cache_volumes(tmp_path / "pool", [0, 1], directory=str(tmp_path))
 
 
 # -- reads that open only the row groups holding the asked rows --------------------------------

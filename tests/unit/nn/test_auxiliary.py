@@ -6,6 +6,7 @@ import torch
 
 from orchestrator.al.strategies import OUTPUT_KEYS, STRATEGIES, make_strategy
 from orchestrator.nn import auxiliary
+from orchestrator.nn.cycle_volumes import Volumes
 from orchestrator.nn.ema import init_mean_model
 from orchestrator.nn.learning import make_optimizer, train_epoch
 from orchestrator.nn.model import build_model
@@ -209,6 +210,30 @@ def test_fit_after_is_seeded(hook, key, shape):
         fitted.append(snapshot(aux))
     for k in fitted[0]:
         assert torch.equal(fitted[0][k], fitted[1][k]), k
+
+
+@pytest.mark.parametrize(("hook", "key", "shape"), FITTED, ids=["vaal", "hal", "autoencoder"])
+def test_fit_after_fits_the_same_from_a_cycles_volumes_as_from_tensors(hook, key, shape):
+    model = tiny_model()
+    labelled, unlabelled = volumes(5, 1), volumes(9, 2)
+    fitted = []
+    for source in (lambda x: x, lambda x: Volumes(x.numpy())):
+        torch.manual_seed(0)
+        aux = hook.build(model, 3)
+        hook.fit_after(aux, model, source(labelled), source(unlabelled),
+                       device=torch.device("cpu"), seed=3)
+        fitted.append(snapshot(aux))
+    for k in fitted[0]:
+        assert torch.equal(fitted[0][k], fitted[1][k]), k
+
+
+def test_rows_of_two_sources_end_to_end_are_the_rows_of_their_concatenation():
+    first, second = volumes(3, 1), volumes(4, 2)
+    index = torch.tensor([6, 0, 3, 2, 3, 5])
+    expected = torch.cat([first, second])[index]
+    assert torch.equal(auxiliary._rows_end_to_end(first, second, index), expected)
+    from_volumes = auxiliary._rows_end_to_end(Volumes(first.numpy()), Volumes(second.numpy()), index)
+    assert torch.equal(from_volumes, expected)
 
 
 def test_hal_discriminator_tells_labelled_from_unlabelled_volumes():
