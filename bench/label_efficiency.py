@@ -57,11 +57,11 @@ sys.path.insert(0, str(ROOT))
 
 from orchestrator.campaign.metrics import aubc  # noqa: E402
 
-SHREC_MAPS = ROOT.parent / "shared" / "data" / "structures_10A"
+# CRYOAL_SHREC_MAPS: the maps elsewhere (a machine without ../shared, e.g. bench/gpu.sh)
+SHREC_MAPS = Path(os.environ.get("CRYOAL_SHREC_MAPS", ROOT.parent / "shared" / "data" / "structures_10A"))
 RESULTS = ROOT / "docs" / "results" / "label_efficiency.csv"
-DETAILS = ROOT / "docs" / "results" / "label_efficiency_models.csv"
-QUERIES = ROOT / "docs" / "results" / "label_efficiency_queries.csv"
 QUERY_COLUMNS = ["dataset", "strategy", "seed", "cycle", "chosen_by", "queried", "junk"]
+CLASS_COLUMNS = ["dataset", "strategy", "seed", "label", "count"]  # the labelled set at the end
 COLUMNS = ["dataset", "strategy", "seed", "labelled", "fraction", "val_accuracy", "test_accuracy"]
 DETAIL_COLUMNS = ["dataset", "strategy", "seed", "labelled", "classifier", "val_accuracy_task",
                   "val_accuracy_mean", "test_accuracy_task", "test_accuracy_mean", "epochs",
@@ -101,7 +101,10 @@ WAVES = [
      ("badge", "badge", {}, []),
      ("bald", "bald", {"mc_passes": 10}, []),
      ("hal", "hal", {"epochs": 8}, []),
-     ("ema_kl_semi", "ema_kl_semi", {"distance": "kl"}, [])],
+     ("ema_kl_semi", "ema_kl_semi", {"distance": "kl"}, []),
+     # the same scores queried in equal shares of the predicted classes (why: the balance table)
+     ("ema_kl_class_balanced", "class_balanced", {"base": "ema_kl", "base_options": {"distance": "kl"}}, []),
+     ("entropy_class_balanced", "class_balanced", {"base": "entropy"}, [])],
     [("ema_kl_selection_only", "ema_kl", {"distance": "kl"}, ["train.lam=0"]),
      ("margin", "margin", {}, []),
      ("coreset", "coreset", {}, []),
@@ -145,7 +148,8 @@ def simulate(name: str, out: Path):
     if DATASETS[name]["structures"] == str(SHREC_MAPS) and not SHREC_MAPS.is_dir():
         raise SystemExit(f"{name}: needs the SHREC'21 maps in {SHREC_MAPS} (../shared/data)")
     started = time.perf_counter()
-    info = simulate_pool(None, SimulationConfig(**DATASETS[name]), path, workers=2, progress=False)
+    info = simulate_pool(None, SimulationConfig(**DATASETS[name]), path, workers=os.cpu_count() or 2,
+                         progress=False)
     print(f"{name}: pool of {info.n_rows} simulated in {time.perf_counter() - started:.0f} s",
           flush=True)
     return info
@@ -243,8 +247,9 @@ def run_all(args, rows: list[str]) -> None:
 def write_results(out: Path, path: Path) -> None:
     """Every finished campaign under `out` as CSV rows (one per cycle), sorted; the models'
     details (T or M, both accuracies, epochs, seconds) beside it, and its queries (per cycle
-    and choosing strategy: how many, how many answered junk)."""
-    rows, details, queries = [], [], []
+    and choosing strategy: how many, how many answered junk) and the class counts of its
+    labelled set at its last budget."""
+    rows, details, queries, classes = [], [], [], []
     for state_file in sorted((out / "runs").glob("*/*/state.json")):
         run_dir = state_file.parent
         state = finished_state(run_dir)
@@ -257,9 +262,20 @@ def write_results(out: Path, path: Path) -> None:
             rows.append(key + [round(fraction, 6), c.get("val_accuracy"), c.get("test_accuracy")])
             details.append(key + [c.get(k) for k in DETAIL_COLUMNS[4:]])
         queries += [[run_dir.parent.name, row, int(seed), *q] for q in run_queries(run_dir)]
+        if row != FULL:
+            classes += [[run_dir.parent.name, row, int(seed), label, n]
+                        for label, n in sorted(class_counts(run_dir).items())]
     _write_csv(path, COLUMNS, sorted(rows, key=lambda r: r[:4]))
-    _write_csv(path.with_name(DETAILS.name), DETAIL_COLUMNS, sorted(details, key=lambda r: r[:4]))
-    _write_csv(path.with_name(QUERIES.name), QUERY_COLUMNS, sorted(queries, key=lambda r: r[:5]))
+    _write_csv(beside(path, "models"), DETAIL_COLUMNS, sorted(details, key=lambda r: r[:4]))
+    _write_csv(beside(path, "queries"), QUERY_COLUMNS, sorted(queries, key=lambda r: r[:5]))
+    _write_csv(beside(path, "classes"), CLASS_COLUMNS, classes)
+
+
+def beside(results: Path, what: str) -> Path:
+    """The file of the models' details or of the queries that goes with a results CSV
+    (label_efficiency.csv → label_efficiency_models.csv): two result files in one folder
+    keep their own."""
+    return results.with_name(f"{results.stem}_{what}.csv")
 
 
 def run_queries(run_dir: Path) -> list[list]:
@@ -276,6 +292,17 @@ def run_queries(run_dir: Path) -> list[list]:
                 tally[0] += 1
                 tally[1] += answers.get(r["subtomo_id"]) == -1
     return [[cycle, chooser, n, junk] for (cycle, chooser), (n, junk) in sorted(counts.items())]
+
+
+def class_counts(run_dir: Path) -> dict[int, int]:
+    """How many of a run's labels (latest answer per subtomogram; junk left out) each class has."""
+    with open(run_dir / "labels.csv", newline="") as f:
+        answers = {r["subtomo_id"]: int(r["label"]) for r in csv.DictReader(f)}
+    counts: dict[int, int] = {}
+    for label in answers.values():
+        if label >= 0:
+            counts[label] = counts.get(label, 0) + 1
+    return counts
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
@@ -448,7 +475,7 @@ def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str
     """The tables (markdown) and one plot per data set, from the CSV (and the queries CSV
     beside it, when there is one: junk and the arms albl chose)."""
     curves = read_results(results)
-    queries_file = results.with_name(QUERIES.name)
+    queries_file = beside(results, "queries")
     queries = read_queries(queries_file) if queries_file.exists() else {}
     parts = []
     for name in datasets or sorted(curves):
@@ -465,7 +492,10 @@ def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str
         parts.append(comparisons_table(name, by_strategy))
         parts += [cold_start_table(name, by_strategy), junk_table(name, by_strategy, queries.get(name, {})),
                   arms_table(name, queries.get(name, {}).get("albl", {}))]
-    details_file = results.with_name(DETAILS.name)
+    classes_file = beside(results, "classes")
+    if classes_file.exists():
+        parts.append(balance_table(read_class_counts(classes_file), datasets))
+    details_file = beside(results, "models")
     if details_file.exists():
         parts.append(classifier_table(read_details(details_file), datasets))
     return "\n".join(part for part in parts if part)
@@ -478,6 +508,10 @@ COMPARISONS = [
     ("KL direction: KL(M‖T), the authors' script, minus KL(T‖M), the paper", "ema_kl_reverse", "ema_kl"),
     ("the λ·MSE(T, M) regulariser: EMA-KL with it minus without it", "ema_kl", "ema_kl_selection_only"),
     ("the mean teacher on unlabelled volumes: semi-supervised minus supervised EMA-KL", "ema_kl_semi", "ema_kl"),
+    ("class balance: EMA-KL in equal shares of the predicted classes minus plain EMA-KL",
+     "ema_kl_class_balanced", "ema_kl"),
+    ("class balance: entropy in equal shares of the predicted classes minus plain entropy",
+     "entropy_class_balanced", "entropy"),
 ]
 
 
@@ -528,6 +562,49 @@ def classifier_table(rows: list[dict], datasets: list[str] | None) -> str:
     return "\n".join(["#### T or M: which model the validation split kept", "",
                       "| data set | cycles | M kept | test T | test M | chosen − T | M − T |",
                       "|---|---|---|---|---|---|---|", *lines]) + "\n"
+
+
+# --- why: how balanced each strategy's labelled set is ------------------------------------------
+
+
+def read_class_counts(path: Path) -> dict:
+    """{dataset: {strategy: {seed: {label: count}}}}."""
+    out: dict = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            seeds = out.setdefault(r["dataset"], {}).setdefault(r["strategy"], {})
+            seeds.setdefault(int(r["seed"]), {})[int(r["label"])] = int(r["count"])
+    return out
+
+
+def balance(counts: dict[int, int], num_classes: int) -> float:
+    """Entropy of the class shares over log(number of classes): 1 for equal classes, lower as
+    the labels pile up on fewer."""
+    total = sum(counts.values())
+    shares = [n / total for n in counts.values() if n > 0]
+    return -sum(p * np.log(p) for p in shares) / np.log(num_classes)
+
+
+def balance_table(by_dataset: dict, datasets: list[str] | None) -> str:
+    """Per data set and strategy, over seeds: the balance of the final labelled set and its
+    fewest and most labels in one class, most balanced first."""
+    lines = []
+    for name in datasets or sorted(by_dataset):
+        strategies = by_dataset.get(name, {})
+        num_classes = max((len(c) for seeds in strategies.values() for c in seeds.values()), default=0)
+        if num_classes < 2:
+            continue
+        rows = []
+        for strategy, seeds in strategies.items():
+            full = [{k: c.get(k, 0) for k in range(num_classes)} for c in seeds.values()]
+            rows.append((float(np.mean([balance(c, num_classes) for c in full])), strategy, len(full),
+                         np.mean([min(c.values()) for c in full]), np.mean([max(c.values()) for c in full])))
+        lines += [f"#### {name}: class balance of the labelled set at the last budget", "",
+                  "| strategy | seeds | balance (entropy / log C) | fewest in a class | most in a class |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {s} | {n} | {b:.3f} | {lo:.0f} | {hi:.0f} |" for b, s, n, lo, hi in sorted(rows, reverse=True)]
+        lines.append("")
+    return "\n".join(lines)
 
 
 # --- issue 17: cold start, junk, the arms albl chose ---------------------------------------------
@@ -629,7 +706,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["shrec13_snr0.05"], choices=list(DATASETS))
     parser.add_argument("--strategies", nargs="+", default=[run[0] for run in RUNS],
-                        help="rows to run (full supervision always runs)")
+                        help="rows to run (full supervision always runs; `full` alone runs only it)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--jobs", type=int, default=2, help="campaigns at a time")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "label_efficiency")
@@ -648,7 +725,7 @@ def main() -> None:
     if args.per_class:
         for settings in DATASETS.values():
             settings["per_class"] = args.per_class
-    unknown = sorted(set(args.strategies) - {run[0] for run in RUNS})
+    unknown = sorted(set(args.strategies) - {run[0] for run in RUNS} - {FULL})
     if unknown:
         parser.error(f"unknown strategies {unknown}; valid: {[run[0] for run in RUNS]}")
     if not args.report_only:

@@ -35,7 +35,8 @@ from orchestrator.al.history import read_history
 from orchestrator.al.labels import LabelLedger
 from orchestrator.al.oracle import AwaitingLabels, FileOracle, Query, SimulatedOracle, pick_initial
 from orchestrator.al.stopping import aligned, cohens_kappa, is_stable, mean_uncertainty
-from orchestrator.al.strategies import Candidates, make_strategy, select_with_record, top_k_merge
+from orchestrator.al.strategies import (Candidates, balanced_order, make_strategy, select_with_record,
+                                        top_k_merge)
 from orchestrator.al.training import auxiliary_sample, strategy_training, unlabelled_for_training
 from orchestrator.campaign.export import after_campaign
 from orchestrator.campaign.files import (
@@ -226,7 +227,7 @@ class Campaign:
         folder = self._selection_scores(cycle - 1, labelled)
         rng = np.random.default_rng([self.cfg.seed, cycle])
         if hasattr(strategy, "score"):  # row-wise: scored in the pass, ranked here file by file
-            best = best_scored(folder, labelled, k, rng)
+            best = best_scored(folder, labelled, k, rng, per_class=getattr(strategy, "per_class", False))
             return [Query(int(r), str(self.view.ids[r]), self._source(r), int(p), float(q), strategy.name)
                     for r, p, q in zip(best["row"], best["pred"], best["pred_prob"])]
         table = read_scores(folder)
@@ -372,26 +373,36 @@ class Campaign:
         self._upload()
 
 
-def best_scored(folder: Path, labelled: LabelledSet, k: int, rng: np.random.Generator
-                ) -> dict[str, np.ndarray]:
+def best_scored(folder: Path, labelled: LabelledSet, k: int, rng: np.random.Generator,
+                per_class: bool = False) -> dict[str, np.ndarray]:
     """A row-wise strategy's k picks among a pass's candidates (the scored rows not labelled),
     best first, with the model's guess for each ("row", "score", "pred", "pred_prob").
 
     Exactly `top_k(candidate scores, k, rng)` on the whole table (the same tiebreak draw, over
     the candidates in row order), but read file by file through `top_k_merge`: the driver holds
-    the scored rows' ids and k + one file of rows, not every row's scores and probabilities."""
+    the scored rows' ids and k + one file of rows, not every row's scores and probabilities.
+    With ``per_class``, `balanced_top_k` over the predicted classes instead: a running top-k
+    per class (k × classes rows), then round-robin over them."""
     names = ["row", "score", "pred", "pred_prob"]
     rows = read_scores(folder, ["row"]).column("row").to_numpy()
     candidates = rows[~labelled.contains(rows)]  # sorted, as top_k's positions are
     tiebreak = rng.permutation(len(candidates))  # top_k's draw: same size, same generator
-    best = None
+    best: dict = {}  # per predicted class with per_class, else under None
     for table in iter_scores(folder, names):
         block_rows = table.column("row").to_numpy()
         is_candidate = ~labelled.contains(block_rows)
         block = {name: table.column(name).to_numpy()[is_candidate] for name in names}
         block["tiebreak"] = tiebreak[np.searchsorted(candidates, block["row"])]
-        best = top_k_merge(best, block, k)
-    return best if best is not None else {name: np.zeros(0) for name in names}
+        for c in np.unique(block["pred"]) if per_class else [None]:
+            part = block if c is None else {name: v[block["pred"] == c] for name, v in block.items()}
+            best[c] = top_k_merge(best.get(c), part, k)
+    if not best:
+        return {name: np.zeros(0) for name in names}
+    if not per_class:
+        return best[None]
+    merged = {name: np.concatenate([b[name] for b in best.values()]) for name in best[next(iter(best))]}
+    order = balanced_order(merged["score"], merged["pred"], merged["tiebreak"])[:k]
+    return {name: value[order] for name, value in merged.items()}
 
 
 def candidates_of(table: pa.Table, labelled: LabelledSet, strategy, history=None) -> Candidates:

@@ -171,7 +171,9 @@ def _open_mrc(path: Path, header_only: bool) -> tuple[_Header, np.ndarray | None
             raise
         except (ValueError, OSError, EOFError) as err:  # how mrcfile reports unreadable headers
             raise VolumeError(f"{path}: not a readable MRC file ({err})") from err
-    faults = tuple(dict.fromkeys(str(w.message) for w in caught))
+    # mrcfile's permissive mode warns RuntimeWarning; other warnings (e.g. NumPy deprecations
+    # inside mrcfile) say nothing about the file
+    faults = tuple(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)))
     if mode in COMPLEX_MRC_MODES:
         raise VolumeError(f"{path}: complex-valued MRC (mode {mode}, {COMPLEX_MRC_MODES[mode]}): "
                           "a Fourier transform, not a real-space density", "complex")

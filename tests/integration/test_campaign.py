@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TINY = [
     "model.width=4", "model.stem=small", "train.epochs=2", "train.min_steps=0", "train.batch_size=8", "train.num_workers=2",
-    "score.batch_size=16", "score.actors=2", "budget.counts=[12, 18]",
+    "score.batch_size=16", "score.actors=2", "budget.counts=[12, 18]", "strategy.name=ema_kl",
 ]
 
 

@@ -13,7 +13,7 @@ from orchestrator.config import PROJECT_ROOT
 sys.path.insert(0, str(PROJECT_ROOT))
 
 from bench.label_efficiency import (  # noqa: E402
-    COLUMNS, FRACTIONS, accuracy_at, labels_to_reach, mean_ci, planned, read_results, report,
+    COLUMNS, FRACTIONS, accuracy_at, balance, balance_table, class_counts, labels_to_reach, mean_ci, planned, read_results, report,
     summarise_strategy, table,
 )
 
@@ -196,3 +196,22 @@ def test_the_classifier_table_counts_how_often_m_was_kept_and_what_it_was_worth(
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[:3] == ["toy", "4", "50%"]
     assert cells[5].startswith("+0.100")  # chosen − T: (0 + 0.2 + 0.2 + 0) / 4
+
+
+def test_class_counts_take_each_subtomograms_latest_answer_and_leave_junk_out(tmp_path):
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        f.write("subtomo_id,label\na,0\nb,0\nc,1\nb,2\nd,-1\n")  # b relabelled 0 → 2; d is junk
+    assert class_counts(tmp_path) == {0: 1, 1: 1, 2: 1}
+
+
+def test_balance_is_one_for_equal_classes_and_falls_as_labels_pile_up():
+    assert balance({0: 5, 1: 5, 2: 5}, 3) == pytest.approx(1.0)
+    assert balance({0: 13, 1: 1, 2: 1}, 3) < balance({0: 7, 1: 4, 2: 4}, 3) < 1.0
+
+
+def test_the_balance_table_counts_a_class_never_labelled_as_zero_and_ranks_the_balanced_first():
+    counts = {"d": {"random": {0: {0: 5, 1: 5}, 1: {0: 4, 1: 6}},
+                    "entropy": {0: {0: 10}, 1: {0: 9, 1: 1}}}}
+    text = balance_table(counts, None)
+    assert text.index("| random | 2 |") < text.index("| entropy | 2 |")
+    assert "| entropy | 2 | 0.234 | 0 | 10 |" in text  # seed 0 never labelled class 1

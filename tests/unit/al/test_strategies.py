@@ -14,6 +14,7 @@ from orchestrator.al.strategies import (
     STRATEGIES,
     Candidates,
     RowwiseStrategy,
+    balanced_top_k,
     make_strategy,
     select,
     select_with_record,
@@ -856,3 +857,50 @@ def test_every_strategy_says_it_chose_its_own_picks_unless_it_delegates():
     candidates, _ = pool_candidates(make_strategy("entropy"))
     selection = select_with_record(make_strategy("entropy"), candidates, 5, np.random.default_rng(0))
     assert selection.chosen_by == ("entropy",) * 5
+
+
+# --- class_balanced: equal shares of the predicted classes ----------------------------------------
+
+
+def test_balanced_top_k_gives_each_class_an_equal_share_and_a_short_class_all_it_has():
+    classes = np.array([0] * 10 + [1] * 10 + [2] * 2)
+    scores = np.random.default_rng(1).random(classes.size)
+    picks = balanced_top_k(scores, classes, 9, np.random.default_rng(0))
+    assert sorted(np.bincount(classes[picks], minlength=3).tolist()) == [2, 3, 4]
+    for c in range(3):  # within a class, its highest scores
+        chosen = scores[picks][classes[picks] == c]
+        assert chosen.min() >= np.sort(scores[classes == c])[::-1][len(chosen) - 1]
+
+
+def test_balanced_top_k_of_one_class_is_top_k():
+    scores = np.random.default_rng(2).integers(0, 4, 50).astype(np.float64)
+    scores[[3, 9]] = np.nan
+    np.testing.assert_array_equal(balanced_top_k(scores, np.zeros(50, int), 20, np.random.default_rng(5)),
+                                  top_k(scores, 20, np.random.default_rng(5)))
+
+
+def test_class_balanced_entropy_queries_every_predicted_class_where_entropy_takes_one():
+    # class 0's rows are the uncertain ones: entropy alone spends every query on them
+    confusable = [[0.4, 0.3, 0.3]] * 20
+    sure = [[0.1, 0.85, 0.05]] * 20 + [[0.05, 0.1, 0.85]] * 20
+    candidates = probs_candidates(confusable + sure)
+    rng = np.random.default_rng
+    plain = select(make_strategy("entropy"), candidates, 9, rng(0))
+    balanced = select(make_strategy("class_balanced", base="entropy"), candidates, 9, rng(0))
+    predicted = np.argmax(candidates.outputs["probs"], axis=1)
+    assert np.bincount(predicted[plain], minlength=3).tolist() == [9, 0, 0]
+    assert np.bincount(predicted[balanced], minlength=3).tolist() == [3, 3, 3]
+
+
+def test_class_balanced_trains_and_scores_as_its_base():
+    strategy = make_strategy("class_balanced", base="ema_kl", base_options={"distance": "js"})
+    base = make_strategy("ema_kl", distance="js")
+    outputs = pool_candidates(base)[0].outputs
+    np.testing.assert_array_equal(strategy.score(outputs), base.score(outputs))
+    assert strategy.training == base.training and base.needs <= strategy.needs
+
+
+@pytest.mark.parametrize("base", ["coreset", "vaal", "class_balanced"])
+def test_class_balanced_refuses_a_base_that_is_not_a_plain_row_wise_score(base):
+    with pytest.raises(ValueError, match=f"base must be a row-wise strategy.*'{base}'"):
+        make_strategy("class_balanced", base=base)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.al.strategies import top_k
+from orchestrator.al.strategies import balanced_top_k, top_k
 from orchestrator.campaign.labelled import LabelledSet
 from orchestrator.campaign.loop import best_scored
 from orchestrator.distributed.score import read_scores
@@ -43,3 +43,18 @@ def test_row_wise_picks_read_file_by_file_equal_top_k_over_the_whole_table(tmp_p
     for name in ("row", "pred", "pred_prob"):
         np.testing.assert_array_equal(best[name], table.column(name).to_numpy()[is_candidate][positions])
     assert not set(best["row"].tolist()) & set(range(0, 200, 20))
+
+
+@pytest.mark.parametrize("k", [0, 1, 17, 100, 500])
+def test_class_balanced_picks_read_file_by_file_equal_balanced_top_k_over_the_whole_table(tmp_path, k):
+    folder = write_pass(tmp_path / "scores")
+    labelled = LabelledSet(rows=np.arange(0, 200, 20), answers=np.zeros(10, np.int64),
+                           train_rows=np.arange(200))
+    best = best_scored(folder, labelled, k, np.random.default_rng([3, 1]), per_class=True)
+
+    table = read_scores(folder)
+    is_candidate = ~labelled.contains(table.column("row").to_numpy())
+    positions = balanced_top_k(table.column("score").to_numpy()[is_candidate],
+                               table.column("pred").to_numpy()[is_candidate], k, np.random.default_rng([3, 1]))
+    for name in ("row", "pred", "pred_prob"):
+        np.testing.assert_array_equal(best[name], table.column(name).to_numpy()[is_candidate][positions])

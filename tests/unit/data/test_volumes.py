@@ -1,5 +1,7 @@
 """MRC reading and writing: real maps, unknown voxel size, damaged files, volume stacks."""
 
+import warnings
+
 import emfile
 import mrcfile
 import numpy as np
@@ -136,6 +138,19 @@ def test_header_faults_that_permissive_mode_forgives_give_intact_voxels_and_are_
     assert contents.voxel_size_A == pytest.approx(10.0)
     assert any("Map ID string not found" in f for f in contents.header_faults)
     assert any("machine stamp" in f for f in contents.header_faults)
+
+
+def test_a_library_deprecation_during_the_read_is_not_a_header_fault(tmp_path, monkeypatch):
+    # NumPy 2.5 deprecates what mrcfile 1.5 does on every read: that says nothing of the file
+    write_volume(tmp_path / "v.mrc", np.ones((4, 4, 4), np.float32), 10.0)
+    real_open = mrcfile.open
+
+    def open_with_deprecation(*args, **kwargs):
+        warnings.warn("Setting the dtype on a NumPy array has been deprecated", DeprecationWarning)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(mrcfile, "open", open_with_deprecation)
+    assert read_sections(tmp_path / "v.mrc").header_faults == ()
 
 
 def test_complex_valued_mrc_is_refused_naming_the_mode(tmp_path):
