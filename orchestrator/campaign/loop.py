@@ -22,6 +22,7 @@ training is its `Training` declaration (`orchestrator/al/training.py`), read in 
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -230,19 +231,18 @@ class Campaign:
             best = best_scored(folder, labelled, k, rng, per_class=getattr(strategy, "per_class", False))
             return [Query(int(r), str(self.view.ids[r]), self._source(r), int(p), float(q), strategy.name)
                     for r, p, q in zip(best["row"], best["pred"], best["pred_prob"])]
-        table = read_scores(folder)
-        is_candidate = ~labelled.contains(table.column("row").to_numpy())
         history = (read_history(self.run_dir, self.state, self.ledger.current(), cycle)
                    if strategy.needs_history else None)
-        candidates = candidates_of(table, labelled, strategy, history)
-        rows = candidates.rows
-        selection = select_with_record(strategy, candidates, k, rng)
-        positions, chosen_by = selection.positions, selection.chosen_by
-        pred = table.column("pred").to_numpy()[is_candidate]
-        prob = table.column("pred_prob").to_numpy()[is_candidate]
-        return [Query(int(rows[p]), str(self.view.ids[rows[p]]), self._source(rows[p]),
-                      int(pred[p]), float(prob[p]), chooser)
-                for p, chooser in zip(positions, chosen_by)]
+        # the pass's arrays memory-mapped from the cycle's folder, gone once the picks are made
+        self.cycle_dir(cycle).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.cycle_dir(cycle), prefix="selecting-") as scratch:
+            candidates = candidates_of(folder, labelled, strategy, history, scratch=Path(scratch))
+            selection = select_with_record(strategy, candidates, k, rng)
+            rows = candidates.rows[selection.positions]
+            del candidates
+        pred, prob = picked_predictions(folder, rows)
+        return [Query(int(r), str(self.view.ids[r]), self._source(r), int(p), float(q), chooser)
+                for r, p, q, chooser in zip(rows, pred, prob, selection.chosen_by)]
 
     # -- train ---------------------------------------------------------------------------------
     def _train(self, cycle: int, record: dict) -> None:
@@ -405,20 +405,67 @@ def best_scored(folder: Path, labelled: LabelledSet, k: int, rng: np.random.Gene
     return {name: value[order] for name, value in merged.items()}
 
 
-def candidates_of(table: pa.Table, labelled: LabelledSet, strategy, history=None) -> Candidates:
-    """What a set-based strategy selects from, out of a scoring pass's table: the rows not
-    labelled with the arrays the strategy declared (``needs``), the labelled rows' arrays
-    (``needs_labelled``) and, if declared, their answers and the campaign's history."""
-    rows = table.column("row").to_numpy()
+def candidates_of(source: pa.Table | Path, labelled: LabelledSet, strategy, history=None,
+                  scratch: Path | None = None) -> Candidates:
+    """What a set-based strategy selects from, out of a scoring pass (its table, or its folder
+    read file by file): the rows not labelled with the arrays the strategy declared
+    (``needs``), the labelled rows' arrays (``needs_labelled``) and, if declared, their answers
+    and the campaign's history. Rows keep the source's order (a folder's: by row).
+
+    With ``scratch``, every array goes to a ``.npy`` file there, memory-mapped: the driver then
+    holds the rows and one file of the pass, not N × the arrays' width (BADGE's gradient
+    embeddings are C·E floats a row); the geometric strategies read them in row chunks."""
+    keys = sorted(strategy.needs | strategy.needs_labelled)
+    if isinstance(source, pa.Table):
+        rows, blocks = source.column("row").to_numpy(), [source]
+    else:
+        rows, blocks = read_scores(source, ["row"]).column("row").to_numpy(), iter_scores(source, ["row", *keys])
     is_labelled = labelled.contains(rows)
-    arrays = {key: column_array(table, key) for key in strategy.needs | strategy.needs_labelled}
+    parts = {"outputs": (rows[~is_labelled], strategy.needs), "labelled": (rows[is_labelled], strategy.needs_labelled)}
+    arrays: dict[str, dict[str, np.ndarray]] = {part: {} for part in parts}
+    for block in blocks:
+        block_rows = block.column("row").to_numpy()
+        in_labelled = labelled.contains(block_rows)
+        values = {key: column_array(block, key) for key in keys}
+        for part, (part_rows, wanted) in parts.items():
+            mask = in_labelled if part == "labelled" else ~in_labelled
+            at = _positions(part_rows, block_rows[mask])
+            for key in wanted:
+                if key not in arrays[part]:
+                    shape = (len(part_rows), *values[key].shape[1:])
+                    arrays[part][key] = _new_array(shape, values[key].dtype, scratch, f"{part}-{key}")
+                arrays[part][key][at] = values[key][mask]
+    labelled_rows = parts["labelled"][0]
     return Candidates(
-        rows[~is_labelled],
-        {key: arrays[key][~is_labelled] for key in strategy.needs},
-        {key: arrays[key][is_labelled] for key in strategy.needs_labelled},
-        labelled_answers=labelled.answers_of(rows[is_labelled]) if strategy.needs_answers else None,
+        parts["outputs"][0], arrays["outputs"], arrays["labelled"],
+        labelled_answers=labelled.answers_of(labelled_rows) if strategy.needs_answers else None,
         history=history,
     )
+
+
+def _positions(order: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Where each of ``rows`` sits in ``order`` (every one of them is there)."""
+    sorter = np.argsort(order, kind="stable")
+    return sorter[np.searchsorted(order, rows, sorter=sorter)]
+
+
+def _new_array(shape: tuple, dtype, scratch: Path | None, name: str) -> np.ndarray:
+    """An array to fill: in memory, or memory-mapped from a new ``.npy`` file under ``scratch``."""
+    if scratch is None:
+        return np.empty(shape, dtype)
+    return np.lib.format.open_memmap(Path(scratch) / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+
+def picked_predictions(folder: Path, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pass's prediction and its probability for ``rows`` (aligned), read file by file."""
+    pred, prob = np.zeros(len(rows), np.int64), np.zeros(len(rows), np.float32)
+    for block in iter_scores(folder, ["row", "pred", "pred_prob"]):
+        block_rows = block.column("row").to_numpy()
+        hit = np.isin(block_rows, rows)
+        at = _positions(rows, block_rows[hit])
+        pred[at] = block.column("pred").to_numpy()[hit]
+        prob[at] = block.column("pred_prob").to_numpy()[hit]
+    return pred, prob
 
 
 def make_oracle(kind: str, view: PoolView):

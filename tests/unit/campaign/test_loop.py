@@ -1,5 +1,6 @@
-"""The campaign's selection from a scoring pass's files, without a campaign: a row-wise
-strategy's picks read file by file are the picks of the whole table."""
+"""The campaign's selection from a scoring pass's files, without a campaign: picks read file by
+file (a row-wise strategy's running top-k, a set-based strategy's memory-mapped arrays) are the
+picks of the whole table."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.al.strategies import balanced_top_k, top_k
+from orchestrator.al.strategies import balanced_top_k, make_strategy, select, top_k
 from orchestrator.campaign.labelled import LabelledSet
-from orchestrator.campaign.loop import best_scored
+from orchestrator.campaign.loop import best_scored, candidates_of, picked_predictions
 from orchestrator.distributed.score import read_scores
 
 
@@ -58,3 +59,43 @@ def test_class_balanced_picks_read_file_by_file_equal_balanced_top_k_over_the_wh
                                table.column("pred").to_numpy()[is_candidate], k, np.random.default_rng([3, 1]))
     for name in ("row", "pred", "pred_prob"):
         np.testing.assert_array_equal(best[name], table.column(name).to_numpy()[is_candidate][positions])
+
+
+def write_embedding_pass(folder, n=120, files=5, dim=6, seed=0):
+    """A pass's files with embeddings, in shuffled row order across files."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    rows = rng.permutation(n)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    for i, part in enumerate(np.array_split(rows, files)):
+        pq.write_table(pa.table({"row": part, "pred": part % 4, "pred_prob": (part / n).astype(np.float32),
+                                 "embeddings": pa.FixedShapeTensorArray.from_numpy_ndarray(emb[part])}),
+                       folder / f"part-{i:05d}.parquet")
+    return folder
+
+
+@pytest.mark.parametrize("name", ["coreset", "typiclust"])
+def test_set_based_candidates_read_file_by_file_into_memory_maps_pick_as_the_whole_table(tmp_path, name):
+    folder = write_embedding_pass(tmp_path / "scores")
+    labelled = LabelledSet(rows=np.arange(0, 120, 10), answers=np.zeros(12, np.int64),
+                           train_rows=np.arange(120))
+    strategy = make_strategy(name)
+    (tmp_path / "scratch").mkdir()
+    mapped = candidates_of(folder, labelled, strategy, scratch=tmp_path / "scratch")
+    whole = candidates_of(read_scores(folder), labelled, strategy)
+
+    assert isinstance(mapped.outputs["embeddings"], np.memmap)  # on disk, not in the driver
+    np.testing.assert_array_equal(mapped.rows, whole.rows)
+    for part in ("outputs", "labelled"):
+        for key, array in getattr(whole, part).items():
+            np.testing.assert_array_equal(getattr(mapped, part)[key], array)
+    np.testing.assert_array_equal(select(strategy, mapped, 15, np.random.default_rng(4)),
+                                  select(strategy, whole, 15, np.random.default_rng(4)))
+
+
+def test_the_picked_rows_predictions_come_back_aligned_with_them(tmp_path):
+    folder = write_embedding_pass(tmp_path / "scores")
+    rows = np.array([77, 3, 118, 40])
+    pred, prob = picked_predictions(folder, rows)
+    assert pred.tolist() == (rows % 4).tolist()
+    np.testing.assert_allclose(prob, rows / 120, rtol=1e-6)
