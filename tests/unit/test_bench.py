@@ -215,3 +215,16 @@ def test_the_balance_table_counts_a_class_never_labelled_as_zero_and_ranks_the_b
     text = balance_table(counts, None)
     assert text.index("| random | 2 |") < text.index("| entropy | 2 |")
     assert "| entropy | 2 | 0.234 | 0 | 10 |" in text  # seed 0 never labelled class 1
+
+
+def test_the_scale_table_gives_each_stage_as_a_multiple_of_the_smallest_pool():
+    from bench.scale import table
+
+    rows = [[10_000, "train", 50.0, 2_000_000_000, 3_000_000_000],
+            [100_000, "train", 55.0, 2_100_000_000, 3_300_000_000],
+            [10_000, "score", 20.0, 1_000_000_000, 2_000_000_000],
+            [100_000, "score", 200.0, 10_000_000_000, 2_100_000_000]]
+    text = table(rows)
+    assert "| train | 100,000 | 55.0 | 2.10 | 3.30 | 1.10 | 1.05 | 1.10 |" in text
+    assert "| score | 100,000 | 200.0 | 10.00 | 2.10 | 10.00 | 10.00 | 1.05 |" in text
+    assert "| rest |" not in text  # a stage not measured is left out

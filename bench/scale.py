@@ -1,0 +1,215 @@
+"""One cycle's cost against the pool's size: train on a fixed number of labels, score the rest,
+select the next queries, on pools of 10,000 to 1,000,000 subtomograms (32³, noise: cost does not
+depend on what the volumes hold).
+
+Each size runs the product's path on a local Ray (`Campaign`, Ray Train workers, Ray Data
+scoring actors) as a person in the loop would drive it: the campaign asks for the first labels
+and stops (the file oracle), the labels are filled in from the pool's truth, and the resumed
+campaign trains, scores the unlabelled rows, selects the next `--select` and stops again. That
+resumed run is what is measured: labels submitted → next queries ready, split into training,
+scoring and the rest (importing the labels, selecting, writing the queries and their images). A sampler polls every 0.2 s the driver and every process of
+its local Ray and attributes to the stage running (the campaign's `progress.json`): the peak
+PSS of all processes together (shared pages counted once) and the bytes they read (`rchar` of
+/proc/PID/io: read calls, from disk or page cache, including the libraries a starting Ray worker
+imports, a constant; a process that starts and ends between two polls is missed). Stage seconds come from the campaign's own record.
+
+    python bench/scale.py                                 # 10,000 100,000 300,000 (≈ 20 GB of disk)
+    python bench/scale.py --rows 1000000 --dir /big      # if the disk holds 65 GB more
+
+The network is resnet10 of width 4 for 2 epochs: the pipeline's cost, not the network's, is what
+grows with the pool. Pools are deleted after their run; finished sizes are skipped (resumable).
+Raw rows: docs/results/scale.csv; the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import make_noise_pool  # noqa: E402
+from bench.scoring_memory import _descendants, _pss  # noqa: E402
+
+RESULTS = ROOT / "docs" / "results" / "scale.csv"
+COLUMNS = ["rows", "stage", "seconds", "bytes_read", "peak_pss"]
+# train, score: the campaign's own stages; rest: everything else of the resumed run (importing
+# the labels, selecting, writing the queries); total: labels submitted → next queries written
+STAGES = ("train", "score", "rest", "total")
+GB = 1e9
+
+
+class StageSampler(threading.Thread):
+    """Per stage named in `status_file`: the peak PSS sum over this process and its
+    descendants, and the bytes they read while it ran (rchar increments per process)."""
+
+    def __init__(self, status_file: Path, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.status_file, self.interval = status_file, interval
+        self.stopped = threading.Event()
+        self.peak: dict[str, int] = {}
+        self.read: dict[str, int] = {}
+        self._last: dict[int, int] = {}
+
+    def run(self) -> None:
+        tick = 0
+        while not self.stopped.wait(self.interval):
+            tick += 1
+            stage = self._stage()
+            stage = stage if stage in ("train", "score") else "rest"
+            processes = [os.getpid(), *_descendants(os.getpid())]
+            read = 0
+            for pid, rchar in ((pid, _rchar(pid)) for pid in processes):
+                if rchar is not None:
+                    read += max(0, rchar - self._last.get(pid, rchar))
+                    self._last[pid] = rchar
+            self.read[stage] = self.read.get(stage, 0) + read
+            if tick % 5 == 0 or stage not in self.peak:  # PSS walks every page table: not every tick
+                pss = sum(_pss(pid) or 0 for pid in processes)
+                self.peak[stage] = max(self.peak.get(stage, 0), pss)
+                self.peak["total"] = max(self.peak.get("total", 0), pss)
+            self.read["total"] = self.read.get("total", 0) + read
+
+    def _stage(self) -> str | None:
+        try:
+            status = json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return None
+        return status["stage"] if status.get("state") == "running" else None
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join()
+
+
+def _rchar(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def answer_first_queries(run_dir: Path, info) -> None:
+    """labels.csv for cycle 0's queries, from the pool's truth (what a person would fill in)."""
+    from orchestrator.data.pool import read_index
+
+    index = read_index(info.path, ["subtomo_id", "label"])
+    truth = dict(zip(index.column("subtomo_id").to_pylist(), index.column("label").to_pylist()))
+    folder = run_dir / "cycles" / "c00" / "queries"
+    with open(folder / "queries.csv", newline="") as f:
+        asked = [r["subtomo_id"] for r in csv.DictReader(f)]
+    with open(folder / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["subtomo_id", "label"])
+        writer.writerows([sid, truth[sid]] for sid in asked)
+
+
+def one_cycle(rows: int, labels: int, select: int, work: Path) -> list[list]:
+    """The measured rows (one per stage) of a pool of `rows`."""
+    from orchestrator.al.oracle import AwaitingLabels
+    from orchestrator.campaign.loop import Campaign
+    from orchestrator.campaign.progress import Display
+    from orchestrator.config import load_config
+    from orchestrator.distributed.connect import connect
+
+    started = time.perf_counter()
+    info = make_noise_pool(work / f"pool-{rows}", rows)
+    print(f"pool of {rows:,} written in {time.perf_counter() - started:.0f} s", flush=True)
+    cfg = load_config(None, [
+        f"data.pool={info.path}", "oracle=file", f"budget.counts=[{labels}, {labels + select}]",
+        "strategy.name=ema_kl", "model.width=4", "train.epochs=2", "train.min_steps=0",
+        "train.num_workers=2", "score.actors=2", "score.batch_size=256",
+    ])
+    run_dir = work / f"run-{rows}"
+    status = run_dir / "progress.json"
+    with open(work / f"run-{rows}.log", "a") as log, connect(num_cpus=os.cpu_count(), log_to_driver=False):
+        display = Display(log, live=False, status_path=status)
+        try:  # the first labels asked for
+            Campaign(cfg, run_dir, info, display=display).run()
+        except AwaitingLabels:
+            pass
+        answer_first_queries(run_dir, info)
+        sampler = StageSampler(status)
+        sampler.start()
+        started = time.perf_counter()
+        try:  # the measured cycle: labels in, next queries out
+            Campaign(cfg, run_dir, info, display=display).run()
+        except AwaitingLabels:
+            pass
+        finally:
+            total = time.perf_counter() - started
+            sampler.stop()
+    cycle = json.loads((run_dir / "state.json").read_text())["cycles"][0]
+    seconds = {"train": cycle["seconds_train"], "score": cycle["seconds_score"], "total": total,
+               "rest": total - cycle["seconds_train"] - cycle["seconds_score"]}
+    shutil.rmtree(info.path)
+    return [[rows, stage, round(seconds[stage], 2), sampler.read.get(stage, 0), sampler.peak.get(stage, 0)]
+            for stage in STAGES]
+
+
+def read_rows(path: Path) -> list[list]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [[int(r["rows"]), r["stage"], float(r["seconds"]), int(r["bytes_read"]), int(r["peak_pss"])]
+                for r in csv.DictReader(f)]
+
+
+def table(rows: list[list]) -> str:
+    """Per stage and pool size: seconds, GB read, peak PSS, and each as a multiple of the
+    smallest pool's."""
+    sizes = sorted({r[0] for r in rows})
+    by = {(r[0], r[1]): r for r in rows}
+    lines = ["| stage | pool | seconds | GB read | peak PSS GB | × seconds | × read | × PSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for stage in STAGES:
+        base = by.get((sizes[0], stage)) if sizes else None
+        for size in sizes:
+            r = by.get((size, stage))
+            if r is None or base is None:
+                continue
+            lines.append(f"| {stage} | {size:,} | {r[2]:.1f} | {r[3] / GB:.2f} | {r[4] / GB:.2f} | "
+                         f"{_ratio(r[2], base[2])} | {_ratio(r[3], base[3])} | {_ratio(r[4], base[4])} |")
+    return "\n".join(lines)
+
+
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.2f}" if base else "–"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", type=int, default=[10_000, 100_000, 300_000])
+    parser.add_argument("--labels", type=int, default=2000, help="labels the cycle trains on")
+    parser.add_argument("--select", type=int, default=500, help="queries it selects")
+    parser.add_argument("--dir", type=Path, default=ROOT / "runs" / "bench" / "scale")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    rows = read_rows(args.results)
+    for size in args.rows:
+        if any(r[0] == size for r in rows):
+            continue
+        work = args.dir / f"n{size}"
+        shutil.rmtree(work, ignore_errors=True)  # an interrupted size starts again
+        work.mkdir(parents=True)
+        rows = [r for r in rows if r[0] != size] + one_cycle(size, args.labels, args.select, work)
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.results, "w", newline="") as f:
+            csv.writer(f).writerows([COLUMNS, *sorted(rows)])
+        print(table(rows), flush=True)
+    print("\n" + table(rows))
+
+
+if __name__ == "__main__":
+    main()
