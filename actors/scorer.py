@@ -1,12 +1,15 @@
 """The scoring actor: holds T and M on its device and maps pool batches to per-row scores.
 
-Ray Data runs it as a callable class (`map_batches(PoolScorer, compute=ActorPoolStrategy(...))`);
-it returns ids and scores only, never volumes, so the scored pool never travels to the driver.
-It scores every row it is given: the rows a pass skips are filtered in the read
-(`orchestrator/distributed/score.py`).
+Ray Data runs it as a callable class (`map_batches(PoolScorer, compute=ActorPoolStrategy(...))`)
+or, through `score_batch`, in task workers that keep it between passes. It returns ids and
+scores only, never volumes, so the scored pool never travels to the driver. It scores every row
+it is given: the rows a pass skips are filtered in the read (`orchestrator/distributed/score.py`).
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ class PoolScorer:
         use_gpu: bool = False,
         seed: int = 0,
     ):
+        self.threads = threads
         torch.set_num_threads(threads)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.info = open_pool(pool_path)
@@ -61,6 +65,27 @@ class PoolScorer:
         result.update(strategy_columns(self.strategy, outputs))
         faults.maybe_fault("score-batch")  # tests: a batch scored and lost with its process
         return result
+
+
+# This process's scorer, kept between scoring passes: Ray reuses a task worker for later tasks
+# of the same job, so from the second pass on a worker has torch imported and only loads the new
+# cycle's weights. One entry: a new model replaces the old one.
+_warm: dict[tuple, PoolScorer] = {}
+
+
+def score_batch(batch: dict[str, np.ndarray], **scorer_kwargs) -> dict[str, np.ndarray]:
+    """`PoolScorer(**scorer_kwargs)(batch)` with the scorer built once per process and kept for
+    the batches and passes that follow, while the settings and the model file are the same (a
+    cycle re-trained after a crash rewrites model.pt: its new weights are loaded)."""
+    model = os.stat(scorer_kwargs["model_path"])
+    key = (json.dumps(scorer_kwargs, sort_keys=True, default=str), model.st_mtime_ns, model.st_size)
+    scorer = _warm.get(key)
+    if scorer is None:
+        _warm.clear()  # the previous cycle's models go before the next are loaded
+        scorer = _warm[key] = PoolScorer(**scorer_kwargs)
+    # Ray sets the thread count of a task's worker, and a reused one keeps another task's
+    torch.set_num_threads(scorer.threads)
+    return scorer(batch)
 
 
 def score_volumes(

@@ -103,9 +103,14 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ScoreConfig:
     batch_size: int = 64  # subtomograms per scoring batch
-    actors: int = 2  # scoring actors (Ray Data ActorPoolStrategy); 0 = in the calling process
+    actors: int = 2  # scoring workers running at once (Ray Data); 0 = in the calling process
     cpus_per_actor: float = 0.5  # leave headroom: actors taking every CPU deadlock read_parquet
     gpus_per_actor: float = 0.0  # fractional GPUs are fine for scoring
+    # Score in Ray task workers that keep their scorer between passes (a process that has
+    # scored imports nothing and loads only the new weights next cycle: no start-up after the
+    # first pass), or, with false, in a Ray Data actor pool started afresh for every pass. CPU
+    # scoring only: GPU scoring always uses the actor pool (Ray does not reuse GPU task workers).
+    warm_workers: bool = True
     # Object-store memory Ray Data may fill with blocks in flight during a pass; without a cap
     # it buffers up to a share of the whole object store (GBs), and a longer pass fills more.
     buffer_mb: int = 256

@@ -17,7 +17,8 @@ from typing import Iterator
 
 from orchestrator.config import PROJECT_ROOT
 
-__all__ = ["RAY_ENV_DEFAULTS", "set_env_defaults", "pythonpath", "local_runtime_env", "connect"]
+__all__ = ["RAY_ENV_DEFAULTS", "set_env_defaults", "pythonpath", "local_runtime_env", "local_system_config",
+           "connect"]
 
 # Ray Train's defaults poll slowly and watch for preemption; on one machine both only add
 # seconds to every cycle's start and stop.
@@ -37,6 +38,19 @@ def pythonpath() -> str:
     """The project first, then this process's PYTHONPATH."""
     existing = os.environ.get("PYTHONPATH")
     return f"{PROJECT_ROOT}{os.pathsep}{existing}" if existing else str(PROJECT_ROOT)
+
+
+# A local Ray kills idle worker processes once it runs more than one a CPU, and a cycle's Ray
+# Train workers push it over: the scoring workers kept warm between passes
+# (`score.warm_workers`) would be killed during every training. Keeping this many idle ones
+# beyond that keeps them (each ~0.2 GB, most of it torch's shared libraries).
+IDLE_WORKERS_KEPT = 8
+
+
+def local_system_config(num_cpus: float | None) -> dict:
+    """Ray's settings for a local cluster started here: the idle-worker limit above."""
+    cpus = int(num_cpus) if num_cpus else (os.cpu_count() or 1)
+    return {"num_workers_soft_limit": cpus + IDLE_WORKERS_KEPT}
 
 
 def local_runtime_env() -> dict:
@@ -60,8 +74,10 @@ def connect(address: str | None = None, *, output=None, log_level: str | None = 
     kwargs = output.init_kwargs() if output is not None else {}
     if output is None and log_level:
         kwargs["logging_config"] = ray.LoggingConfig(log_level=log_level)
-    ray.init(address=address, runtime_env=local_runtime_env() if local else None,
-             **kwargs, **init_kwargs)
+    if local:
+        kwargs.update(runtime_env=local_runtime_env(),
+                      _system_config=local_system_config(init_kwargs.get("num_cpus")))
+    ray.init(address=address, **kwargs, **init_kwargs)
     try:
         if output is not None:
             output.started(local)

@@ -1,16 +1,19 @@
 """Scoring the unlabelled pool on Ray Data. The one module importing ray.data.
 
-The pool's Parquet shards are read in parallel, an actor pool holding T and M maps each batch
-to per-row scores (`actors/scorer.py`), and the scores are written to Parquet. Rows the pass
-skips (held out, labelled) are filtered in the read: a row group that holds none of the rows
-scored is not read, and the skipped rows of the others never reach an actor. Only ids and
+The pool's Parquet shards are read in parallel, scoring workers holding T and M map each batch
+to per-row scores (`actors/scorer.py`), and the scores are written to Parquet. The workers are
+Ray tasks whose processes outlive the pass with their scorer loaded (`score.warm_workers`), so
+only a campaign's first pass pays for starting them; or an actor pool started for each pass.
+Rows the pass skips (held out, labelled) are filtered in the read: a row group that holds none
+of the rows scored is not read, and the skipped rows of the others never reach a worker. Only ids and
 scores reach the driver; memory stays flat as the pool grows. The output directory appears
 whole or not at all (written under a temporary name, then renamed), so a scoring pass cut
 short by a crash is simply run again.
 
 `score.actors = 0` scores in the calling process instead (the same actor class and output
-files, no Ray Data): on a small machine a Ray Data pass spends 15–40 s starting actors for a
-job of seconds, which dominates small campaigns, sweeps of them and benchmarks.
+files, no Ray Data): on a small machine a Ray Data pass that starts its workers spends
+8–40 s on it for a job of seconds, which dominates small campaigns, sweeps of them and
+benchmarks.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import ray
 import ray.data
 from ray.data.expressions import col
 
-from actors.scorer import PoolScorer
+from actors.scorer import PoolScorer, score_batch
 from orchestrator import faults
 from orchestrator.config import ScoreConfig
 from orchestrator.data.pool import PoolInfo, iter_batches, iter_rows, open_pool, row_group_index, shard_locations
@@ -107,15 +110,27 @@ def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, rows: np.ndarray | N
     # cuts the stream into batch-sized blocks without holding the pool (memory stays flat).
     dataset = dataset.repartition(target_num_rows_per_block=cfg.batch_size)
     scored = dataset.map_batches(
-        PoolScorer,
-        fn_constructor_kwargs=scorer_kwargs,
+        **scoring_udf(scorer_kwargs, cfg),
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         **actor_resources(cfg),
         **({"runtime_env": env} if (env := faults.runtime_env()) else {}),
     )
     scored.write_parquet(str(partial.resolve()))
+
+
+def scoring_udf(scorer_kwargs: dict, cfg: ScoreConfig) -> dict:
+    """What `map_batches` runs. Warm workers: `score_batch` as Ray tasks, at most `actors` at
+    once; Ray keeps their processes for the job's later tasks, and each keeps its scorer, so
+    the next cycle's pass starts no process and imports nothing (`actors/scorer.py`). Else an
+    actor pool of `actors` PoolScorers, started for this pass and gone after it: also on GPUs,
+    where Ray ends a GPU task's process after each task (`max_calls=1`, so that the GPU's
+    memory is freed), and warm task workers would start a process for every batch."""
+    if cfg.warm_workers and not cfg.gpus_per_actor:
+        return {"fn": score_batch, "fn_kwargs": scorer_kwargs,
+                "compute": ray.data.TaskPoolStrategy(size=cfg.actors)}
+    return {"fn": PoolScorer, "fn_constructor_kwargs": scorer_kwargs,
+            "compute": ray.data.ActorPoolStrategy(size=cfg.actors)}
 
 
 def scored_rows_filter(rows: np.ndarray):

@@ -1,12 +1,14 @@
-"""Fault: one scoring actor SIGKILLed mid-pass, at a fixed point: right after it has scored its
+"""Fault: one scoring worker SIGKILLed mid-pass, at a fixed point: right after it has scored its
 third batch, before handing it back (`CRYOAL_FAULT=score-batch#3`, orchestrator/faults.py; once
-in all processes, so the restarted actor goes on). Ray Data restarts the actor and retries its
-batches (max_restarts / max_task_retries, on by default for ActorPoolStrategy); the pass still
-scores every pool row exactly once, with the same scores as an undisturbed pass."""
+in all processes, so the restarted worker goes on). With an actor pool, Ray Data restarts the
+actor and retries its batches (max_restarts / max_task_retries, on by default for
+ActorPoolStrategy); with warm task workers, Ray retries the task in another worker. Either way
+the pass still scores every pool row exactly once, with the same scores as an undisturbed pass."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,23 +46,24 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-def score(pool, model, out: Path):
+def score(pool, model, out: Path, warm_workers: bool):
     return score_pool(pool.path, str(model), out, strategy="ema_kl", strategy_options={},
-                      exclude_rows=[5, 17], cfg=CFG, seed=0)
+                      exclude_rows=[5, 17], cfg=replace(CFG, warm_workers=warm_workers), seed=0)
 
 
-def test_a_killed_scoring_actor_leaves_every_row_scored_exactly_once(
-    ray_local, pool, tiny_model, tmp_path, monkeypatch
+@pytest.mark.parametrize("warm_workers", [True, False], ids=["warm task workers", "actor pool"])
+def test_a_killed_scoring_worker_leaves_every_row_scored_exactly_once(
+    ray_local, pool, tiny_model, tmp_path, monkeypatch, warm_workers
 ):
-    reference = read_scores(score(pool, tiny_model, tmp_path / "reference"))
+    reference = read_scores(score(pool, tiny_model, tmp_path / "reference", warm_workers))
     fired = tmp_path / "fired"
     monkeypatch.setenv(ENV, "score-batch#3")  # handed to the pass's actors (faults.runtime_env)
     monkeypatch.setenv(ONCE_ENV, str(fired))
-    scores = read_scores(score(pool, tiny_model, tmp_path / "scores"))
+    scores = read_scores(score(pool, tiny_model, tmp_path / "scores", warm_workers))
 
-    assert fired.is_file(), "no actor reached its third batch"
+    assert fired.is_file(), "no worker reached its third batch"
     killed = int(fired.read_text())
-    assert killed != os.getpid()  # an actor, not this process
+    assert killed != os.getpid()  # a worker, not this process
     with pytest.raises(ProcessLookupError):
         os.kill(killed, 0)
     rows = scores.column("row").to_pylist()

@@ -106,6 +106,30 @@ def test_scoring_in_process_writes_the_same_scores_as_the_ray_data_pass(finished
                                    rtol=1e-5, atol=1e-7)
 
 
+def test_an_actor_pool_started_for_the_pass_writes_the_same_scores_as_warm_workers(
+        finished_campaign, shape_pool, tmp_path):
+    warm = read_scores(finished_campaign[0] / "cycles/c00/scores")  # the campaign's default
+    actors = _rescore_cycle_0(finished_campaign, shape_pool, tmp_path,
+                              ScoreConfig(actors=2, batch_size=16, warm_workers=False))
+    assert actors.column("row").to_pylist() == warm.column("row").to_pylist()
+    for column in ("score", "ema_kl", "pred"):
+        np.testing.assert_allclose(column_array(actors, column), column_array(warm, column),
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_warm_workers_predict_with_the_last_cycles_model_not_the_one_they_kept(
+        finished_campaign, shape_pool):
+    # the workers that scored cycle 0 stay warm with its model; the predictions are model 1's
+    run_dir, _ = finished_campaign
+    predictions = read_scores(run_dir / "cycles/c01/predictions")
+    rows = predictions.column("row").to_numpy()
+    saved = torch.load(run_dir / "cycles/c01/model.pt")
+    net = model_from_checkpoint(saved, "mean" if saved.get("classifier") == "mean" else "model")
+    with torch.no_grad():
+        expected = torch.softmax(net(torch.from_numpy(read_volumes(shape_pool.path, rows))[:, None]), 1)
+    np.testing.assert_allclose(column_array(predictions, "probs"), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_a_ray_data_pass_with_a_buffer_smaller_than_one_batch_still_scores_every_row(
         finished_campaign, shape_pool, tmp_path):
     full_buffer = read_scores(finished_campaign[0] / "cycles/c00/scores")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import torch
 
@@ -64,3 +67,41 @@ def test_predictions_come_from_the_mean_model_when_training_chose_it(shape_pool,
     np.testing.assert_allclose(scored["probs"], expected["mean_probs"], rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(scored["pred"], expected["mean_probs"].argmax(axis=1))
     assert not np.allclose(expected["probs"], expected["mean_probs"], rtol=1e-4, atol=1e-6)
+
+
+def test_a_warm_worker_keeps_its_scorer_between_batches_and_passes(shape_pool, tmp_path, monkeypatch):
+    from actors import scorer as module
+
+    built = []
+    monkeypatch.setattr(module, "_warm", {})
+    monkeypatch.setattr(module, "PoolScorer", lambda **kw: built.append(kw) or PoolScorer(**kw))
+    _saved_models(tmp_path / "model.pt", shape_pool.num_classes)
+    kwargs = {"model_path": str(tmp_path / "model.pt"), "pool_path": shape_pool.path,
+              "strategy": "ema_kl", "strategy_options": {}}
+    batch = _first_batch(shape_pool)
+    first = module.score_batch(batch, **kwargs)
+    again = module.score_batch(batch, **kwargs)
+    assert len(built) == 1  # the second batch found the scorer built
+    np.testing.assert_array_equal(first["score"], again["score"])
+    module.score_batch(batch, **{**kwargs, "strategy": "entropy"})
+    assert len(built) == 2 and len(module._warm) == 1  # other settings: a new one, the old dropped
+
+
+def test_a_warm_worker_loads_a_rewritten_model_file(shape_pool, tmp_path, monkeypatch):
+    from actors import scorer as module
+
+    monkeypatch.setattr(module, "_warm", {})
+    path = tmp_path / "model.pt"
+    _saved_models(path, shape_pool.num_classes)
+    kwargs = {"model_path": str(path), "pool_path": shape_pool.path, "strategy": "entropy",
+              "strategy_options": {}}
+    batch = _first_batch(shape_pool)
+    before = module.score_batch(batch, **kwargs)
+    saved = torch.load(path, weights_only=False)  # the same cycle re-trained: other weights
+    saved["model"] = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+                      for k, v in saved["model"].items()}
+    torch.save(saved, path)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # a later stamp, however fast
+    after = module.score_batch(batch, **kwargs)
+    assert not np.allclose(before["probs"], after["probs"])
+    np.testing.assert_allclose(after["probs"], PoolScorer(**kwargs)(batch)["probs"], rtol=1e-5)

@@ -27,7 +27,12 @@ def test_the_defaults_never_override_what_is_set(monkeypatch):
     assert os.environ[key] == c.RAY_ENV_DEFAULTS[key]
 
 
-def test_ray_init_gets_a_runtime_env_only_for_a_ray_started_here(monkeypatch):
+def test_a_local_ray_keeps_idle_workers_beyond_one_a_cpu():
+    assert c.local_system_config(2) == {"num_workers_soft_limit": 2 + c.IDLE_WORKERS_KEPT}
+    assert c.local_system_config(None)["num_workers_soft_limit"] == os.cpu_count() + c.IDLE_WORKERS_KEPT
+
+
+def test_ray_init_gets_a_runtime_env_and_settings_only_for_a_ray_started_here(monkeypatch):
     calls = []
 
     class FakeRay:
@@ -48,9 +53,11 @@ def test_ray_init_gets_a_runtime_env_only_for_a_ray_started_here(monkeypatch):
     with c.connect(log_level="ERROR", num_cpus=2) as local:
         assert local is True
     assert calls[0]["runtime_env"] == c.local_runtime_env()
+    assert calls[0]["_system_config"] == c.local_system_config(2)
     assert calls[0]["logging_config"] == ("logging", "ERROR") and calls[0]["num_cpus"] == 2
     assert calls[-1] == "shutdown"
     monkeypatch.setenv("RAY_ADDRESS", "ray://cluster:10001")  # the cluster of ray job submit
     with c.connect() as local:
         assert local is False
-    assert calls[2]["runtime_env"] is None and calls[2]["address"] is None
+    assert calls[2]["address"] is None  # a cluster's settings are its own
+    assert "runtime_env" not in calls[2] and "_system_config" not in calls[2]

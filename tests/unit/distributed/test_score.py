@@ -55,3 +55,18 @@ def test_the_ray_data_filter_skips_row_groups_without_a_scored_row_in_the_parque
     assert [name for name, groups in sorted(kept.items()) if groups] == [f"part-{s:05d}.parquet" for s in range(2, 10)]
     table = ds.dataset(shape_pool.shard_paths, format="parquet").to_table(columns=["row"], filter=expression)
     assert sorted(table.column("row").to_pylist()) == list(range(12, 60))
+
+
+def test_cpu_passes_score_in_warm_task_workers_and_gpu_passes_in_an_actor_pool():
+    import ray.data
+
+    from actors.scorer import PoolScorer, score_batch
+    from orchestrator.distributed.score import scoring_udf
+
+    warm = scoring_udf({"model_path": "m.pt"}, ScoreConfig(actors=3))
+    assert warm["fn"] is score_batch and warm["fn_kwargs"] == {"model_path": "m.pt"}
+    assert isinstance(warm["compute"], ray.data.TaskPoolStrategy) and warm["compute"].size == 3
+    for cfg in (ScoreConfig(warm_workers=False), ScoreConfig(gpus_per_actor=0.5)):
+        fresh = scoring_udf({"model_path": "m.pt"}, cfg)
+        assert fresh["fn"] is PoolScorer and fresh["fn_constructor_kwargs"] == {"model_path": "m.pt"}
+        assert isinstance(fresh["compute"], ray.data.ActorPoolStrategy)
