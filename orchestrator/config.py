@@ -106,18 +106,19 @@ class ScoreConfig:
     actors: int = 2  # scoring workers running at once (Ray Data); 0 = in the calling process
     cpus_per_actor: float = 0.5  # leave headroom: actors taking every CPU deadlock read_parquet
     gpus_per_actor: float = 0.0  # fractional GPUs are fine for scoring
-    # Score in Ray task workers that keep their scorer between passes (a process that has
-    # scored imports nothing and loads only the new weights next cycle: no start-up after the
-    # first pass), or, with false, in a Ray Data actor pool started afresh for every pass. CPU
-    # scoring only: GPU scoring always uses the actor pool (Ray does not reuse GPU task workers).
-    warm_workers: bool = True
+    # A pass of fewer rows scores in Ray task workers that keep their scorer between passes (a
+    # process that has scored imports nothing and loads only the new weights next cycle: ~7 s
+    # less a pass here); a larger one in a Ray Data actor pool started for the pass, whose
+    # steady state is ~1.5x faster here (docs/BENCHMARKS.md, "Labels in -> next queries").
+    # 0: always the actor pool. CPU scoring only: Ray does not reuse GPU task workers.
+    warm_below_rows: int = 4000
     # Object-store memory Ray Data may fill with blocks in flight during a pass; without a cap
     # it buffers up to a share of the whole object store (GBs), and a longer pass fills more.
     buffer_mb: int = 256
 
     def __post_init__(self):
         # checked here, not when the first scoring pass starts after minutes of training
-        for name, low in (("batch_size", 1), ("actors", 0), ("buffer_mb", 1)):
+        for name, low in (("batch_size", 1), ("actors", 0), ("buffer_mb", 1), ("warm_below_rows", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"score.{name}: must be at least {low}, got {getattr(self, name)}")
         if self.cpus_per_actor <= 0 or self.gpus_per_actor < 0:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.al.labels import LabelLedger, LabelRecord
+from orchestrator.data.images import slices_png
 from orchestrator.data.pool import PoolInfo, atomic_write_text, read_volumes
 
 
@@ -124,26 +125,12 @@ def _star(queries: list[Query], names) -> str:
 
 
 def _write_slice_pngs(queries: list[Query], folder: Path, info: PoolInfo) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     folder.mkdir(parents=True, exist_ok=True)
     if not queries:
         return
     volumes = read_volumes(info.path, [q.row for q in queries])
-    for n, (query, volume) in enumerate(zip(queries, volumes)):
-        figure, axes = plt.subplots(1, 3, figsize=(6, 2.2))
-        centre = [s // 2 for s in volume.shape]
-        views = {"XY": volume[centre[0]], "XZ": volume[:, centre[1]], "YZ": volume[:, :, centre[2]]}
-        for axis, (title, image) in zip(axes, views.items()):
-            axis.imshow(image, cmap="gray")
-            axis.set_title(title, fontsize=8)
-            axis.axis("off")
-        figure.suptitle(query.subtomo_id, fontsize=8)
-        figure.savefig(folder / f"{n:05d}.png", dpi=80)
-        plt.close(figure)
+    for n, volume in enumerate(volumes):
+        (folder / f"{n:05d}.png").write_bytes(slices_png(volume))
 
 
 def pick_initial(candidate_rows: np.ndarray, count: int, seed: int) -> np.ndarray:

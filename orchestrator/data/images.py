@@ -43,3 +43,16 @@ def to_png(image: np.ndarray) -> bytes:
     raw = b"".join(b"\x00" + line.tobytes() for line in pixels)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+
+
+def slices_png(volume: np.ndarray, zoom: int = 4) -> bytes:
+    """The central XY, XZ and YZ slices of a cubic volume side by side (left to right, a white
+    column between them), each voxel ``zoom`` × ``zoom`` pixels, as one grey PNG: a query's
+    picture beside queries.csv. A thousandth of a matplotlib figure's time: a cycle's hundreds
+    of queries are written in a fraction of a second."""
+    views = slice_views(volume)
+    images = [views[name] for name in VIEWS]
+    white = max(float(np.percentile(image, 99)) for image in images)
+    gap = np.full((images[0].shape[0], 1), white, np.float32)
+    strip = np.concatenate([images[0], gap, images[1], gap, images[2]], axis=1)
+    return to_png(np.repeat(np.repeat(strip, zoom, axis=0), zoom, axis=1))

@@ -42,7 +42,7 @@ def pythonpath() -> str:
 
 # A local Ray kills idle worker processes once it runs more than one a CPU, and a cycle's Ray
 # Train workers push it over: the scoring workers kept warm between passes
-# (`score.warm_workers`) would be killed during every training. Keeping this many idle ones
+# (`score.warm_below_rows`) would be killed during every training. Keeping this many idle ones
 # beyond that keeps them (each ~0.2 GB, most of it torch's shared libraries).
 IDLE_WORKERS_KEPT = 8
 

@@ -1,9 +1,11 @@
 """Scoring the unlabelled pool on Ray Data. The one module importing ray.data.
 
 The pool's Parquet shards are read in parallel, scoring workers holding T and M map each batch
-to per-row scores (`actors/scorer.py`), and the scores are written to Parquet. The workers are
-Ray tasks whose processes outlive the pass with their scorer loaded (`score.warm_workers`), so
-only a campaign's first pass pays for starting them; or an actor pool started for each pass.
+to per-row scores (`actors/scorer.py`), and the scores are written to Parquet. For a small
+pass (`score.warm_below_rows`: a person's cycle on a workstation) the workers are Ray tasks
+whose processes outlive the pass with their scorer loaded, so only the first such pass of a
+campaign pays for starting them; a large pass gets an actor pool started for it, which Ray
+Data keeps busier (~1.5× the rate here), so that its start-up is small against the pass.
 Rows the pass skips (held out, labelled) are filtered in the read: a row group that holds none
 of the rows scored is not read, and the skipped rows of the others never reach a worker. Only ids and
 scores reach the driver; memory stays flat as the pool grows. The output directory appears
@@ -39,6 +41,7 @@ from orchestrator.data.storage import absolute
 from orchestrator.distributed.events import partial_dir
 
 SCORED_COLUMNS = ["row", "subtomo_id", "volume"]
+SCORING_WORKER_ENV = "CRYOAL_SCORING_WORKER"  # set in the warm scoring workers only
 
 
 def score_pool(
@@ -110,27 +113,34 @@ def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, rows: np.ndarray | N
     # cuts the stream into batch-sized blocks without holding the pool (memory stays flat).
     dataset = dataset.repartition(target_num_rows_per_block=cfg.batch_size)
     scored = dataset.map_batches(
-        **scoring_udf(scorer_kwargs, cfg),
+        **scoring_udf(scorer_kwargs, cfg, len(rows) if rows is not None else info.n_rows),
         batch_size=cfg.batch_size,
         batch_format="numpy",
         **actor_resources(cfg),
-        **({"runtime_env": env} if (env := faults.runtime_env()) else {}),
     )
     scored.write_parquet(str(partial.resolve()))
 
 
-def scoring_udf(scorer_kwargs: dict, cfg: ScoreConfig) -> dict:
-    """What `map_batches` runs. Warm workers: `score_batch` as Ray tasks, at most `actors` at
-    once; Ray keeps their processes for the job's later tasks, and each keeps its scorer, so
-    the next cycle's pass starts no process and imports nothing (`actors/scorer.py`). Else an
-    actor pool of `actors` PoolScorers, started for this pass and gone after it: also on GPUs,
-    where Ray ends a GPU task's process after each task (`max_calls=1`, so that the GPU's
-    memory is freed), and warm task workers would start a process for every batch."""
-    if cfg.warm_workers and not cfg.gpus_per_actor:
-        return {"fn": score_batch, "fn_kwargs": scorer_kwargs,
+def scoring_udf(scorer_kwargs: dict, cfg: ScoreConfig, n_rows: int) -> dict:
+    """What `map_batches` runs for a pass of `n_rows`. Below `warm_below_rows`: `score_batch`
+    as Ray tasks, at most `actors` at once; Ray keeps their processes for the job's later
+    tasks, and each keeps its scorer, so the next cycle's pass starts no process and imports
+    nothing (`actors/scorer.py`). Else an actor pool of `actors` PoolScorers, started for this
+    pass and gone after it: Ray Data queues several batches per actor but, on a small machine,
+    runs fewer scoring tasks at once than it has actors (its CPU budget per operator). Also on
+    GPUs, where Ray ends a GPU task's process after each task (`max_calls=1`, so that the
+    GPU's memory is freed), and warm task workers would start a process for every batch."""
+    faulty = (faults.runtime_env() or {}).get("env_vars", {})  # tests: faults for the workers
+    if n_rows < cfg.warm_below_rows and not cfg.gpus_per_actor:
+        # Ray runs a task only in workers of its runtime environment: one of their own keeps the
+        # scoring tasks on the few processes that hold a scorer, not on any of the pool's
+        # workers (read, write), each of which would import torch and load the models once.
+        env = {"env_vars": {**faulty, SCORING_WORKER_ENV: "1"}}
+        return {"fn": score_batch, "fn_kwargs": scorer_kwargs, "runtime_env": env,
                 "compute": ray.data.TaskPoolStrategy(size=cfg.actors)}
     return {"fn": PoolScorer, "fn_constructor_kwargs": scorer_kwargs,
-            "compute": ray.data.ActorPoolStrategy(size=cfg.actors)}
+            "compute": ray.data.ActorPoolStrategy(size=cfg.actors),
+            **({"runtime_env": {"env_vars": faulty}} if faulty else {})}
 
 
 def scored_rows_filter(rows: np.ndarray):

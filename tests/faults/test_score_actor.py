@@ -48,7 +48,7 @@ def tiny_model(tmp_path_factory):
 
 def score(pool, model, out: Path, warm_workers: bool):
     return score_pool(pool.path, str(model), out, strategy="ema_kl", strategy_options={},
-                      exclude_rows=[5, 17], cfg=replace(CFG, warm_workers=warm_workers), seed=0)
+                      exclude_rows=[5, 17], cfg=replace(CFG, warm_below_rows=10**9 if warm_workers else 0), seed=0)
 
 
 @pytest.mark.parametrize("warm_workers", [True, False], ids=["warm task workers", "actor pool"])

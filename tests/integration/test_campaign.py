@@ -108,9 +108,9 @@ def test_scoring_in_process_writes_the_same_scores_as_the_ray_data_pass(finished
 
 def test_an_actor_pool_started_for_the_pass_writes_the_same_scores_as_warm_workers(
         finished_campaign, shape_pool, tmp_path):
-    warm = read_scores(finished_campaign[0] / "cycles/c00/scores")  # the campaign's default
+    warm = read_scores(finished_campaign[0] / "cycles/c00/scores")  # a small pass: warm workers
     actors = _rescore_cycle_0(finished_campaign, shape_pool, tmp_path,
-                              ScoreConfig(actors=2, batch_size=16, warm_workers=False))
+                              ScoreConfig(actors=2, batch_size=16, warm_below_rows=0))
     assert actors.column("row").to_pylist() == warm.column("row").to_pylist()
     for column in ("score", "ema_kl", "pred"):
         np.testing.assert_allclose(column_array(actors, column), column_array(warm, column),

@@ -228,3 +228,30 @@ def test_the_scale_table_gives_each_stage_as_a_multiple_of_the_smallest_pool():
     assert "| train | 100,000 | 55.0 | 2.10 | 3.30 | 1.10 | 1.05 | 1.10 |" in text
     assert "| score | 100,000 | 200.0 | 10.00 | 2.10 | 10.00 | 10.00 | 1.05 |" in text
     assert "| rest |" not in text  # a stage not measured is left out
+
+
+def test_the_wait_for_queries_runs_from_a_cycles_last_label_to_the_next_selection(tmp_path):
+    import json
+    import os
+    from datetime import datetime, timezone
+
+    from bench.startup import cycle_rows, table
+
+    run = tmp_path / "run"
+    (run / "cycles" / "c00").mkdir(parents=True)
+    (run / "cycles" / "c01").mkdir()
+    (run / "state.json").write_text(json.dumps({"cycles": [
+        {"labelled": 48, "seconds_train": 30.0, "seconds_score": 10.0, "seconds_select": 0.1},
+        {"labelled": 96, "seconds_train": 40.0, "seconds_score": 5.0, "seconds_select": 0.5}]}))
+    (run / "cycles" / "c00" / "progress.jsonl").write_text('{"seconds": 8.0}\n{"seconds": 12.0}\n')
+    (run / "labels.csv").write_text("subtomo_id,label,cycle,source,annotator,time\n"
+                                    "a,1,0,initial,simulation,2026-11-26T08:00:00.000Z\n"
+                                    "b,2,0,initial,simulation,2026-11-26T08:00:02.000Z\n"
+                                    "c,2,1,initial,simulation,2026-11-26T08:01:00.000Z\n")
+    selection = run / "cycles" / "c01" / "selection.csv"
+    selection.write_text("")
+    written = datetime(2026, 11, 26, 8, 0, 0, tzinfo=timezone.utc).timestamp() + 50  # 48 s after b
+    os.utime(selection, (written, written))
+    rows = cycle_rows("after", run)
+    assert rows == [["after", 0, 48, 30.0, 10.0, 10.0, 0.5, 48.0]]  # one row: the last cycle predicts
+    assert "| after | 0 | 30.0 | 10.0 | 10.0 | 0.5 | 48.0 |" in table(rows)

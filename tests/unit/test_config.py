@@ -26,6 +26,7 @@ def test_a_wrongly_typed_value_is_an_error():
 
 @pytest.mark.parametrize("override, message", [
     ("score.buffer_mb=0", "score.buffer_mb: must be at least 1"),
+    ("score.warm_below_rows=-1", "score.warm_below_rows: must be at least 0"),
     ("score.actors=-1", "score.actors: must be at least 0"),
     ("score.batch_size=0", "score.batch_size: must be at least 1"),
     ("score.cpus_per_actor=0", "score.cpus_per_actor must be > 0"),

@@ -57,16 +57,19 @@ def test_the_ray_data_filter_skips_row_groups_without_a_scored_row_in_the_parque
     assert sorted(table.column("row").to_pylist()) == list(range(12, 60))
 
 
-def test_cpu_passes_score_in_warm_task_workers_and_gpu_passes_in_an_actor_pool():
+def test_small_cpu_passes_score_in_warm_task_workers_and_the_rest_in_an_actor_pool():
     import ray.data
 
     from actors.scorer import PoolScorer, score_batch
-    from orchestrator.distributed.score import scoring_udf
+    from orchestrator.distributed.score import SCORING_WORKER_ENV, scoring_udf
 
-    warm = scoring_udf({"model_path": "m.pt"}, ScoreConfig(actors=3))
+    cfg = ScoreConfig(actors=3, warm_below_rows=1000)
+    warm = scoring_udf({"model_path": "m.pt"}, cfg, 999)
     assert warm["fn"] is score_batch and warm["fn_kwargs"] == {"model_path": "m.pt"}
     assert isinstance(warm["compute"], ray.data.TaskPoolStrategy) and warm["compute"].size == 3
-    for cfg in (ScoreConfig(warm_workers=False), ScoreConfig(gpus_per_actor=0.5)):
-        fresh = scoring_udf({"model_path": "m.pt"}, cfg)
+    assert SCORING_WORKER_ENV in warm["runtime_env"]["env_vars"]  # workers of their own
+    for cfg, n_rows in ((cfg, 1000), (ScoreConfig(warm_below_rows=0), 1),
+                        (ScoreConfig(gpus_per_actor=0.5, warm_below_rows=1000), 10)):
+        fresh = scoring_udf({"model_path": "m.pt"}, cfg, n_rows)
         assert fresh["fn"] is PoolScorer and fresh["fn_constructor_kwargs"] == {"model_path": "m.pt"}
-        assert isinstance(fresh["compute"], ray.data.ActorPoolStrategy)
+        assert isinstance(fresh["compute"], ray.data.ActorPoolStrategy) and "runtime_env" not in fresh
