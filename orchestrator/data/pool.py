@@ -40,7 +40,13 @@ ROW_GROUPS = "row_groups.json"  # written before the manifest; derived from the 
 SHARD_DIR = "shards"
 FORMAT_VERSION = 1
 VOLUME_DTYPES = ("float16", "float32")
-ROW_GROUP_MB = 16  # volumes per Parquet row group, at most: bounds writer and reader memory
+# Volumes per Parquet row group, at most: bounds writer and reader memory, and what reading a
+# few scattered rows costs. A row is read with its whole row group, so a cycle's labelled rows,
+# scattered over a large pool, read (rows × group size) bytes: 1 MB (16 subtomograms of 32³
+# float16) keeps that near the rows' own size, where 16 MB read a 100,000-row pool twice over
+# to train on 2,000 labels (docs/BENCHMARKS.md, "One cycle against the pool's size"). Full
+# scans decode ~1.6× slower from 1 MB groups, still ~100× what scoring consumes.
+ROW_GROUP_MB = 1
 # A row whose ground truth is "not a particle" (empty noise, a carbon edge, a fragment, ...):
 # the ledger's junk answer (orchestrator/al/labels.py imports it from here). Not a class, so it
 # never counts in num_classes and never in an accuracy.
@@ -358,7 +364,7 @@ class RowGroupIndex:
     """Where the pool's rows are: disjoint ranges of rows [first, last], each inside one row
     group (`group`) of one shard (`shard`, a position in PoolInfo.shards), sorted by first row.
     PoolWriter writes rows in order, so its pools have one range per row group: a few numbers
-    per 16 MB of volumes."""
+    per MB of volumes."""
     shard: np.ndarray
     group: np.ndarray
     first: np.ndarray
@@ -466,8 +472,8 @@ def _rows_by_row_group(
     info: PoolInfo, rows: np.ndarray, columns: Sequence[str]
 ) -> Iterator[tuple[np.ndarray, pa.Table]]:
     """(positions in `rows`, a table of those rows' `columns` in that order), one row group at
-    a time, reading only the row groups that hold the asked rows (16 MB of volumes at most in
-    memory). Shards and row groups are visited in order."""
+    a time, reading only the row groups that hold the asked rows (one row group of volumes,
+    ROW_GROUP_MB, in memory). Shards and row groups are visited in order."""
     if not len(rows):
         return
     index = row_group_index(info)

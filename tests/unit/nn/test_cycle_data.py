@@ -119,7 +119,7 @@ def test_a_row_not_in_the_pool_is_an_error_naming_it_and_frees_what_was_read(sha
 
 def noise_pool(path, n, box=16):
     """n random volumes, 32 rows a row group: a read holds one row group, as a real pool's
-    16 MB row groups bound it, so the reads' memory does not follow n here either."""
+    1 MB row groups bound it, so the reads' memory does not follow n here either."""
     rng = np.random.default_rng(0)
     with PoolWriter(path, box, class_names=["a", "b", "c"], rows_per_group=32) as writer:
         for i in range(n):
