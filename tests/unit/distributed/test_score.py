@@ -48,13 +48,28 @@ def test_the_ray_data_filter_skips_row_groups_without_a_scored_row_in_the_parque
     import pyarrow.dataset as ds
 
     rows = rows_to_score(shape_pool, list(range(0, 12)) + HELD_OUT)  # shards 0, 1 and 10..13 skipped
-    expression = scored_rows_filter(rows).to_pyarrow()
+    expression = scored_rows_filter(rows, np.arange(shape_pool.n_rows)).to_pyarrow()
     kept = {}
     for fragment in ds.dataset(shape_pool.shard_paths, format="parquet").get_fragments():
         kept[fragment.path.rsplit("/", 1)[-1]] = len(fragment.subset(filter=expression).row_groups)
     assert [name for name, groups in sorted(kept.items()) if groups] == [f"part-{s:05d}.parquet" for s in range(2, 10)]
     table = ds.dataset(shape_pool.shard_paths, format="parquet").to_table(columns=["row"], filter=expression)
     assert sorted(table.column("row").to_pylist()) == list(range(12, 60))
+
+
+def test_the_filter_names_the_skipped_rows_when_they_are_fewer_than_the_scored():
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    pool_rows = np.arange(1000)
+    skipped = np.r_[np.arange(0, 900, 10), np.arange(900, 1000)]  # 90 scattered, then a block
+    rows = np.setdiff1d(pool_rows, skipped)  # 810 scored
+    expression = scored_rows_filter(rows, pool_rows).to_pyarrow()
+    text = str(expression)
+    assert "invert(is_in(row" in text and "  11,\n" not in text  # a set of the skipped rows
+    assert "(row < 900) or (row > 999)" in text  # the block a range, which statistics can skip
+    table = ds.dataset(pa.table({"row": pool_rows})).to_table(filter=expression)
+    assert table.column("row").to_pylist() == rows.tolist()
 
 
 def test_small_cpu_passes_score_in_warm_task_workers_and_the_rest_in_an_actor_pool():
