@@ -1134,7 +1134,20 @@ def _fragment(structure: PreparedStructure, box: int, rng: np.random.Generator) 
     mass = np.cumsum(density.ravel()[order], dtype=np.float64)
     cut = along[order][min(np.searchsorted(mass, keep_share * mass[-1]), len(order) - 1)]
     piece = np.where((along >= cut).reshape(density.shape), density, 0.0).astype(np.float32)
-    return prepare_structure(piece, box, f"{structure.name} fragment")
+    # A cap's rim can lie farther from the cap's own centre than the whole structure's radius
+    # (a hemisphere of a shell: 1.12 radii), so a structure that fits the box may have a
+    # fragment that does not: keep the part of it within a ball that fits (junk has no shape
+    # to preserve), shrinking the ball until the re-centred piece fits.
+    name = f"{structure.name} fragment"
+    grid = np.indices(piece.shape, dtype=np.float64).reshape(3, -1).T
+    for radius in np.arange(box / 2 - 1, 1, -1.0):
+        try:
+            return prepare_structure(piece, box, name)
+        except SimulationError:
+            centre, _ = structure_extent(piece)
+            inside = (((grid - centre) ** 2).sum(1) <= radius**2).reshape(piece.shape)
+            piece = np.where(inside, piece, 0.0).astype(np.float32)
+    return prepare_structure(piece, box, name)
 
 
 # Weighted back-projection of a real tilt series -------------------------------------------

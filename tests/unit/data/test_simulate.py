@@ -489,3 +489,14 @@ def test_the_cli_names_the_bad_file_and_exits_non_zero(tmp_path, capsys):
     assert "bad.map" in capsys.readouterr().err
     assert sim.main(["--structures", "builtin:2", "--snr", "-1"] + out) == 2
     assert "snr must be > 0" in capsys.readouterr().err
+
+
+def test_a_fragment_of_a_structure_that_just_fits_the_box_fits_it_too():
+    # a shell of radius 14 fits 32 voxels; a cap of it, re-centred, spans up to 1.12 × that
+    grid = np.indices((40, 40, 40), dtype=np.float64) - 19.5
+    radius = np.sqrt((grid**2).sum(0))
+    shell = sim.prepare_structure(np.exp(-((radius - 13.5) ** 2)).astype(np.float32), 32, "shell")
+    for i in range(6):
+        piece = sim._fragment(shell, 32, sim.sample_rng(0, i))
+        assert piece.extent <= 32
+        assert piece.density.sum() > 0.15 * shell.density.sum()  # still a good part of it
