@@ -598,17 +598,21 @@ def cache_volumes(path: str | Path, rows: Sequence[int], directory: str | None =
     shape = (len(rows), *info.box)
     if not len(rows):
         return np.empty(shape, dtype=info.dtype)
-    # refused before any disk is taken, so a refusal's traceback holds no cache
-    _refuse_repeated(rows)
-    row_group_index(info).locate(rows, info.path)
+    check_rows(info, rows)  # before any disk is taken, so a refusal's traceback holds no cache
     directory = directory or tempfile.gettempdir()
     with tempfile.TemporaryFile(prefix="cryoal-volumes-", dir=directory) as file:
-        _reserve(file.fileno(), int(np.prod(shape)) * np.dtype(info.dtype).itemsize, directory)
+        reserve_disk(file.fileno(), int(np.prod(shape)) * np.dtype(info.dtype).itemsize, directory)
         cache = np.memmap(file, dtype=info.dtype, mode="r+", shape=shape)  # the map keeps the file
     return read_volumes(path, rows, out=cache)
 
 
-def _reserve(fd: int, size: int, directory: str) -> None:
+def check_rows(info: PoolInfo, rows: np.ndarray) -> None:
+    """A PoolError naming a row asked twice or not in the pool, if there is one."""
+    _refuse_repeated(rows)
+    row_group_index(info).locate(rows, info.path)
+
+
+def reserve_disk(fd: int, size: int, directory: str) -> None:
     """Allocate the cache's blocks before writing: a full disk is then an error naming the
     size, not a SIGBUS at the first page written into a hole. A filesystem that cannot
     allocate ahead gets a sparse file."""

@@ -3,10 +3,12 @@
 ``Cycle`` holds a cycle's state on one rank and does its steps; ``orchestrator/distributed/
 train.py`` runs it on Ray Train (DDP, checkpoints, restarts), and a unit test runs it as is.
 
-- The data (:class:`CycleData`): every worker reads the cycle's labelled volumes from the pool,
-  the validation volumes, and for semi-supervised training the unlabelled ones, once per cycle,
-  into memory-mapped caches on its own disk (``orchestrator/nn/cycle_volumes.py``); each batch
-  is gathered from them as float32, so a worker's memory follows the batch, not the labels.
+- The data (:class:`CycleData`): the cycle's labelled and validation volumes come from the
+  node's shared cache (the first worker of a node reads them from the pool, the others map its
+  file, and the validation split stays there across cycles); for semi-supervised training each
+  worker reads the unlabelled ones into a cache of its own (``orchestrator/nn/cycle_volumes.py``).
+  Each batch is gathered from them as float32, so a worker's memory follows the batch, not the
+  labels.
 - How long it trains and when it validates (:func:`cycle_plan`): ``train.epochs``, or more for a
   small labelled set (``min_steps``), validation over the second half, checkpoints after every
   validation and at least every eighth of the cycle.
@@ -57,7 +59,7 @@ from orchestrator.nn.learning import (
     sigmoid_rampup,
     train_epoch,
 )
-from orchestrator.nn.cycle_volumes import Volumes, cached_volumes
+from orchestrator.nn.cycle_volumes import Volumes, cached_volumes, shared_cached_volumes
 
 __all__ = ["AMP_DTYPES", "CycleJob", "CyclePlan", "cycle_plan", "CycleData", "Cycle",
            "choose_classifier", "unlabelled_indices"]
@@ -124,9 +126,10 @@ def cycle_plan(n_labelled: int, tcfg: dict, world: int = 1) -> CyclePlan:
 
 @dataclass
 class CycleData:
-    """The volumes a worker trains on, read once per cycle into caches on its disk (in the
-    pool's dtype, :func:`cached_volumes`): labelled (train), validation, and for
-    semi-supervised training the unlabelled ones. ``close()`` frees the caches."""
+    """The volumes a worker trains on, in the pool's dtype on its node's disk: labelled (train)
+    and validation from the node's shared cache (:func:`shared_cached_volumes`), and for
+    semi-supervised training the unlabelled ones, read into a cache of its own
+    (:func:`cached_volumes`). ``close()`` lets them go."""
 
     x_train: Volumes
     y_train: torch.Tensor
@@ -146,12 +149,12 @@ class CycleData:
         order = np.random.default_rng([job.seed, 17]).permutation(len(y_train))
         order = np.sort(order[:int(tcfg["calibration_samples"])])
         with contextlib.ExitStack() as cached:  # a failed read frees the caches before it
-            def cache(rows):
-                return cached.enter_context(cached_volumes(job.pool, rows))
+            def cache(read, rows):
+                return cached.enter_context(read(job.pool, rows))
 
-            x_train = cache(job.train_rows)
-            x_val = cache(job.val_rows) if job.val_rows else None
-            x_unlabelled = cache(job.unlabelled_rows) if semi else None
+            x_train = cache(shared_cached_volumes, job.train_rows)
+            x_val = cache(shared_cached_volumes, job.val_rows) if job.val_rows else None
+            x_unlabelled = cache(cached_volumes, job.unlabelled_rows) if semi else None
             cached.pop_all()  # read: the cycle closes them (close())
         return cls(x_train, y_train, x_val, torch.as_tensor(job.val_labels, dtype=torch.int64),
                    x_unlabelled, order, int(tcfg["batch_size"]))
@@ -387,7 +390,7 @@ class Cycle:
         if not job.test_rows:
             return summary
         y_test = torch.as_tensor(job.test_labels, dtype=torch.int64)
-        with cached_volumes(job.pool, job.test_rows) as x_test:
+        with shared_cached_volumes(job.pool, job.test_rows) as x_test:
             results = {name: self._evaluate(model_from_checkpoint(saved, key, self.device),
                                             x_test, y_test)
                        for key, name in (("model", "task"), ("mean", "mean"))}

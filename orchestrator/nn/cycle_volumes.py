@@ -1,9 +1,10 @@
 """A cycle's volumes by position, whatever holds them: the one way training, validation, the
 test split, BatchNorm calibration, the unlabelled stream and an auxiliary's fit get volumes.
 
-A :class:`Volumes` wraps an array of volumes [n, z, y, x] (float16 or float32): in memory, or
-the memory-mapped cache of a cycle's rows on the worker's disk (:func:`cached_volumes`,
-``orchestrator.data.pool.cache_volumes``). Only the batches asked for become float32 tensors,
+A :class:`Volumes` wraps an array of volumes [n, z, y, x] (float16 or float32): in memory, the
+memory-mapped cache of a cycle's rows on the worker's disk (:func:`cached_volumes`,
+``orchestrator.data.pool.cache_volumes``), or the node's shared cache entry for them
+(:func:`shared_cached_volumes`, ``orchestrator.data.volume_cache``). Only the batches asked for become float32 tensors,
 so a worker's memory follows its batch size, not the labelled set.
 """
 
@@ -13,8 +14,9 @@ import numpy as np
 import torch
 
 from orchestrator.data.pool import cache_volumes
+from orchestrator.data.volume_cache import shared_volumes
 
-__all__ = ["Volumes", "cached_volumes"]
+__all__ = ["Volumes", "cached_volumes", "shared_cached_volumes"]
 
 
 class Volumes:
@@ -55,3 +57,10 @@ def cached_volumes(pool: str, rows) -> Volumes:
     """The rows' volumes, in that order, read once from the pool into a memory-mapped cache on
     this node's disk (len(rows) × voxels × 2 bytes for a float16 pool)."""
     return Volumes(cache_volumes(pool, rows))
+
+
+def shared_cached_volumes(pool: str, rows) -> Volumes:
+    """The rows' volumes, in that order, from this node's shared cache: read from the pool by
+    the first worker of the node to ask, mapped by the others and by later cycles asking for
+    the same rows. For the sets every worker reads whole (labelled, validation, test)."""
+    return Volumes(shared_volumes(pool, rows))

@@ -1,7 +1,8 @@
-"""Where a cycle's volumes live: a memory-mapped cache on the worker's disk, read once from the
-pool, gathered a batch at a time. Training from it is training from memory, its memory does
-not follow the labelled set, and nothing of it outlives the cycle. Short cycles on tiny
-models, in this process (no Ray)."""
+"""Where a cycle's volumes live: memory-mapped caches on the node's disk, read once from the
+pool (labelled and validation sets shared by the node's workers and kept across cycles),
+gathered a batch at a time. Training from them is training from memory, their memory does not
+follow the labelled set, and no map of them outlives the cycle. Short cycles on tiny models,
+in this process (no Ray)."""
 
 import tempfile
 import tracemalloc
@@ -12,9 +13,10 @@ import torch
 from conftest import mapped_from
 
 from orchestrator.config import ModelConfig, TrainConfig, config_to_dict
+from orchestrator.data import volume_cache
 from orchestrator.data.pool import PoolError, PoolWriter, read_volumes
 from orchestrator.nn import cycle as cycle_module
-from orchestrator.nn.cycle import Cycle, CycleJob
+from orchestrator.nn.cycle import Cycle, CycleData, CycleJob
 from orchestrator.nn.cycle_volumes import Volumes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -52,8 +54,11 @@ def run_cycle(job: CycleJob) -> dict:
 
 def read_into_memory(monkeypatch):
     """From here on cycles hold their volumes as before the cache: float32 arrays in memory."""
-    monkeypatch.setattr(cycle_module, "cached_volumes",
-                        lambda pool, rows: Volumes(read_volumes(pool, rows)))
+    def in_memory(pool, rows):
+        return Volumes(read_volumes(pool, rows))
+
+    monkeypatch.setattr(cycle_module, "cached_volumes", in_memory)
+    monkeypatch.setattr(cycle_module, "shared_cached_volumes", in_memory)
 
 
 @pytest.fixture
@@ -79,13 +84,37 @@ def test_a_cycle_trained_from_the_cache_ends_with_the_weights_of_one_trained_fro
             assert torch.equal(value, from_memory[part][key]), f"{part}.{key}"
 
 
-def test_the_caches_are_mapped_while_the_cycle_runs_and_gone_when_it_ends(shape_pool, tmp_path,
-                                                                          node_tmp):
+def test_the_caches_are_mapped_while_the_cycle_runs_and_let_go_when_it_ends(shape_pool, tmp_path,
+                                                                             node_tmp):
     job = tiny_job(shape_pool, tmp_path, semi_supervised=True)
     with Cycle(job) as cycle:
         cycle.train_epoch(0)
         assert len(mapped_from(node_tmp)) == 3  # labelled, validation, unlabelled
-        assert list(node_tmp.iterdir()) == []  # unnamed: a killed worker leaves no file
+        # labelled and validation: the node's shared entries; the unlabelled cache is the
+        # worker's own and has no name, so a killed worker leaves no file of it
+        assert list(node_tmp.iterdir()) == [node_tmp / "cryoal-volumes"]
+        assert len(list((node_tmp / "cryoal-volumes").glob("*.npy"))) == 2
+    assert mapped_from(node_tmp) == []
+
+
+def test_the_workers_of_a_node_read_the_labelled_and_validation_rows_from_the_pool_once(
+    shape_pool, tmp_path, node_tmp, monkeypatch
+):
+    reads = []
+
+    def counted(path, rows, out=None):
+        reads.append(len(rows))
+        return read_volumes(path, rows, out=out)
+
+    monkeypatch.setattr(volume_cache, "read_volumes", counted)
+    job = tiny_job(shape_pool, tmp_path)
+    workers = [CycleData.read(job), CycleData.read(job)]
+    next_cycle = CycleData.read(tiny_job(shape_pool, tmp_path, train_rows=range(40)))
+    assert reads == [30, 12, 40]  # labelled, validation; the next cycle's labelled set only
+    expected = read_volumes(shape_pool.path, job.val_rows)
+    for data in (*workers, next_cycle):
+        np.testing.assert_array_equal(data.x_val[:].numpy(), expected)
+        data.close()
     assert mapped_from(node_tmp) == []
 
 
