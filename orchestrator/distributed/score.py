@@ -47,12 +47,6 @@ SCORING_WORKER_ENV = "CRYOAL_SCORING_WORKER"  # set in the warm scoring workers 
 FEW_RUNS, LONG_RUN = 64, 16
 
 
-# Score files hold at least this many rows (the last fewer): a file per block (a scoring batch,
-# 64 rows by default) made a pass of 100,000 rows ~1,500 files, and reading them back for
-# selection and κ cost ~1 ms each. Progress is counted in finished files, so still every
-# few seconds.
-ROWS_PER_SCORE_FILE = 2048
-
 def score_pool(
     pool_path: str,
     model_path: str,
@@ -127,7 +121,7 @@ def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, rows: np.ndarray | N
         batch_format="numpy",
         **actor_resources(cfg),
     )
-    scored.write_parquet(str(partial.resolve()), min_rows_per_file=ROWS_PER_SCORE_FILE)
+    scored.write_parquet(str(partial.resolve()))
 
 
 def scoring_udf(scorer_kwargs: dict, cfg: ScoreConfig, n_rows: int) -> dict:

@@ -16,7 +16,6 @@ from orchestrator.campaign.labelled import PoolView
 from orchestrator.campaign.loop import Campaign
 from orchestrator.config import ModelConfig, ScoreConfig, TrainConfig, config_to_dict, load_config
 from orchestrator.data.pool import read_volumes
-from orchestrator.distributed import score as score_module
 from orchestrator.distributed.score import column_array, read_scores, score_pool
 from orchestrator.distributed.train import run_training
 from orchestrator.nn.checkpoint import model_from_checkpoint
@@ -129,16 +128,6 @@ def test_warm_workers_predict_with_the_last_cycles_model_not_the_one_they_kept(
     with torch.no_grad():
         expected = torch.softmax(net(torch.from_numpy(read_volumes(shape_pool.path, rows))[:, None]), 1)
     np.testing.assert_allclose(column_array(predictions, "probs"), expected.numpy(), rtol=1e-4, atol=1e-5)
-
-
-def test_a_pass_writes_files_of_many_blocks_not_a_file_per_block(finished_campaign, shape_pool,
-                                                                 tmp_path, monkeypatch):
-    monkeypatch.setattr(score_module, "ROWS_PER_SCORE_FILE", 20)
-    scored = _rescore_cycle_0(finished_campaign, shape_pool, tmp_path,
-                              ScoreConfig(actors=2, batch_size=4, warm_below_rows=0))
-    rows_per_file = sorted(pq.read_metadata(f).num_rows for f in (tmp_path / "scores").glob("*.parquet"))
-    assert sum(rows_per_file) == scored.num_rows > 40
-    assert all(n >= 20 for n in rows_per_file[1:]), rows_per_file  # blocks of 4 rows, joined
 
 
 def test_a_ray_data_pass_with_a_buffer_smaller_than_one_batch_still_scores_every_row(
