@@ -62,7 +62,7 @@ from orchestrator.nn.learning import (
 from orchestrator.nn.cycle_volumes import Volumes, cached_volumes, shared_cached_volumes
 
 __all__ = ["AMP_DTYPES", "CycleJob", "CyclePlan", "cycle_plan", "CycleData", "Cycle",
-           "choose_classifier", "unlabelled_indices"]
+           "choose_classifier", "step_batches", "unlabelled_indices"]
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -245,8 +245,8 @@ class Cycle:
         order = epoch_order(self.data.y_train, self.job.seed, epoch, self.rank, self.world,
                             tcfg["balanced"])
         stats = train_epoch(
-            self.model, self.mean, _batches(self.data.x_train, self.data.y_train, order,
-                                            plan.rank_batch), self.optimizer,
+            self.model, self.mean, _gathered(self.data.x_train, self.data.y_train,
+                                             step_batches(order, plan.steps_per_epoch)), self.optimizer,
             lam=tcfg["lam"], distance=tcfg["regulariser"], alpha=tcfg["ema_alpha"],
             unlabelled_batches=self._unlabelled_batches(epoch),
             lam_unlabelled=self._unlabelled_weight(epoch), augmentation=self.augmentation,
@@ -450,6 +450,21 @@ def epoch_order(labels: torch.Tensor, seed: int, epoch: int, rank: int, world: i
         order = rng.permutation(n)
     per_rank = max(1, n // world) if n >= world else n
     return order[rank * per_rank:(rank + 1) * per_rank] if n >= world else order
+
+
+def step_batches(order: np.ndarray, steps: int) -> list[np.ndarray]:
+    """An epoch's order cut into ``steps`` batches whose sizes differ by one at most: 98 labels
+    in 4 batches of up to 32 are 25, 25, 24, 24, not 32, 32, 32 and a step on 2 volumes, whose
+    gradient and BatchNorm statistics are noise at the one-cycle schedule's full rate (each
+    epoch's last step at 5% of a SHREC'21 train split was such a step: docs/TRAINING.md)."""
+    return np.array_split(order, steps) if len(order) else []
+
+
+def _gathered(x: Volumes, y: torch.Tensor, batches: list[np.ndarray]):
+    """(volumes, labels) of each batch of positions, gathered when reached."""
+    for positions in batches:
+        index = torch.from_numpy(positions)
+        yield x.gather(index), y[index]
 
 
 def _batches(x: Volumes, y: torch.Tensor | None, order: np.ndarray, batch_size: int):

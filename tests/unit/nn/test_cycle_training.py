@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orchestrator.config import TrainConfig, config_to_dict
-from orchestrator.nn.cycle import choose_classifier, cycle_plan, epoch_order, unlabelled_indices
+from orchestrator.nn.cycle import choose_classifier, cycle_plan, epoch_order, step_batches, unlabelled_indices
 
 
 def plan(n, **settings):
@@ -106,3 +106,14 @@ def test_the_classifier_is_chosen_on_validation_accuracy(rule, val_task, val_mea
 def test_an_unknown_classifier_rule_is_refused():
     with pytest.raises(ValueError, match="task, mean, best"):
         choose_classifier("ensemble", 0.5, 0.5)
+
+
+@pytest.mark.parametrize("n", [98, 96, 195, 31, 1])
+def test_an_epochs_steps_share_its_labels_evenly_never_a_step_on_a_few(n):
+    plan = cycle_plan(n, {"epochs": 1, "min_steps": 0, "batch_size": 32})
+    order = np.random.default_rng(0).permutation(n)
+    batches = step_batches(order, plan.steps_per_epoch)
+    sizes = [len(b) for b in batches]
+    assert len(batches) == plan.steps_per_epoch and max(sizes) <= plan.rank_batch
+    assert max(sizes) - min(sizes) <= 1  # 98: 25, 25, 24, 24 rather than 32, 32, 32, 2
+    np.testing.assert_array_equal(np.concatenate(batches), order)
