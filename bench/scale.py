@@ -41,6 +41,7 @@ from bench.scoring_memory import _descendants, _pss  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results" / "scale.csv"
 COLUMNS = ["rows", "stage", "seconds", "bytes_read", "peak_pss"]
+PROCESS_COLUMNS = ["rows", "stage", "process", "count", "pss"]  # DIR/nROWS/processes.csv
 # train, score: the campaign's own stages; rest: everything else of the resumed run (importing
 # the labels, selecting, writing the queries); total: labels submitted → next queries written
 STAGES = ("train", "score", "rest", "total")
@@ -57,6 +58,8 @@ class StageSampler(threading.Thread):
         self.stopped = threading.Event()
         self.peak: dict[str, int] = {}
         self.read: dict[str, int] = {}
+        # per stage, at its peak: {process name: (processes, PSS summed)}, to say what grew
+        self.peak_processes: dict[str, dict[str, tuple[int, int]]] = {}
         self._last: dict[int, int] = {}
 
     def run(self) -> None:
@@ -73,7 +76,10 @@ class StageSampler(threading.Thread):
                     self._last[pid] = rchar
             self.read[stage] = self.read.get(stage, 0) + read
             if tick % 5 == 0 or stage not in self.peak:  # PSS walks every page table: not every tick
-                pss = sum(_pss(pid) or 0 for pid in processes)
+                each = {pid: _pss(pid) or 0 for pid in processes}
+                pss = sum(each.values())
+                if pss > self.peak.get(stage, 0):
+                    self.peak_processes[stage] = by_name(each)
                 self.peak[stage] = max(self.peak.get(stage, 0), pss)
                 self.peak["total"] = max(self.peak.get("total", 0), pss)
             self.read["total"] = self.read.get("total", 0) + read
@@ -88,6 +94,28 @@ class StageSampler(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         self.join()
+
+
+def by_name(pss: dict[int, int]) -> dict[str, tuple[int, int]]:
+    """{process name: (how many, PSS summed)}: the driver, Ray's daemons by executable, Ray
+    workers by their title (``ray::IDLE``, ``ray::MapWorker(...)``)."""
+    named: dict[str, tuple[int, int]] = {}
+    for pid, size in pss.items():
+        name = "driver" if pid == os.getpid() else _process_name(pid)
+        count, total = named.get(name, (0, 0))
+        named[name] = (count + 1, total + size)
+    return named
+
+
+def _process_name(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    first = argv[0].decode(errors="replace").strip()
+    if first.startswith("ray::"):
+        return first.split(" ")[0]
+    return Path(first).name or "?"
 
 
 def _rchar(pid: int) -> int | None:
@@ -154,6 +182,11 @@ def one_cycle(rows: int, labels: int, select: int, work: Path) -> list[list]:
     seconds = {"train": cycle["seconds_train"], "score": cycle["seconds_score"], "total": total,
                "rest": total - cycle["seconds_train"] - cycle["seconds_score"]}
     shutil.rmtree(info.path)
+    with open(work / "processes.csv", "w", newline="") as f:  # what each stage's peak was made of
+        csv.writer(f).writerows([PROCESS_COLUMNS] + [
+            [rows, stage, name, count, pss]
+            for stage, named in sorted(sampler.peak_processes.items())
+            for name, (count, pss) in sorted(named.items(), key=lambda item: -item[1][1])])
     return [[rows, stage, round(seconds[stage], 2), sampler.read.get(stage, 0), sampler.peak.get(stage, 0)]
             for stage in STAGES]
 

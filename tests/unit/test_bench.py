@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -228,6 +229,25 @@ def test_the_scale_table_gives_each_stage_as_a_multiple_of_the_smallest_pool():
     assert "| train | 100,000 | 55.0 | 2.10 | 3.30 | 1.10 | 1.05 | 1.10 |" in text
     assert "| score | 100,000 | 200.0 | 10.00 | 2.10 | 10.00 | 10.00 | 1.05 |" in text
     assert "| rest |" not in text  # a stage not measured is left out
+
+
+def test_a_stages_peak_memory_is_split_by_process_name_the_driver_named_as_such():
+    import os
+    import subprocess
+
+    from bench.scale import by_name
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; print(); time.sleep(30)"],
+                             stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()  # running its own program, no longer a fork of this one
+        named = by_name({os.getpid(): 100, child.pid: 7, 2**22 + 12345: 0})
+    finally:
+        child.kill()
+        child.communicate()
+    assert named["driver"] == (1, 100)
+    assert named[Path(sys.executable).name] == (1, 7)
+    assert named["gone"] == (1, 0)  # a process that ended between the poll and the naming
 
 
 def test_the_wait_for_queries_runs_from_a_cycles_last_label_to_the_next_selection(tmp_path):
