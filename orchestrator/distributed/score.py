@@ -45,6 +45,7 @@ SCORING_WORKER_ENV = "CRYOAL_SCORING_WORKER"  # set in the warm scoring workers 
 # The scan filter names skipped rows as ranges when they form at most FEW_RUNS runs, else only
 # the runs of at least LONG_RUN rows (a 1 MB row group of 32³ float16 volumes)
 FEW_RUNS, LONG_RUN = 64, 16
+PROGRESS_FILES = 50  # a pass's score files, when `score.rows_per_file` does not make them fewer
 
 
 def score_pool(
@@ -74,14 +75,16 @@ def score_pool(
         "use_gpu": cfg.gpus_per_actor > 0,
         "seed": seed,
     }
-    rows = rows_to_score(open_pool(pool_path), exclude_rows)
+    info = open_pool(pool_path)
+    rows = rows_to_score(info, exclude_rows)
+    file_rows = rows_per_file(info.n_rows if rows is None else len(rows), cfg)
     if rows is not None and not len(rows):  # nothing left to score: an empty pass
         partial.mkdir(parents=True)
     elif cfg.actors == 0:  # the caller's own thread setting stays as it is
         scorer = PoolScorer(**{**scorer_kwargs, "threads": torch.get_num_threads()})
-        _score_in_process(pool_path, scorer, partial, cfg.batch_size, rows)
+        _score_in_process(pool_path, scorer, partial, cfg.batch_size, rows, file_rows)
     else:
-        _score_on_ray_data(pool_path, scorer_kwargs, rows, partial, cfg)
+        _score_on_ray_data(pool_path, scorer_kwargs, rows, partial, cfg, file_rows)
     partial.rename(out_dir)
     return out_dir
 
@@ -95,8 +98,15 @@ def rows_to_score(info: PoolInfo, exclude_rows: Sequence[int]) -> np.ndarray | N
     return np.setdiff1d(row_group_index(info).rows(), exclude, assume_unique=True)
 
 
+def rows_per_file(n_rows: int, cfg: ScoreConfig) -> int:
+    """Rows of each score file of a pass of `n_rows`: `score.rows_per_file` at most, so that a
+    large pass writes few files (the driver reads them back one by one); ~PROGRESS_FILES files
+    for a smaller pass (the stage's progress counts finished files); never less than a batch."""
+    return max(cfg.batch_size, min(cfg.rows_per_file, n_rows // PROGRESS_FILES))
+
+
 def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, rows: np.ndarray | None,
-                       partial: Path, cfg: ScoreConfig) -> None:
+                       partial: Path, cfg: ScoreConfig, file_rows: int) -> None:
     info = open_pool(pool_path)
     filesystem, shards = shard_locations(info)  # (None, paths) for a local pool
     limit_buffer(ray.data.DataContext.get_current(), cfg.buffer_mb)
@@ -121,7 +131,11 @@ def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, rows: np.ndarray | N
         batch_format="numpy",
         **actor_resources(cfg),
     )
-    scored.write_parquet(str(partial.resolve()))
+    # Batches are bundled into files of `file_rows`. The bundling write is a task of its own:
+    # with the CPUs' default reservation it waits for CPUs the scoring actors hold, and every
+    # file is written at the end of the pass; it takes next to no CPU, so it reserves none.
+    scored.write_parquet(str(partial.resolve()), min_rows_per_file=file_rows,
+                         ray_remote_args={"num_cpus": 0})
 
 
 def scoring_udf(scorer_kwargs: dict, cfg: ScoreConfig, n_rows: int) -> dict:
@@ -188,20 +202,27 @@ def actor_resources(cfg: ScoreConfig) -> dict:
 
 
 def _score_in_process(pool_path: str, scorer: PoolScorer, partial: Path, batch_size: int,
-                      rows: np.ndarray | None) -> None:
-    """The same batches through the same scorer, one Parquet file per batch, as Ray Data does;
-    with `rows`, only the row groups holding them are read and only they are scored."""
+                      rows: np.ndarray | None, file_rows: int) -> None:
+    """The same batches through the same scorer, into files of at least `file_rows` rows (the
+    last one smaller), as Ray Data does; with `rows`, only the row groups holding them are read
+    and only they are scored."""
     partial.mkdir(parents=True)
     batches = (iter_batches(pool_path, columns=SCORED_COLUMNS, batch_rows=batch_size) if rows is None
                else iter_rows(pool_path, rows, SCORED_COLUMNS, batch_rows=batch_size))
-    for i, batch in enumerate(batches):
+    pending: list[pa.Table] = []
+    files = 0
+    for batch in batches:
         result = scorer({c: batch.column(c).to_numpy(zero_copy_only=False) for c in SCORED_COLUMNS})
-        table = pa.table({
+        pending.append(pa.table({
             key: pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(value))
             if np.ndim(value) > 1 else value
             for key, value in result.items()
-        })
-        pq.write_table(table, partial / f"part-{i:05d}.parquet")
+        }))
+        if sum(t.num_rows for t in pending) >= file_rows:
+            pq.write_table(pa.concat_tables(pending), partial / f"part-{files:05d}.parquet")
+            pending, files = [], files + 1
+    if pending:
+        pq.write_table(pa.concat_tables(pending), partial / f"part-{files:05d}.parquet")
 
 
 def read_scores(scores_dir: str | Path, columns: Sequence[str] | None = None) -> pa.Table:

@@ -5,10 +5,14 @@ scorer; row groups holding none of the scored rows are not read at all."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.parquet as pq
+import pytest
 import torch
 
 from orchestrator.config import ScoreConfig
-from orchestrator.distributed.score import read_scores, rows_to_score, score_pool, scored_rows_filter
+from orchestrator.distributed import score as scoring
+from orchestrator.distributed.score import (read_scores, rows_per_file, rows_to_score, score_pool,
+                                          scored_rows_filter)
 from orchestrator.nn.ema import init_mean_model
 from orchestrator.nn.model import build_model
 
@@ -41,6 +45,38 @@ def test_an_in_process_pass_reads_only_the_row_groups_holding_rows_it_scores(
     assert scored.column("subtomo_id").to_pylist()[:2] == ["train-0006", "train-0007"]
     assert np.isfinite(scored.column("score").to_numpy()).all()
     assert sorted(name for name, _, _ in row_groups_read) == [f"part-{s:05d}" for s in range(1, 10)]
+
+
+def test_a_large_pass_writes_files_of_rows_per_file_and_a_small_one_about_fifty():
+    cfg = ScoreConfig(batch_size=64, rows_per_file=8192)
+    assert rows_per_file(1_000_000, cfg) == 8192  # 123 files, not 15,625 batches
+    assert rows_per_file(100_000, cfg) == 2000  # 50 files: the stage's progress counts them
+    assert rows_per_file(1_000, cfg) == 64  # never less than a batch
+
+
+def test_an_in_process_pass_bundles_its_batches_into_files_of_at_least_rows_per_file(
+        shape_pool, tmp_path, monkeypatch, one_torch_thread):
+    monkeypatch.setattr(scoring, "PROGRESS_FILES", 1)  # the 84-row pool: files of rows_per_file
+    out = score_pool(shape_pool.path, str(saved_model(tmp_path / "model.pt", shape_pool.num_classes)),
+                     tmp_path / "scores", strategy="entropy", strategy_options={},
+                     exclude_rows=[0] + HELD_OUT, cfg=ScoreConfig(actors=0, batch_size=8, rows_per_file=20))
+    files = sorted(out.glob("*.parquet"))
+    assert [pq.read_metadata(f).num_rows for f in files] == [24, 24, 11]  # 3 batches, 3, the rest
+    assert read_scores(out, ["row"]).column("row").to_pylist() == list(range(1, 60))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_data_pass_bundles_its_batches_into_files_of_at_least_rows_per_file(
+        ray_local, shape_pool, tmp_path, monkeypatch):
+    monkeypatch.setattr(scoring, "PROGRESS_FILES", 1)
+    out = score_pool(shape_pool.path, str(saved_model(tmp_path / "model.pt", shape_pool.num_classes)),
+                     tmp_path / "scores", strategy="entropy", strategy_options={}, exclude_rows=HELD_OUT,
+                     cfg=ScoreConfig(actors=2, batch_size=8, rows_per_file=24, warm_below_rows=0))
+    sizes = [pq.read_metadata(f).num_rows for f in out.glob("*.parquet")]
+    assert sum(sizes) == 60 and len(sizes) < 60 // 8  # fewer files than batches
+    assert sorted(sizes)[1:] == [size for size in sorted(sizes)[1:] if size >= 24]  # one remainder
+    assert read_scores(out, ["row"]).column("row").to_pylist() == list(range(60))
 
 
 def test_the_ray_data_filter_skips_row_groups_without_a_scored_row_in_the_parquet_scan(shape_pool):
