@@ -39,8 +39,10 @@ def cohens_kappa(a: Sequence[int], b: Sequence[int], num_classes: int | None = N
 
 def aligned(rows_a: np.ndarray, pred_a: np.ndarray, rows_b: np.ndarray, pred_b: np.ndarray,
             keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The two models' predictions on the rows in `keep` that both scored, in row order."""
-    common = np.intersect1d(np.intersect1d(rows_a, rows_b), keep)
+    """The two models' predictions on the rows in `keep` that both scored, in row order.
+    Each of the three holds a row once (a pass scores a row once); rows_a and rows_b sorted."""
+    # assume_unique: numpy's unique would hash every row again (0.3 s a call at 300,000 rows)
+    common = np.intersect1d(np.intersect1d(rows_a, rows_b, assume_unique=True), keep, assume_unique=True)
     return (pred_a[np.searchsorted(rows_a, common)] if len(common) else pred_a[:0],
             pred_b[np.searchsorted(rows_b, common)] if len(common) else pred_b[:0])
 
@@ -48,12 +50,14 @@ def aligned(rows_a: np.ndarray, pred_a: np.ndarray, rows_b: np.ndarray, pred_b: 
 def mean_uncertainty(probs: np.ndarray) -> float:
     """Mean entropy of the rows' class probabilities, over log(classes): 0 when every row is
     certain, 1 when every row is uniform. NaN without rows."""
-    probs = np.asarray(probs, dtype=np.float64)
+    probs = np.asarray(probs)
     if probs.ndim != 2 or len(probs) == 0:
         return float("nan")
     if probs.shape[1] < 2:
         return 0.0
-    entropy = -np.sum(np.where(probs > 0, probs * np.log(np.clip(probs, 1e-300, None)), 0.0), axis=1)
+    # p·log p in the scores' own precision (a zero p gives 0 · log(tiny) = 0), summed in float64
+    tiny = np.finfo(probs.dtype).tiny if np.issubdtype(probs.dtype, np.floating) else 1e-300
+    entropy = -np.sum(probs * np.log(np.clip(probs, tiny, None)), axis=1, dtype=np.float64)
     return float(np.mean(entropy) / math.log(probs.shape[1]))
 
 
