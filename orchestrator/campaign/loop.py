@@ -334,18 +334,8 @@ class Campaign:
         two models' scoring passes (model cycle−1's scored these rows for this cycle's selection)."""
         if not folder.exists():
             return {}
-        now = read_scores(folder, ["row", "pred", "probs"])
-        rows = now.column("row").to_numpy()
-        keep = np.isin(rows, unlabelled)
-        result = {"uncertainty": mean_uncertainty(column_array(now, "probs")[keep]),
-                  "unlabelled": int(keep.sum())}
-        before = self.cycle_dir(cycle - 1) / "scores"
-        if cycle > 0 and before.exists():
-            earlier = read_scores(before, ["row", "pred"])
-            a, b = aligned(earlier.column("row").to_numpy(), earlier.column("pred").to_numpy(),
-                           rows, now.column("pred").to_numpy(), unlabelled)
-            result["agreement"] = cohens_kappa(a, b, self.view.info.num_classes)
-        return result
+        before = self.cycle_dir(cycle - 1) / "scores" if cycle > 0 else None
+        return stability(folder, before, unlabelled, self.view.info.num_classes)
 
     # -- files -------------------------------------------------------------------------------
     def cycle_dir(self, cycle: int) -> Path:
@@ -371,6 +361,22 @@ class Campaign:
             self.display.line(f"report.html not written: {type(err).__name__}: {err}")
             return
         self._upload()
+
+
+def stability(folder: Path, before: Path | None, unlabelled: np.ndarray, num_classes: int) -> dict:
+    """The mean uncertainty of pass `folder` on the `unlabelled` rows and, when the previous
+    model's pass `before` exists, Cohen's κ between the two passes' predictions on them."""
+    now = read_scores(folder, ["row", "pred", "probs"])
+    rows = now.column("row").to_numpy()
+    keep = np.isin(rows, unlabelled)
+    result = {"uncertainty": mean_uncertainty(column_array(now, "probs")[keep]),
+              "unlabelled": int(keep.sum())}
+    if before is not None and before.exists():
+        earlier = read_scores(before, ["row", "pred"])
+        a, b = aligned(earlier.column("row").to_numpy(), earlier.column("pred").to_numpy(),
+                       rows, now.column("pred").to_numpy(), unlabelled)
+        result["agreement"] = cohens_kappa(a, b, num_classes)
+    return result
 
 
 def best_scored(folder: Path, labelled: LabelledSet, k: int, rng: np.random.Generator,

@@ -275,3 +275,15 @@ def test_the_wait_for_queries_runs_from_a_cycles_last_label_to_the_next_selectio
     rows = cycle_rows("after", run)
     assert rows == [["after", 0, 48, 30.0, 10.0, 10.0, 0.5, 48.0]]  # one row: the last cycle predicts
     assert "| after | 0 | 30.0 | 10.0 | 10.0 | 0.5 | 48.0 |" in table(rows)
+
+
+def test_the_readback_benchmark_writes_a_pass_as_scoring_does_and_times_both_reads(tmp_path):
+    from bench.score_readback import measure, write_pass
+    from orchestrator.distributed.score import read_scores
+
+    assert write_pass(tmp_path / "pass", rows=1000, file_rows=300, seed=0) == 4
+    assert read_scores(tmp_path / "pass", ["row"]).column("row").to_pylist() == list(range(1000))
+    batch, bundled = measure(3000, "batch", tmp_path), measure(3000, "bundled", tmp_path)
+    assert (batch["files"], bundled["files"]) == (47, 47)  # 64 rows a file; 3,000 // 50 < 64
+    assert batch["best_scored_s"] > 0 and bundled["stability_s"] > 0
+    assert not list(tmp_path.glob("before")) and not list(tmp_path.glob("now"))  # cleaned up
