@@ -19,11 +19,12 @@ from orchestrator.al.strategies import make_strategy
 from orchestrator.data.pool import decode_volumes, open_pool
 from orchestrator.nn.auxiliary import make_auxiliary
 from orchestrator.nn.checkpoint import load_checkpoint, model_from_checkpoint
-from orchestrator.nn.outputs import OUTPUTS, forward_outputs
+from orchestrator.nn.outputs import MEAN_OUTPUTS, OUTPUTS, forward_outputs
 
-# Written for every row whatever the strategy: the person in the loop sees the prediction, and
-# the paper's deviation, entropy and margin are kept for later analysis.
-REPORTED = {"ema_kl": {"distance": "kl"}, "entropy": {}, "margin": {}}
+# Written for every row whatever the strategy, next to the prediction a person sees: the
+# prediction's entropy (predictions.parquet carries it). Nothing else is computed unless the
+# strategy needs it: M's forward alone doubles a pass's cost, and only EMA-KL's strategies read M.
+REPORTED = {"entropy": {}}
 
 
 class PoolScorer:
@@ -43,15 +44,15 @@ class PoolScorer:
         self.info = open_pool(pool_path)
         saved = load_checkpoint(model_path, self.device)
         # channels-last weights: oneDNN's and cuDNN's 3D convolutions run faster with them
-        self.model = model_from_checkpoint(saved, "model", self.device, channels_last=True)
-        self.mean = model_from_checkpoint(saved, "mean", self.device, channels_last=True)
         self.strategy = make_strategy(strategy, **strategy_options)
         self.reported = {name: make_strategy(name, **opts) for name, opts in REPORTED.items()}
-        needs = set(self.strategy.needs) | {"probs", "mean_probs", "logits", "mean_logits"}
-        self.needs = needs
-        self.aux = load_auxiliary(self.strategy, saved, self.model, self.device)
         # the prediction a person sees comes from the classifier training chose on validation
         self.prediction = "mean_probs" if saved.get("classifier") == "mean" else "probs"
+        self.needs = set(self.strategy.needs) | {"probs", self.prediction}
+        self.model = model_from_checkpoint(saved, "model", self.device, channels_last=True)
+        self.mean = (model_from_checkpoint(saved, "mean", self.device, channels_last=True)
+                     if self.needs & MEAN_OUTPUTS else None)  # None: M is neither run nor loaded
+        self.aux = load_auxiliary(self.strategy, saved, self.model, self.device)
         self.seed = seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -26,6 +26,7 @@ __all__ = ["OUTPUTS", "forward_outputs"]
 _T_OUTPUTS = {"logits", "probs", "embeddings", "grad_embeddings", "mc_probs"}
 _M_OUTPUTS = {"mean_logits", "mean_probs"}
 OUTPUTS = frozenset(_T_OUTPUTS | _M_OUTPUTS)
+MEAN_OUTPUTS = frozenset(_M_OUTPUTS)  # what needs M's forward
 
 
 def _row_generators(x: torch.Tensor, seed: int, row_keys) -> list[torch.Generator]:

@@ -81,7 +81,7 @@ def test_kl_scores_match_a_plain_torch_computation_with_the_same_weights(finishe
         log_p = torch.log_softmax(nets["model"](x), dim=1)
         log_q = torch.log_softmax(nets["mean"](x), dim=1)
     expected = (log_p.exp() * (log_p - log_q)).sum(dim=1).numpy()
-    np.testing.assert_allclose(column_array(table, "ema_kl"), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(column_array(table, "score"), expected, rtol=1e-4, atol=1e-6)  # kl: T‖M
 
 
 def _rescore_cycle_0(finished_campaign, pool, tmp_path, cfg: ScoreConfig):
@@ -101,7 +101,7 @@ def test_scoring_in_process_writes_the_same_scores_as_the_ray_data_pass(finished
     in_process = _rescore_cycle_0(finished_campaign, shape_pool, tmp_path,
                                   ScoreConfig(actors=0, batch_size=16))
     assert in_process.column("row").to_pylist() == on_ray.column("row").to_pylist()
-    for column in ("score", "ema_kl", "entropy", "pred"):
+    for column in ("score", "entropy", "pred"):
         np.testing.assert_allclose(column_array(in_process, column), column_array(on_ray, column),
                                    rtol=1e-5, atol=1e-7)
 
@@ -112,7 +112,7 @@ def test_an_actor_pool_started_for_the_pass_writes_the_same_scores_as_warm_worke
     actors = _rescore_cycle_0(finished_campaign, shape_pool, tmp_path,
                               ScoreConfig(actors=2, batch_size=16, warm_below_rows=0))
     assert actors.column("row").to_pylist() == warm.column("row").to_pylist()
-    for column in ("score", "ema_kl", "pred"):
+    for column in ("score", "entropy", "pred"):
         np.testing.assert_allclose(column_array(actors, column), column_array(warm, column),
                                    rtol=1e-5, atol=1e-7)
 

@@ -69,6 +69,26 @@ def test_predictions_come_from_the_mean_model_when_training_chose_it(shape_pool,
     assert not np.allclose(expected["probs"], expected["mean_probs"], rtol=1e-4, atol=1e-6)
 
 
+def test_a_strategy_that_does_not_read_m_neither_loads_nor_runs_it(shape_pool, tmp_path, monkeypatch):
+    from orchestrator.nn import outputs
+
+    model, _ = _saved_models(tmp_path / "model.pt", shape_pool.num_classes)
+    asked = []
+    real = outputs.forward_outputs
+    monkeypatch.setattr("actors.scorer.forward_outputs", lambda *a, **kw: asked.append(set(a[3])) or real(*a, **kw))
+    scorer = PoolScorer(str(tmp_path / "model.pt"), shape_pool.path, "entropy", {})
+    scored = scorer(_first_batch(shape_pool))
+    assert scorer.mean is None and asked == [{"probs"}]
+    assert set(scored) == {"row", "subtomo_id", "pred", "pred_prob", "probs", "entropy", "score"}
+    np.testing.assert_allclose(scored["score"], scored["entropy"], rtol=1e-6)
+
+
+def test_m_is_loaded_for_the_prediction_when_training_chose_it_whatever_the_strategy(shape_pool, tmp_path):
+    _saved_models(tmp_path / "model.pt", shape_pool.num_classes, classifier="mean")
+    scorer = PoolScorer(str(tmp_path / "model.pt"), shape_pool.path, "random", {})
+    assert scorer.mean is not None and scorer.needs == {"probs", "mean_probs"}
+
+
 def test_a_warm_worker_keeps_its_scorer_between_batches_and_passes(shape_pool, tmp_path, monkeypatch):
     from actors import scorer as module
 
