@@ -213,11 +213,13 @@ def _score_in_process(pool_path: str, scorer: PoolScorer, partial: Path, batch_s
     files = 0
     for batch in batches:
         result = scorer({c: batch.column(c).to_numpy(zero_copy_only=False) for c in SCORED_COLUMNS})
-        pending.append(pa.table({
+        table = pa.table({
             key: pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(value))
             if np.ndim(value) > 1 else value
             for key, value in result.items()
-        }))
+        })
+        if table.num_rows:  # an empty batch lacks the columns of arrays it had no row for
+            pending.append(table)
         if sum(t.num_rows for t in pending) >= file_rows:
             pq.write_table(pa.concat_tables(pending), partial / f"part-{files:05d}.parquet")
             pending, files = [], files + 1
