@@ -51,6 +51,7 @@ import numpy as np
 from orchestrator.data import copick_io
 from orchestrator.data.copick_io import CopickError, CopickSelection
 from orchestrator.data.pool import (
+    INDEX_FILE,
     MANIFEST,
     ROW_GROUPS,
     SHARD_DIR,
@@ -82,7 +83,7 @@ FOLDER_SUFFIXES = (".mrc", ".map", ".mrcs", ".em")
 REJECTS_FILE = "rejects.csv"
 REPORT_FILE = "ingest_report.json"
 RESIZED_FILE = "resized.csv"
-POOL_FILES = {MANIFEST, ROW_GROUPS, SHARD_DIR, REJECTS_FILE, REPORT_FILE, RESIZED_FILE}  # what an ingest writes
+POOL_FILES = {MANIFEST, ROW_GROUPS, INDEX_FILE, SHARD_DIR, REJECTS_FILE, REPORT_FILE, RESIZED_FILE}  # what an ingest writes
 REJECT_COLUMNS = ("source", "item", "reason_code", "reason")
 MAX_LOGGED_REJECTS = 50  # after this many, rejects go to rejects.csv only (a million bad lines help nobody)
 

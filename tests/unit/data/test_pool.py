@@ -1,5 +1,6 @@
 """The Parquet pool: round trips, normalisation, sharding, streaming, refusals."""
 
+import dataclasses
 import errno
 import json
 import math
@@ -11,7 +12,9 @@ import pytest
 import pyarrow.parquet as pq
 from conftest import mapped_from
 
+from orchestrator.data import pool as pool_module
 from orchestrator.data.pool import (
+    INDEX_FILE,
     MANIFEST,
     ROW_GROUPS,
     DuplicateIdError,
@@ -26,6 +29,7 @@ from orchestrator.data.pool import (
     read_index,
     read_volumes,
     row_group_index,
+    save_index,
     zscore,
 )
 
@@ -229,6 +233,35 @@ def test_the_footers_give_the_index_the_writer_saved(tmp_path):
     assert built.last.tolist() == saved["last"] == list(range(3, 40, 4))
     assert built.shard.tolist() == saved["shard"] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]
     assert built.group.tolist() == saved["group"] == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+
+
+def test_the_index_is_read_from_its_own_file_without_opening_a_shard(tmp_path, monkeypatch):
+    info, _ = small_groups_pool(tmp_path / "pool")
+    from_shards = read_index(info.path)
+    assert (tmp_path / "pool" / INDEX_FILE).is_file()
+
+    def refuse(*args):
+        raise AssertionError("the shards were read")
+
+    monkeypatch.setattr(pool_module, "_index_from_shards", refuse)
+    assert read_index(info.path).equals(from_shards)
+    assert read_index((tmp_path / "pool").as_uri(), ["row", "subtomo_id"]).equals(from_shards.select(["row", "subtomo_id"]))
+
+
+@pytest.mark.parametrize("damage", ["removed", "garbage", "other shards", "other row count"])
+def test_a_pool_without_a_usable_index_file_reads_its_index_from_the_shards(tmp_path, damage):
+    info, _ = small_groups_pool(tmp_path / "pool")
+    index_file = tmp_path / "pool" / INDEX_FILE
+    expected = read_index(info.path)
+    if damage == "removed":  # a pool written before the file existed
+        index_file.unlink()
+    elif damage == "garbage":
+        index_file.write_bytes(b"PAR1 not parquet")
+    elif damage == "other shards":
+        save_index(dataclasses.replace(info, shards=("shards/elsewhere.parquet",)), expected)
+    else:  # left behind by a writer that replaced the pool with fewer rows
+        save_index(info, expected.slice(0, 30))
+    assert read_index(info.path).equals(expected)
 
 
 def test_a_shard_with_rows_out_of_order_and_no_statistics_is_indexed_from_its_row_column(tmp_path):
