@@ -287,3 +287,12 @@ def test_the_readback_benchmark_writes_a_pass_as_scoring_does_and_times_both_rea
     assert (batch["files"], bundled["files"]) == (47, 47)  # 64 rows a file; 3,000 // 50 < 64
     assert batch["best_scored_s"] > 0 and bundled["stability_s"] > 0
     assert not list(tmp_path.glob("before")) and not list(tmp_path.glob("now"))  # cleaned up
+
+
+def test_the_pool_index_benchmark_times_both_sources_and_deletes_its_pool(tmp_path):
+    from bench.pool_index import measure
+
+    results = measure(40, tmp_path)
+    assert [r["source"] for r in results] == ["index.parquet", "shards"]
+    assert all(r["rows"] == 40 and r["read_index_s"] > 0 and r["pool_view_s"] > 0 for r in results)
+    assert not list(tmp_path.iterdir())
