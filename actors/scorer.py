@@ -22,7 +22,7 @@ from orchestrator.nn.checkpoint import load_checkpoint, model_from_checkpoint
 from orchestrator.nn.outputs import MEAN_OUTPUTS, OUTPUTS, forward_outputs
 
 # Written for every row whatever the strategy, next to the prediction a person sees: the
-# prediction's entropy (predictions.parquet carries it). Nothing else is computed unless the
+# prediction's entropy (predictions.parquet carries it; a cycle's mean uncertainty reads it). Nothing else is computed unless the
 # strategy needs it: M's forward alone doubles a pass's cost, and only EMA-KL's strategies read M.
 REPORTED = {"entropy": {}}
 
@@ -136,11 +136,12 @@ def summarise(outputs: dict, reported: dict, num_classes: int, prediction: str =
         empty = np.zeros(0, np.float32)
         return {"pred": np.zeros(0, np.int64), "pred_prob": empty,
                 "probs": np.zeros((0, num_classes), np.float32), **{name: empty for name in reported}}
+    shown = {**outputs, "probs": probs}  # the reported scores describe the prediction shown
     return {
         "pred": probs.argmax(axis=1).astype(np.int64),
         "pred_prob": probs.max(axis=1).astype(np.float32),
         "probs": probs.astype(np.float32),
-        **{name: s.score(outputs).astype(np.float32) for name, s in reported.items()},
+        **{name: s.score(shown).astype(np.float32) for name, s in reported.items()},
     }
 
 

@@ -51,6 +51,7 @@ def write_pass(folder: Path, rows: int, file_rows: int, seed: int) -> int:
         pq.write_table(pa.table({
             "row": np.arange(start, start + n), "score": rng.random(n, dtype=np.float32),
             "pred": probs.argmax(1), "pred_prob": probs.max(1),
+            "entropy": -(probs * np.log(probs)).sum(1),
             "probs": pa.FixedShapeTensorArray.from_numpy_ndarray(probs),
         }), folder / f"part-{i:05d}.parquet")
     return len(starts)
@@ -86,14 +87,24 @@ def main() -> None:
             for layout in args.layouts:
                 results.append(measure(rows, layout, Path(scratch)))
                 print(results[-1], flush=True)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(results)
+    _save(args.results, results)
     print("\n| rows | layout | files | best_scored (s) | κ + uncertainty (s) |\n|---|---|---|---|---|")
     for r in results:
         print(f"| {r['rows']:,} | {r['layout']} | {r['files']:,} | {r['best_scored_s']:.2f} | {r['stability_s']:.2f} |")
+
+
+def _save(path: Path, results: list[dict]) -> None:
+    """The new rows, and the earlier ones of the sizes and layouts not measured this time."""
+    measured = {(r["rows"], r["layout"]) for r in results}
+    kept = []
+    if path.exists():
+        with open(path, newline="") as f:
+            kept = [r for r in csv.DictReader(f) if (int(r["rows"]), r["layout"]) not in measured]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(sorted(kept + results, key=lambda r: (int(r["rows"]), r["layout"])))
 
 
 if __name__ == "__main__":

@@ -47,18 +47,15 @@ def aligned(rows_a: np.ndarray, pred_a: np.ndarray, rows_b: np.ndarray, pred_b: 
             pred_b[np.searchsorted(rows_b, common)] if len(common) else pred_b[:0])
 
 
-def mean_uncertainty(probs: np.ndarray) -> float:
-    """Mean entropy of the rows' class probabilities, over log(classes): 0 when every row is
-    certain, 1 when every row is uniform. NaN without rows."""
-    probs = np.asarray(probs)
-    if probs.ndim != 2 or len(probs) == 0:
+def mean_uncertainty(entropy: np.ndarray, num_classes: int) -> float:
+    """Mean of the rows' prediction entropies (natural log, the scorer's `entropy` column) over
+    log(classes): 0 when every row is certain, 1 when every row is uniform. NaN without rows."""
+    entropy = np.asarray(entropy)
+    if len(entropy) == 0:
         return float("nan")
-    if probs.shape[1] < 2:
+    if num_classes < 2:
         return 0.0
-    # p·log p in the scores' own precision (a zero p gives 0 · log(tiny) = 0), summed in float64
-    tiny = np.finfo(probs.dtype).tiny if np.issubdtype(probs.dtype, np.floating) else 1e-300
-    entropy = -np.sum(probs * np.log(np.clip(probs, tiny, None)), axis=1, dtype=np.float64)
-    return float(np.mean(entropy) / math.log(probs.shape[1]))
+    return float(np.mean(entropy, dtype=np.float64) / math.log(num_classes))
 
 
 def is_stable(kappas: Sequence[float], threshold: float, cycles: int) -> bool:

@@ -366,10 +366,11 @@ class Campaign:
 def stability(folder: Path, before: Path | None, unlabelled: np.ndarray, num_classes: int) -> dict:
     """The mean uncertainty of pass `folder` on the `unlabelled` rows and, when the previous
     model's pass `before` exists, Cohen's κ between the two passes' predictions on them."""
-    now = read_scores(folder, ["row", "pred", "probs"])
+    # the scorer's entropy column, not the probabilities: one number a row to read, not C
+    now = read_scores(folder, ["row", "pred", "entropy"])
     rows = now.column("row").to_numpy()
     keep = np.isin(rows, unlabelled)
-    result = {"uncertainty": mean_uncertainty(column_array(now, "probs")[keep]),
+    result = {"uncertainty": mean_uncertainty(now.column("entropy").to_numpy()[keep], num_classes),
               "unlabelled": int(keep.sum())}
     if before is not None and before.exists():
         earlier = read_scores(before, ["row", "pred"])

@@ -67,6 +67,9 @@ def test_predictions_come_from_the_mean_model_when_training_chose_it(shape_pool,
     np.testing.assert_allclose(scored["probs"], expected["mean_probs"], rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(scored["pred"], expected["mean_probs"].argmax(axis=1))
     assert not np.allclose(expected["probs"], expected["mean_probs"], rtol=1e-4, atol=1e-6)
+    # the reported entropy, which the cycle's mean uncertainty reads, is that prediction's too
+    shown = expected["mean_probs"]
+    np.testing.assert_allclose(scored["entropy"], -(shown * np.log(shown)).sum(axis=1), rtol=1e-4)
 
 
 def test_a_strategy_that_does_not_read_m_neither_loads_nor_runs_it(shape_pool, tmp_path, monkeypatch):

@@ -44,12 +44,12 @@ def test_only_rows_both_models_scored_and_still_unlabelled_are_compared():
 
 
 def test_uncertainty_is_zero_for_certain_rows_and_one_for_uniform_rows():
-    certain = np.eye(4)
-    uniform = np.full((3, 4), 0.25)
-    assert mean_uncertainty(certain) == pytest.approx(0.0)
-    assert mean_uncertainty(uniform) == pytest.approx(1.0)
-    assert mean_uncertainty(np.vstack([certain[:1], uniform[:1]])) == pytest.approx(0.5)
-    assert math.isnan(mean_uncertainty(np.zeros((0, 4))))
+    certain, uniform = np.zeros(3), np.full(3, math.log(4))  # entropies of 4-class predictions
+    assert mean_uncertainty(certain, 4) == pytest.approx(0.0)
+    assert mean_uncertainty(uniform, 4) == pytest.approx(1.0)
+    assert mean_uncertainty(np.array([0.0, math.log(4)], np.float32), 4) == pytest.approx(0.5)
+    assert math.isnan(mean_uncertainty(np.zeros(0), 4))
+    assert mean_uncertainty(np.zeros(2), 1) == 0.0  # one class: nothing to be unsure about
 
 
 @pytest.mark.parametrize("kappas, stable", [
