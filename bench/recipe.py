@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -88,11 +89,14 @@ def plot(rows: list[list], path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(5.5, 3.6))
     for size in sorted({r[0] for r in rows}):
-        points = sorted((r[1], r[5]) for r in rows if r[0] == size)
-        axis.plot(*zip(*points), marker="o", label=f"{size} train a class ({13 * size})")
+        runs = [r for r in rows if r[0] == size]
+        epochs = sorted({r[1] for r in runs})
+        means = [statistics.mean(r[5] for r in runs if r[1] == e) for e in epochs]  # over seeds
+        line, = axis.plot(epochs, means, marker="o", label=f"{size} train a class ({13 * size})")
+        axis.scatter([r[1] for r in runs], [r[5] for r in runs], s=10, color=line.get_color(), alpha=0.5)
     axis.axhline(0.70, color="grey", linestyle="--", label="target 0.70")
     axis.set_xlabel("epochs (one-cycle schedule over all of them)")
-    axis.set_ylabel("test accuracy, full supervision")
+    axis.set_ylabel("test accuracy, full supervision\n(line: mean over seeds; dots: seeds)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -122,9 +126,9 @@ def main() -> None:
                   f"{new[7]:.3f}, kept {new[8]}), {new[9]:.0f} s training "
                   f"({time.perf_counter() - started:.0f} s here)", flush=True)
     plot(rows, ROOT / "docs" / "recipe_epochs.png")
-    print("\n| train a class | epochs | test | T | M | kept | training s |\n|---|---|---|---|---|---|---|")
+    print("\n| train a class | epochs | seed | test | T | M | kept | training s |\n|---|---|---|---|---|---|---|---|")
     for r in sorted(rows):
-        print(f"| {r[0]} | {r[1]} | {r[5]:.3f} | {r[6]:.3f} | {r[7]:.3f} | {r[8]} | {r[9]:.0f} |")
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[5]:.3f} | {r[6]:.3f} | {r[7]:.3f} | {r[8]} | {r[9]:.0f} |")
 
 
 def _read(path: Path) -> list[list]:
