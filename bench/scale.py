@@ -18,7 +18,9 @@ imports, a constant; a process that starts and ends between two polls is missed)
 
 The network is resnet10 of width 4 for 2 epochs: the pipeline's cost, not the network's, is what
 grows with the pool. Pools are deleted after their run; finished sizes are skipped (resumable).
-Raw rows: docs/results/scale.csv; the table is printed.
+Raw rows: docs/results/scale.csv; the table is printed. Per size, DIR/nROWS/processes.csv splits
+each stage's peak by process, and DIR/nROWS/stages.csv gives the wall seconds of each stage as the
+campaign names it (select, …, and "between stages": start-up, κ, writing), which is what "rest" was.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from bench.scoring_memory import _descendants, _pss  # noqa: E402
 RESULTS = ROOT / "docs" / "results" / "scale.csv"
 COLUMNS = ["rows", "stage", "seconds", "bytes_read", "peak_pss"]
 PROCESS_COLUMNS = ["rows", "stage", "process", "count", "pss"]  # DIR/nROWS/processes.csv
+# DIR/nROWS/stages.csv: wall seconds per stage as the campaign's progress names it
 # train, score: the campaign's own stages; rest: everything else of the resumed run (importing
 # the labels, selecting, writing the queries); total: labels submitted → next queries written
 STAGES = ("train", "score", "rest", "total")
@@ -60,14 +63,20 @@ class StageSampler(threading.Thread):
         self.read: dict[str, int] = {}
         # per stage, at its peak: {process name: (processes, PSS summed)}, to say what grew
         self.peak_processes: dict[str, dict[str, tuple[int, int]]] = {}
+        # wall seconds per stage as the campaign names it (select, predict, …; "between stages"
+        # when none runs): what "rest" was spent on
+        self.seconds: dict[str, float] = {}
         self._last: dict[int, int] = {}
 
     def run(self) -> None:
-        tick = 0
+        tick, before = 0, time.perf_counter()
         while not self.stopped.wait(self.interval):
             tick += 1
-            stage = self._stage()
-            stage = stage if stage in ("train", "score") else "rest"
+            named = self._stage()
+            now = time.perf_counter()
+            self.seconds = add_time(self.seconds, named, now - before)
+            before = now
+            stage = named if named in ("train", "score") else "rest"
             processes = [os.getpid(), *_descendants(os.getpid())]
             read = 0
             for pid, rchar in ((pid, _rchar(pid)) for pid in processes):
@@ -94,6 +103,12 @@ class StageSampler(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         self.join()
+
+
+def add_time(seconds: dict[str, float], stage: str | None, elapsed: float) -> dict[str, float]:
+    """`seconds` with `elapsed` added to `stage` (None: "between stages")."""
+    name = stage or "between stages"
+    return {**seconds, name: seconds.get(name, 0.0) + elapsed}
 
 
 def by_name(pss: dict[int, int]) -> dict[str, tuple[int, int]]:
@@ -187,6 +202,9 @@ def one_cycle(rows: int, labels: int, select: int, work: Path) -> list[list]:
             [rows, stage, name, count, pss]
             for stage, named in sorted(sampler.peak_processes.items())
             for name, (count, pss) in sorted(named.items(), key=lambda item: -item[1][1])])
+    with open(work / "stages.csv", "w", newline="") as f:  # what "rest" was spent on
+        csv.writer(f).writerows([["rows", "stage", "seconds"]] + [
+            [rows, stage, round(spent, 2)] for stage, spent in sorted(sampler.seconds.items())])
     return [[rows, stage, round(seconds[stage], 2), sampler.read.get(stage, 0), sampler.peak.get(stage, 0)]
             for stage in STAGES]
 

@@ -231,6 +231,13 @@ def test_the_scale_table_gives_each_stage_as_a_multiple_of_the_smallest_pool():
     assert "| rest |" not in text  # a stage not measured is left out
 
 
+def test_time_between_the_campaigns_stages_is_counted_apart_from_them():
+    from bench.scale import add_time
+
+    seconds = add_time(add_time(add_time({}, "select", 0.2), None, 0.4), "select", 0.2)
+    assert seconds == pytest.approx({"select": 0.4, "between stages": 0.4})
+
+
 def test_a_stages_peak_memory_is_split_by_process_name_the_driver_named_as_such():
     import os
     import subprocess
