@@ -303,3 +303,19 @@ def test_the_pool_index_benchmark_times_both_sources_and_deletes_its_pool(tmp_pa
     assert [r["source"] for r in results] == ["index.parquet", "shards"]
     assert all(r["rows"] == 40 and r["read_index_s"] > 0 and r["pool_view_s"] > 0 for r in results)
     assert not list(tmp_path.iterdir())
+
+
+def test_the_driver_memory_results_merge_by_pass_so_a_rerun_replaces_only_its_own_rows(tmp_path):
+    from bench.driver_memory import write_results
+
+    def result(rows, block_rows, peak):
+        return {"rows": rows, "block_rows": block_rows, "blocks": rows // block_rows, "trace": 0,
+                "seconds": 1.0, "driver_before_mb": 200.0, "driver_peak_mb": peak,
+                "driver_after_mb": peak, "sources": []}
+
+    path = tmp_path / "driver_memory.csv"
+    write_results(path, [result(1000, 100, 210.0), result(2000, 100, 220.0)])
+    write_results(path, [result(2000, 100, 225.0), result(1000, 500, 205.0)])
+    with path.open() as f:
+        rows = [(int(r["rows"]), int(r["block_rows"]), float(r["driver_peak_mb"])) for r in csv.DictReader(f)]
+    assert rows == [(1000, 100, 210.0), (1000, 500, 205.0), (2000, 100, 225.0)]

@@ -48,6 +48,21 @@ def test_rows_come_sorted_with_their_answers_whatever_order_the_ledger_has(view)
         labelled.answers_of([4])
 
 
+def test_ids_map_to_their_rows_and_an_id_not_in_the_pool_is_unknown(view):
+    rows = [7, 0, len(view.ids) - 1]
+    assert view.rows_of_ids([str(view.ids[r]) for r in rows]).tolist() == rows
+    assert view.row_of(str(view.ids[5])) == 5
+    longer = str(view.ids[5]) + "x"  # longer than any id of the pool: no truncated match
+    assert view.rows_of_ids(["nope", longer, str(view.ids[5])[:-1]]).tolist() == [-1, -1, -1]
+    with pytest.raises(KeyError, match="nope"):
+        view.row_of("nope")
+    known = view.known_ids()
+    assert str(view.ids[3]) in known and longer not in known and 3 not in known
+    assert len(known) == len(view.ids) and set(known) == set(view.ids.tolist())
+    with pytest.raises(KeyError, match="nope"):
+        LabelledSet.of({str(view.ids[3]): 1, "nope": 0}, view)
+
+
 def test_unlabelled_is_the_train_split_minus_every_answer(view):
     train = view.rows_of("train")
     not_train = int(np.setdiff1d(np.arange(len(view.ids)), train)[0])

@@ -79,6 +79,23 @@ def test_a_ray_data_pass_bundles_its_batches_into_files_of_at_least_rows_per_fil
     assert read_scores(out, ["row"]).column("row").to_pylist() == list(range(60))
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_data_pass_reads_the_shards_footers_in_one_actor_not_one_per_cpu_of_a_cluster(
+        ray_local, shape_pool, tmp_path):
+    assert len(shape_pool.shards) >= 10  # Ray Data's default would start 32 readers for them
+
+    def footer_readers() -> int:  # dead ones too: a pass kills its readers when it is planned
+        from ray._private import state  # the GCS's actor table; the public state API needs the dashboard
+        return sum(a["ActorClassName"] == "FooterReader" for a in state.actors().values())
+
+    before = footer_readers()
+    score_pool(shape_pool.path, str(saved_model(tmp_path / "model.pt", shape_pool.num_classes)),
+               tmp_path / "scores", strategy="entropy", strategy_options={}, exclude_rows=HELD_OUT,
+               cfg=ScoreConfig(actors=1, batch_size=8, warm_below_rows=0))
+    assert footer_readers() - before == 1
+
+
 def test_the_ray_data_filter_skips_row_groups_without_a_scored_row_in_the_parquet_scan(shape_pool):
     # what Ray Data pushes into its Parquet reads, checked on PyArrow's scan without Ray
     import pyarrow.dataset as ds
