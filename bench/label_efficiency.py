@@ -467,6 +467,7 @@ def plot(name: str, summaries: dict, full: tuple[float, float], path: Path) -> N
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
