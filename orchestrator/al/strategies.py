@@ -844,17 +844,19 @@ class TwoStream(Strategy):
 
     def select(self, candidates, k, rng):
         out = candidates.outputs
-        supervised = np.concatenate(
-            [np.asarray(out["embeddings"], np.float64).reshape(len(candidates), -1),
-             np.asarray(out["probs"], np.float64)], axis=1)
-        unsupervised = np.asarray(out["ae_embeddings"], np.float64).reshape(len(candidates), -1)
+        # the [N, E + C] float64 table is this strategy's memory: one copy, z-scored in place
+        supervised = _columns_float64([np.asarray(out["embeddings"]).reshape(len(candidates), -1),
+                                       np.asarray(out["probs"])])
+        unsupervised = np.array(out["ae_embeddings"], np.float64).reshape(len(candidates), -1)
         finite = np.isfinite(supervised).all(axis=1) & np.isfinite(unsupervised).all(axis=1)
         rows = np.flatnonzero(finite)
         k = min(k, len(candidates))
         k_finite = min(k, rows.size)
         chosen: list[int] = []
         if k_finite:
-            supervised, unsupervised = _zscore(supervised[rows]), _zscore(unsupervised[rows])
+            if rows.size < len(candidates):
+                supervised, unsupervised = supervised[rows], unsupervised[rows]
+            supervised, unsupervised = _zscore_in_place(supervised), _zscore_in_place(unsupervised)
             n_top = min(self.top_clusters or math.ceil(math.sqrt(k_finite)), k_finite)
             top, _ = sm.kmeans(unsupervised, n_top, rng, self.iterations)
             sizes = np.bincount(top, minlength=n_top)
@@ -877,9 +879,26 @@ class TwoStream(Strategy):
         return np.concatenate([np.asarray(chosen, np.int64), rest[: k - len(chosen)]])
 
 
-def _zscore(x: np.ndarray) -> np.ndarray:
-    std = x.std(axis=0)
-    return (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
+def _columns_float64(parts: list[np.ndarray]) -> np.ndarray:
+    """The 2-D ``parts`` side by side as one float64 array, written into it part by part (no
+    float64 copy of each part first, as np.concatenate of converted parts would make)."""
+    table = np.empty((len(parts[0]), sum(p.shape[1] for p in parts)), np.float64)
+    start = 0
+    for part in parts:
+        table[:, start:start + part.shape[1]] = part
+        start += part.shape[1]
+    return table
+
+
+def _zscore_in_place(x: np.ndarray, columns: int = 64) -> np.ndarray:
+    """Each column minus its mean, over its standard deviation (1 where that is 0), in place and
+    a block of columns at a time: np.std of the whole table makes a temporary of its size."""
+    for start in range(0, x.shape[1], columns):
+        block = x[:, start:start + columns]
+        std = block.std(axis=0)
+        block -= block.mean(axis=0)
+        block /= np.where(std > 0, std, 1.0)
+    return x
 
 
 def _share(k: int, sizes: np.ndarray) -> np.ndarray:

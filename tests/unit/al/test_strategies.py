@@ -647,6 +647,18 @@ def test_two_stream_takes_one_representative_per_well_separated_cluster():
     assert sorted(cluster[positions].tolist()) == [0, 1, 2, 3]
 
 
+def test_two_streams_in_place_z_score_is_the_columns_standard_score_and_leaves_constant_columns_centred():
+    from orchestrator.al.strategies import _zscore_in_place
+
+    x = np.random.default_rng(0).standard_normal((50, 150)) * 3 + 7
+    x[:, 70] = 2.0  # a constant column, in the second block of 64
+    expected = (x - x.mean(axis=0)) / np.where(x.std(axis=0) > 0, x.std(axis=0), 1.0)
+    result = _zscore_in_place(x)
+    assert result is x
+    np.testing.assert_allclose(x, expected, atol=1e-12)
+    assert not x[:, 70].any()
+
+
 def test_two_stream_takes_rows_with_non_finite_features_last():
     strategy = make_strategy("two_stream")
     candidates, _ = pool_candidates(strategy)
