@@ -71,6 +71,7 @@ class RowCounter:
                         pass  # not finished yet (no footer), or renamed away meanwhile
         return sum(self.counted.values())
 
+
 def training_watch(cycle_dir: Path) -> Callable[[object], None]:
     """Follows rank 0's epoch events of a cycle's training (`report_epoch`): the epoch, its
     loss, and the validation accuracy of the latest validation epoch."""
