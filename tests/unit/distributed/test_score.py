@@ -87,7 +87,7 @@ def test_a_ray_data_pass_reads_the_shards_footers_in_one_actor_not_one_per_cpu_o
 
     def footer_readers() -> int:  # dead ones too: a pass kills its readers when it is planned
         from ray._private import state  # the GCS's actor table; the public state API needs the dashboard
-        return sum(a["ActorClassName"] == "FooterReader" for a in state.actors().values())
+        return sum(a.get("ActorClassName") == "FooterReader" for a in state.actors().values())
 
     before = footer_readers()
     score_pool(shape_pool.path, str(saved_model(tmp_path / "model.pt", shape_pool.num_classes)),
