@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -53,6 +53,7 @@ from orchestrator.al.selection_math import kmeans, nearest
 from orchestrator.campaign.progress import STATUS, duration_text
 from orchestrator.campaign.rundir_lock import RunDirLock, RunDirLockError
 from orchestrator.config import PROJECT_ROOT, load_config
+from orchestrator.data.ids import IdRows
 from orchestrator.data.images import VIEWS, slice_views, to_png
 from orchestrator.data.pool import PoolError, PoolInfo, atomic_write_text, decode_volumes, open_pool, read_index
 
@@ -133,7 +134,7 @@ def pending_cycle(run_dir: Path, labelled: set[str]) -> int | None:
     return None
 
 
-def load_cycle(run_dir: Path, number: int, info: PoolInfo, row_of: dict[str, int],
+def load_cycle(run_dir: Path, number: int, info: PoolInfo, row_of: Mapping[str, int],
                labels: dict[str, int]) -> Cycle:
     """Cycle `number`'s queries with their slices and top-3; `labels`: the ledger's current."""
     folder = cycle_folder(run_dir, number)
@@ -326,8 +327,8 @@ class Annotator:
             except PoolError as err:
                 raise AnnotateError(f"{self.run_dir}: cannot open the campaign's pool: {err}") from err
             index = read_index(self.info.path, ["row", "subtomo_id"])
-            self.row_of = dict(zip(index.column("subtomo_id").to_pylist(), index.column("row").to_pylist()))
-            self.ledger = LabelLedger(self.run_dir / "labels.csv", known_ids=set(self.row_of),
+            self.row_of = IdRows(index.column("subtomo_id").to_pylist(), index.column("row").to_numpy())
+            self.ledger = LabelLedger(self.run_dir / "labels.csv", known_ids=self.row_of,
                                       num_classes=self.info.num_classes)
             self.names = list(self.info.class_names)
             self.label_text = [_label_text(i, self.names) for i in range(len(self.names))]

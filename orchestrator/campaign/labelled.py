@@ -16,9 +16,10 @@ from typing import Mapping
 import numpy as np
 
 from orchestrator.al.labels import JUNK
+from orchestrator.data.ids import IdRows
 from orchestrator.data.pool import PoolInfo, read_index
 
-__all__ = ["UNKNOWN", "PoolView", "KnownIds", "LabelledSet"]
+__all__ = ["UNKNOWN", "PoolView", "LabelledSet"]
 
 UNKNOWN = -2  # PoolView.truth of a row with no ground truth (JUNK, -1, is a known answer)
 
@@ -31,7 +32,7 @@ class PoolView:
     ids: np.ndarray  # str, by row
     split: np.ndarray  # str, by row ("train" where the pool has no split)
     truth: np.ndarray  # int, by row: a class, JUNK (not a particle) or UNKNOWN
-    _by_id: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
+    _by_id: IdRows | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, info: PoolInfo) -> "PoolView":
@@ -50,47 +51,21 @@ class PoolView:
 
     def rows_of_ids(self, subtomo_ids) -> np.ndarray:
         """The pool rows of subtomogram ids, aligned with them; -1 for an id not in the pool."""
-        sorted_ids, rows = self._id_lookup()
-        wanted = np.asarray(list(subtomo_ids), dtype=str)
-        if not len(wanted) or not len(sorted_ids):
-            return np.full(len(wanted), -1, dtype=np.int64)
-        at = np.searchsorted(sorted_ids, wanted).clip(max=len(sorted_ids) - 1)
-        return np.where(sorted_ids[at] == wanted, rows[at], -1)
+        return self.id_rows().rows_of(subtomo_ids)
 
     def row_of(self, subtomo_id: str) -> int:
         """The pool row of a subtomogram id (KeyError if the pool has none)."""
-        row = int(self.rows_of_ids([subtomo_id])[0])
-        if row < 0:
-            raise KeyError(subtomo_id)
-        return row
+        return self.id_rows()[subtomo_id]
 
-    def known_ids(self) -> "KnownIds":
-        """What the ledger checks an answer's id against."""
-        return KnownIds(self)
+    def known_ids(self) -> IdRows:
+        """What the ledger checks an answer's id against (``in``)."""
+        return self.id_rows()
 
-    def _id_lookup(self) -> tuple[np.ndarray, np.ndarray]:
-        """The ids sorted, and the row of each: 40 bytes a row where a dict and a set of Python
-        strings took ~260 (78 MB the driver held through a 300,000-row campaign)."""
+    def id_rows(self) -> IdRows:
+        """Subtomogram id → row, built on first use (sorted ids: ~40 bytes a row)."""
         if self._by_id is None:
-            order = np.argsort(self.ids, kind="stable").astype(np.int64)
-            self._by_id = (self.ids[order], order)
+            self._by_id = IdRows(self.ids)
         return self._by_id
-
-
-class KnownIds:
-    """The pool's subtomogram ids as a membership test, without a set of them."""
-
-    def __init__(self, view: PoolView):
-        self.view = view
-
-    def __contains__(self, subtomo_id: object) -> bool:
-        return isinstance(subtomo_id, str) and self.view.rows_of_ids([subtomo_id])[0] >= 0
-
-    def __len__(self) -> int:
-        return len(self.view.ids)
-
-    def __iter__(self):
-        return iter(self.view.ids.tolist())
 
 
 @dataclass(frozen=True, eq=False)
