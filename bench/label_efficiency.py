@@ -218,12 +218,13 @@ def run_all(args, rows: list[str]) -> None:
     """Every planned campaign not yet finished, `--jobs` at a time; the CSV after each."""
     pools = {name: simulate(name, args.out) for name in args.datasets}
     runs = {run[0]: run for run in RUNS}
+    recorded = recorded_campaigns(args.results)  # finished in an earlier checkout: not rerun
     tasks = {}
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as executor:
         for name, row, seed in planned(args.datasets, args.seeds, rows):
             run_dir = run_dir_of(args.out, name, row, seed)
-            if finished_state(run_dir):
+            if finished_state(run_dir) or (name, row, seed) in recorded:
                 continue
             n_train = _train_count(pools[name])
             sets = (full_supervision_sets(seed, n_train) if row == FULL
@@ -244,11 +245,20 @@ def run_all(args, rows: list[str]) -> None:
             write_results(args.out, args.results)
 
 
+def recorded_campaigns(path: Path) -> set[tuple[str, str, int]]:
+    """(data set, row, seed) of every campaign already in a results CSV."""
+    if not path.exists():
+        return set()
+    with open(path, newline="") as f:
+        return {(r["dataset"], r["strategy"], int(r["seed"])) for r in csv.DictReader(f)}
+
+
 def write_results(out: Path, path: Path) -> None:
     """Every finished campaign under `out` as CSV rows (one per cycle), sorted; the models'
     details (T or M, both accuracies, epochs, seconds) beside it, and its queries (per cycle
     and choosing strategy: how many, how many answered junk) and the class counts of its
-    labelled set at its last budget."""
+    labelled set at its last budget. Campaigns already in the files but not under `out` (run
+    in another checkout, whose run directories are gone) keep their rows."""
     rows, details, queries, classes = [], [], [], []
     for state_file in sorted((out / "runs").glob("*/*/state.json")):
         run_dir = state_file.parent
@@ -265,10 +275,39 @@ def write_results(out: Path, path: Path) -> None:
         if row != FULL:
             classes += [[run_dir.parent.name, row, int(seed), label, n]
                         for label, n in sorted(class_counts(run_dir).items())]
-    _write_csv(path, COLUMNS, sorted(rows, key=lambda r: r[:4]))
-    _write_csv(beside(path, "models"), DETAIL_COLUMNS, sorted(details, key=lambda r: r[:4]))
-    _write_csv(beside(path, "queries"), QUERY_COLUMNS, sorted(queries, key=lambda r: r[:5]))
-    _write_csv(beside(path, "classes"), CLASS_COLUMNS, classes)
+    for file, columns, new_rows, sort_width in (
+            (path, COLUMNS, rows, 4), (beside(path, "models"), DETAIL_COLUMNS, details, 4),
+            (beside(path, "queries"), QUERY_COLUMNS, queries, 5),
+            (beside(path, "classes"), CLASS_COLUMNS, classes, 4)):
+        merged = _kept_rows(file, columns, {tuple(r[:3]) for r in rows}) + new_rows
+        _write_csv(file, columns, sorted(merged, key=lambda r: [_sort_key(v) for v in r[:sort_width]]))
+
+
+def _kept_rows(path: Path, columns: list[str], rewritten: set[tuple]) -> list[list]:
+    """A result file's rows of campaigns not among `rewritten` (data set, row, seed), typed as
+    the new rows are (seed and counts as ints) so that they sort together."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        if next(reader, None) != columns:
+            raise SystemExit(f"{path}: its header is not {columns}; move it aside to rewrite it")
+        kept = [[_typed(v) for v in r] for r in reader]
+    return [r for r in kept if (r[0], r[1], r[2]) not in rewritten]
+
+
+def _typed(text: str):
+    """A CSV cell back as the value it was written from (int, float, None or text)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None if text in ("", "None") else text
+
+
+def _sort_key(value):
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, "" if value is None else str(value))
 
 
 def beside(results: Path, what: str) -> Path:

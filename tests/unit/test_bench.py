@@ -134,6 +134,36 @@ def test_a_runs_queries_are_counted_per_cycle_and_chooser_with_their_junk(tmp_pa
     assert run_queries(tmp_path) == [[0, "random", 2, 1], [1, "entropy", 2, 2], [1, "random", 1, 0]]
 
 
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def finish_run(run_dir, accuracy):
+    """A finished one-cycle campaign: its state, one query and the ledger."""
+    import json
+
+    write_run(run_dir, {0: [("a", "random")]}, {"a": 1})
+    cycle = {"labelled": 1, "labelled_fraction": 0.5, "val_accuracy": accuracy, "test_accuracy": accuracy}
+    (run_dir / "state.json").write_text(json.dumps({"done": True, "cycles": [cycle]}))
+
+
+def test_results_of_campaigns_run_in_another_checkout_survive_and_a_rerun_replaces_its_own(tmp_path):
+    from bench.label_efficiency import beside, recorded_campaigns, write_results
+
+    results = tmp_path / "label_efficiency.csv"
+    finish_run(tmp_path / "first" / "runs" / "d" / "random-seed0", 0.25)
+    finish_run(tmp_path / "first" / "runs" / "d" / "random-seed1", 0.5)
+    write_results(tmp_path / "first", results)
+    finish_run(tmp_path / "fresh" / "runs" / "d" / "random-seed1", 0.75)  # the first run dirs are gone
+    write_results(tmp_path / "fresh", results)
+
+    assert recorded_campaigns(results) == {("d", "random", 0), ("d", "random", 1)}
+    assert [r["test_accuracy"] for r in read_rows(results)] == ["0.25", "0.75"]
+    queries = read_rows(beside(results, "queries"))
+    assert [(q["seed"], q["queried"]) for q in queries] == [("0", "1"), ("1", "1")]
+
+
 def test_the_report_tells_junk_shares_cold_start_gains_and_albls_arms(tmp_path):
     from bench.label_efficiency import COLD_FRACTIONS, QUERY_COLUMNS
 
@@ -301,7 +331,7 @@ def test_the_pool_index_benchmark_times_both_sources_and_deletes_its_pool(tmp_pa
 
     results = measure(40, tmp_path)
     assert [r["source"] for r in results] == ["index.parquet", "shards"]
-    assert all(r["rows"] == 40 and r["read_index_s"] > 0 and r["pool_view_s"] > 0 for r in results)
+    assert all(r["rows"] == 40 and r["read_index_s"] >= 0 and r["pool_view_s"] >= 0 for r in results)  # rounded to ms
     assert not list(tmp_path.iterdir())
 
 
