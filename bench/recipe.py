@@ -120,7 +120,8 @@ def main() -> None:
             state = run(info, args.out / "runs" / f"train{size}-e{epochs}-seed{args.seed}",
                         epochs, args.seed, args.threads)
             new = row(size, epochs, args.seed, state)
-            rows = [r for r in rows if r[:3] != new[:3]] + [new]
+            # read again: another seed's process may have written its row meanwhile
+            rows = [r for r in _read(RESULTS) if r[:3] != new[:3]] + [new]
             _write(RESULTS, rows)
             print(f"{size} a class, {epochs} epochs: test {new[5]:.3f} (T {new[6]:.3f}, M "
                   f"{new[7]:.3f}, kept {new[8]}), {new[9]:.0f} s training "
