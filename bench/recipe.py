@@ -4,8 +4,8 @@ size on SHREC'21-13 at SNR 0.05, and the wall time of each run on this machine.
 Each run is a one-cycle campaign with every train label (`budget.counts=[n_train]`), in this
 process with `--threads` torch threads (`train.num_workers=0`, `score.actors=0`), the recipe of
 `tune_configs/default.yaml` and only `train.epochs` changed. The pools are the label-efficiency
-benchmark's SHREC'21 set (150 train a class) and a larger one (240 train a class), simulated
-once under --out. Finished runs are skipped, so the benchmark resumes.
+benchmark's SHREC'21 set (150 train a class) and larger ones (240 and 480 train a class),
+simulated once under --out. Finished runs are skipped, so the benchmark resumes.
 
     python bench/recipe.py                                   # epochs 10 20 30 45 60, both sizes
     python bench/recipe.py --epochs 30 --sizes 240 --threads 2       # the 15-minute target
@@ -34,7 +34,8 @@ COLUMNS = ["train_per_class", "epochs", "seed", "n_train", "val_accuracy", "test
            "test_accuracy_task", "test_accuracy_mean", "classifier", "seconds"]
 # train a class → simulator settings; 150 is the label-efficiency set (200 a class, 20 val, 30 test)
 SIZES = {150: {**SHREC, "snr": 0.05},
-         240: {**SHREC, "snr": 0.05, "per_class": 300, "val_fraction": 0.1, "test_fraction": 0.1}}
+         240: {**SHREC, "snr": 0.05, "per_class": 300, "val_fraction": 0.1, "test_fraction": 0.1},
+         480: {**SHREC, "snr": 0.05, "per_class": 600, "val_fraction": 0.1, "test_fraction": 0.1}}
 
 
 def pool_for(size: int, out: Path):
@@ -98,7 +99,7 @@ def plot(rows: list[list], path: Path) -> None:
     axis.set_xlabel("epochs (one-cycle schedule over all of them)")
     axis.set_ylabel("test accuracy, full supervision\n(line: mean over seeds; dots: seeds)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -107,7 +108,8 @@ def plot(rows: list[list], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", nargs="+", type=int, default=[10, 20, 30, 45, 60])
-    parser.add_argument("--sizes", nargs="+", type=int, default=[150, 240], choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[150, 240], choices=list(SIZES),
+                        help="train subtomograms a class (480: 7,800 simulated, ~0.5 GB)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "recipe")
