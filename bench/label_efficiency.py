@@ -104,7 +104,10 @@ WAVES = [
      ("ema_kl_semi", "ema_kl_semi", {"distance": "kl"}, []),
      # the same scores queried in equal shares of the predicted classes (why: the balance table)
      ("ema_kl_class_balanced", "class_balanced", {"base": "ema_kl", "base_options": {"distance": "kl"}}, []),
-     ("entropy_class_balanced", "class_balanced", {"base": "entropy"}, [])],
+     ("entropy_class_balanced", "class_balanced", {"base": "entropy"}, []),
+     # the paper's semi-supervised variant: the same λ on unlabelled volumes as on labelled ones
+     # (ema_kl_semi weighs the unlabelled term 1, as Tarvainen & Valpola's ramped-up weight)
+     ("ema_kl_semi_lam0.03", "ema_kl_semi", {"distance": "kl"}, ["train.lam_unlabelled=0.03"])],
     [("ema_kl_selection_only", "ema_kl", {"distance": "kl"}, ["train.lam=0"]),
      ("margin", "margin", {}, []),
      ("coreset", "coreset", {}, []),
@@ -548,6 +551,8 @@ COMPARISONS = [
     ("KL direction: KL(M‖T), the authors' script, minus KL(T‖M), the paper", "ema_kl_reverse", "ema_kl"),
     ("the λ·MSE(T, M) regulariser: EMA-KL with it minus without it", "ema_kl", "ema_kl_selection_only"),
     ("the mean teacher on unlabelled volumes: semi-supervised minus supervised EMA-KL", "ema_kl_semi", "ema_kl"),
+    ("the same with the unlabelled term weighted λ = 0.03 (the paper's) instead of 1",
+     "ema_kl_semi_lam0.03", "ema_kl"),
     ("class balance: EMA-KL in equal shares of the predicted classes minus plain EMA-KL",
      "ema_kl_class_balanced", "ema_kl"),
     ("class balance: entropy in equal shares of the predicted classes minus plain entropy",
