@@ -12,7 +12,13 @@ all of it, in files:
 - the core worker of this process (C++) writes its warnings to file descriptor 2 directly, past
   Python's logging: fd 2 goes to `logs/native.log`, while Python's `sys.stderr` keeps the
   terminal, so tracebacks and error messages still reach it in full;
-- Ray Data's progress bars are off: the campaign shows its own (`orchestrator/campaign/progress.py`).
+- Ray Data's progress bars are off: the campaign shows its own (`orchestrator/campaign/progress.py`);
+- the raylet's messages reach the driver on a channel of their own, printed to stdout whatever
+  `log_to_driver` says (`ray._private.worker.listen_error_messages`). The routine ones
+  (`ROUTINE_RAYLET_MESSAGES`: on 2 cores, "N PYTHON worker processes have been started ... Nx
+  the maximum expected startup concurrency", after a few Train worker groups and scoring
+  actors) go to driver.log; every other one (a worker killed, memory running out) still
+  reaches the terminal.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 DRIVER_LOG = "driver.log"
 NATIVE_LOG = "native.log"
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d -- %(message)s"
+ROUTINE_RAYLET_MESSAGES = ("PYTHON worker processes have been started",)
 
 
 class RayOutput:
@@ -39,6 +46,7 @@ class RayOutput:
         self.saved_fd: int | None = None
         self.saved_stderr = None
         self.session_logs: Path | None = None
+        self.printer = None  # Ray's print_to_stdstream while ours stands in for it
 
     def init_kwargs(self) -> dict:
         import ray
@@ -61,6 +69,7 @@ class RayOutput:
     def started(self, local: bool) -> None:
         """After ray.init: Ray Data's and Ray Train's loggers exist now (they configure
         themselves on import), and, for a Ray this process started, its session folder."""
+        import ray._private.worker as ray_worker
         import ray.data
         import ray.train  # noqa: F401 - configures its loggers on import
 
@@ -68,6 +77,8 @@ class RayOutput:
             return
         ray.data.DataContext.get_current().enable_progress_bars = False
         self.quiet_loggers()
+        self.printer = ray_worker.print_to_stdstream
+        ray_worker.print_to_stdstream = raylet_messages_to(logging.getLogger("ray"), self.printer)
         if local:
             try:  # no public API names the session folder
                 self.session_logs = Path(ray._private.worker._global_node.get_logs_dir_path())
@@ -92,6 +103,10 @@ class RayOutput:
         if self.verbose:
             return
         self._restore_native_stderr()
+        if self.printer is not None:
+            import ray._private.worker as ray_worker
+
+            ray_worker.print_to_stdstream, self.printer = self.printer, None
         if self.session_logs is not None and self.session_logs.is_dir():
             shutil.copytree(self.session_logs, self.log_dir / "ray", dirs_exist_ok=True,
                             ignore_dangling_symlinks=True,
@@ -120,6 +135,19 @@ class RayOutput:
         sys.stderr.close()
         sys.stderr = self.saved_stderr
         self.saved_fd = None
+
+
+def raylet_messages_to(logger: logging.Logger, printer):
+    """Ray's `print_to_stdstream(data, ignore_prefix)`, except that a routine raylet message
+    (`ROUTINE_RAYLET_MESSAGES`) is logged to `logger` instead of printed."""
+    def print_or_log(data: dict, ignore_prefix: bool):
+        lines = data.get("lines", [])
+        if data.get("pid") == "raylet" and any(m in line for line in lines for m in ROUTINE_RAYLET_MESSAGES):
+            for line in lines:
+                logger.warning("(raylet) %s", line)
+            return None
+        return printer(data, ignore_prefix)
+    return print_or_log
 
 
 def _writes_to_terminal(handler: logging.Handler) -> bool:
