@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import logging
-
 from orchestrator.distributed.raylogs import raylet_messages_to
 
 STARTUP = ("WARNING: 10 PYTHON worker processes have been started on node: abc with address: "
            "192.0.2.2, which is 5x the maximum expected startup concurrency (2).")
 
 
+class ListLogger:
+    """What the routing logs, whatever the logging module's state in this process."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def warning(self, message: str, *args):
+        self.lines.append(message % args)
+
+
 def routed(data: dict) -> tuple[list, list[str]]:
-    printed, logger = [], logging.getLogger("test_raylogs")
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger.addHandler(handler)
-    try:
-        raylet_messages_to(logger, lambda d, ignore_prefix: printed.append(d))(data, False)
-    finally:
-        logger.removeHandler(handler)
-    return printed, records
+    printed, logger = [], ListLogger()
+    raylet_messages_to(logger, lambda d, ignore_prefix: printed.append(d))(data, False)
+    return printed, logger.lines
 
 
 def test_the_raylets_routine_startup_warning_goes_to_the_log_not_the_terminal():
