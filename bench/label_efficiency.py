@@ -170,7 +170,7 @@ def run_one(pool: str, run_dir: str, sets: list[str]) -> dict:
     info = open_pool(pool)
     cfg = load_config(None, CAMPAIGN + [f"data.pool={pool}", "train.cpus_per_worker=1"] + sets)
     started = time.perf_counter()
-    with open(Path(run_dir).with_suffix(".log"), "a") as log:
+    with open(Path(f"{run_dir}.log"), "a") as log:  # not with_suffix: row names may hold a dot
         stdout = sys.stdout
         sys.stdout = log  # one campaign's progress lines in its own log, not interleaved
         try:
