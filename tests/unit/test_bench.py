@@ -71,7 +71,20 @@ def test_the_table_ranks_by_aubc_and_marks_a_difference_whose_ci_excludes_zero()
              if line.startswith("| ")][1:]
     assert [line.split(" | ")[0] for line in lines] == ["| strong", "| random"]
     assert " *" in lines[0].split(" | ")[9]  # strong beats random with a CI excluding zero
-    assert lines[1].endswith("| > 40% | > 40% |")  # random never reaches 95% of 0.9
+    assert lines[1].endswith("| > 40% | > 40% | 5% |")  # random never reaches 95% of 0.9
+
+
+def test_the_table_says_how_few_labels_reach_randoms_accuracy_at_the_last_budget():
+    random = {s: ([*FRACTIONS], [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], [0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+              for s in range(2)}
+    faster = {s: ([*FRACTIONS], [0.3, 0.6, 0.8, 0.8, 0.8, 0.8], [0.3, 0.6, 0.8, 0.8, 0.8, 0.8])
+              for s in range(2)}
+    summaries = {"random": summarise_strategy(random, random),
+                 "faster": summarise_strategy(faster, random)}
+    rows = {line.split(" | ")[0]: line for line in table("toy", summaries, (0.9, 0.01)).splitlines()
+            if line.startswith("| ") and " | 2 | " in line}
+    assert rows["| faster"].endswith("| 15% |")  # random's 0.8 at 40%, reached at 15%
+    assert rows["| random"].endswith("| 40% |")
 
 
 def test_the_report_is_computed_from_the_csv_alone(tmp_path):
