@@ -362,3 +362,16 @@ def test_the_driver_memory_results_merge_by_pass_so_a_rerun_replaces_only_its_ow
     with path.open() as f:
         rows = [(int(r["rows"]), int(r["block_rows"]), float(r["driver_peak_mb"])) for r in csv.DictReader(f)]
     assert rows == [(1000, 100, 210.0), (1000, 500, 205.0), (2000, 100, 225.0)]
+
+
+def test_rows_past_forty_percent_run_to_eighty_and_say_where_they_reach_full_supervision():
+    from bench.label_efficiency import BEYOND_FRACTIONS, RUNS, beyond_table, campaign_sets
+
+    runs = {run[0]: run for run in RUNS}
+    assert "budget.counts=[50, 100, 150, 200, 300, 400, 600, 800]" in campaign_sets(runs["random_to80"], 0, 1000)
+    rising = [0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.75, 0.85]
+    by_strategy = {"random_to80": {s: (list(BEYOND_FRACTIONS), rising, rising) for s in range(2)}}
+    text = beyond_table("toy", by_strategy, (0.8, 0.01))
+    row = [line for line in text.splitlines() if line.startswith("| random_to80")][0]
+    assert row.endswith("| 62% | 67% |")  # 0.76 and 0.784 between 0.75 at 60% and 0.85 at 80%
+    assert beyond_table("toy", {"random": by_strategy["random_to80"]}, (0.8, 0.01)) == ""
