@@ -131,6 +131,9 @@ COLD_START = [(f"cold_{method}_{round(100 * f)}pct", "random", {}, extra, (f,))
               for f in COLD_FRACTIONS]
 WAVES.append([
     ("albl", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"]}, []),
+    # the same four arms in fixed equal shares (η = 0: the bandit never moves): is albl's gain
+    # its choosing, or the mixed batch?
+    ("albl_uniform", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "eta": 0.0}, []),
     ("multi_criteria", "multi_criteria", {"informativeness": "ema_kl"}, []),
     ("poal", "poal", {"informativeness": "ema_kl"}, []),
     ("typiclust_start", "random", {}, TYPICLUST_START),

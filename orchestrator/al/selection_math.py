@@ -259,6 +259,10 @@ def exp3_probabilities(
     brought), so arm a's importance-weighted estimate is r·n_a / (k·p_a), unbiased for r (EXP3's
     estimator summed over the batch's pulls). log w_a grows by η times it; p = (1 − γ)·w/Σw +
     γ/K keeps every arm explored. A NaN reward (no measurement) changes nothing.
+
+    A limit of the batch form: r is the mixed batch's gain, not arm a's, so every arm's estimate
+    has the same expectation r; arms separate only by how far n_a strays from k·p_a by chance,
+    and more rounds do not change that. In expectation the probabilities do not move.
     """
     log_w = np.zeros(n_arms)
     history = []
