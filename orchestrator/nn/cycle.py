@@ -160,8 +160,11 @@ class CycleData:
                    x_unlabelled, order, int(tcfg["batch_size"]))
 
     def calibration(self):
-        """(x, y) batches of the calibration volumes, gathered afresh at each call."""
-        return _batches(self.x_train, self.y_train, self.calibration_order, self.batch_size)
+        """(x, y) batches of the calibration volumes, gathered afresh at each call, in sizes that
+        differ by one at most (97 in batches of up to 32: 25, 24, 24, 24): a last batch of one
+        volume stops BatchNorm in training mode, whose statistics these batches set."""
+        steps = math.ceil(len(self.calibration_order) / self.batch_size)
+        return _gathered(self.x_train, self.y_train, step_batches(self.calibration_order, steps))
 
     def close(self) -> None:
         for volumes in (self.x_train, self.x_val, self.x_unlabelled):

@@ -117,3 +117,18 @@ def test_an_epochs_steps_share_its_labels_evenly_never_a_step_on_a_few(n):
     assert len(batches) == plan.steps_per_epoch and max(sizes) <= plan.rank_batch
     assert max(sizes) - min(sizes) <= 1  # 98: 25, 25, 24, 24 rather than 32, 32, 32, 2
     np.testing.assert_array_equal(np.concatenate(batches), order)
+
+
+def test_batchnorm_is_recalibrated_over_a_labelled_set_one_more_than_whole_batches():
+    from orchestrator.nn.cycle import CycleData
+    from orchestrator.nn.cycle_volumes import Volumes
+    from orchestrator.nn.learning import recalibrated
+    from orchestrator.nn.model import build_model
+
+    n = 33  # in batches of 32, a last batch of one volume: BatchNorm cannot train on it
+    data = CycleData(Volumes(np.random.default_rng(0).normal(size=(n, 32, 32, 32)).astype(np.float32)),
+                     torch.zeros(n, dtype=torch.int64), None, torch.zeros(0, dtype=torch.int64), None,
+                     np.arange(n), 32)
+    assert sorted(len(y) for _, y in data.calibration()) == [16, 17]
+    model = build_model("resnet10", num_classes=3, width=4)
+    assert not recalibrated(model, data.calibration()).training
