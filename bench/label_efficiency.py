@@ -52,6 +52,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -190,6 +191,9 @@ def run_one(pool: str, run_dir: str, sets: list[str]) -> dict:
         sys.stdout = log  # one campaign's progress lines in its own log, not interleaved
         try:
             state = Campaign(cfg, Path(run_dir), info).run()
+        except Exception:
+            traceback.print_exc(file=log)  # the driver prints only the error's repr
+            raise
         finally:
             sys.stdout = stdout
     state["seconds"] = time.perf_counter() - started
