@@ -834,7 +834,7 @@ class TwoStream(Strategy):
     name = "two_stream"
     needs = frozenset({"probs", "embeddings", "ae_embeddings"})
 
-    def __init__(self, top_clusters: int = 0, iterations: int = 10, epochs: int = 5,
+    def __init__(self, top_clusters: int = 0, iterations: int = 10, epochs: int = 8,
                  latent: int = 16, unlabelled_sample: int = 256):
         self.top_clusters = operator.index(top_clusters)
         self.iterations = _positive_int("iterations", iterations)

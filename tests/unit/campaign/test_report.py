@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory) -> Path:
     pool = make_shape_pool(root / "pool", n_train=30, n_val=6, n_test=9, box=16)
     run = root / "run"
     run.mkdir()
-    cfg = load_config(None, [f"data.pool={pool.path}", f"budget.counts={COUNTS}"])
+    cfg = load_config(None, [f"data.pool={pool.path}", f"budget.counts={COUNTS}", "strategy.name=entropy"])
     save_config(cfg, run / "config.yaml")
     ledger = LabelLedger(run / "labels.csv", known_ids=None, num_classes=3)
     cycles = []
@@ -75,7 +75,7 @@ def test_the_report_has_a_row_per_cycle_and_each_section_a_person_reads(run_dir)
     assert all(table_rows(page, f"confusion-{c}") == 3 for c in range(3))  # rows: true class
     assert table_rows(page, "class-mix") == 3 and table_rows(page, "times") == 3
     assert "Finished: 3 cycles trained." in page
-    assert "strategy:\n  name: random" in page  # the configuration, as config.yaml says it
+    assert "strategy:\n  name: entropy" in page  # the configuration, as config.yaml says it
     assert "<td class=name>train 30, val 6, test 9</td>" in page  # the pool's splits
 
 
