@@ -528,6 +528,16 @@ def _signed(mean: float, half: float) -> str:
     return text
 
 
+def highlighted(summaries: dict, most: int = 8) -> list[str]:
+    """The strategies a plot draws in colour with their CI bands: all of them when few; else
+    random, the paper's EMA-KL, the three best and the two worst by AUBC (the rest in grey)."""
+    if len(summaries) <= most:
+        return sorted(summaries)
+    ranked = sorted(summaries, key=lambda k: -np.nan_to_num(summaries[k]["aubc"][0], nan=-1))
+    picks = [RANDOM, "ema_kl", *ranked[:3], *ranked[-2:]]
+    return [k for i, k in enumerate(picks) if k in summaries and k not in picks[:i]]
+
+
 def plot(name: str, summaries: dict, full: tuple[float, float], path: Path) -> None:
     import matplotlib
 
@@ -535,8 +545,14 @@ def plot(name: str, summaries: dict, full: tuple[float, float], path: Path) -> N
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    colours = plt.cm.tab20.colors
-    for (strategy, s), colour in zip(sorted(summaries.items()), colours):
+    shown = highlighted(summaries)
+    others = [strategy for strategy in sorted(summaries) if strategy not in shown]
+    for i, strategy in enumerate(others):  # thin grey lines, one legend entry for all
+        s = summaries[strategy]
+        axis.plot(100 * np.asarray(s["fractions"]), s["accuracy"], color="0.75", linewidth=0.8,
+                  label=f"{len(others)} other strategies" if i == 0 else None)
+    for strategy, colour in zip(shown, plt.cm.tab10.colors):
+        s = summaries[strategy]
         x, m, h = 100 * np.asarray(s["fractions"]), np.asarray(s["accuracy"]), np.asarray(s["ci"])
         style = {"linewidth": 2.4, "color": "black"} if strategy == RANDOM else {"color": colour}
         axis.plot(x, m, marker="o", markersize=3, label=f"{strategy} (n={s['n']})", **style)

@@ -375,3 +375,13 @@ def test_rows_past_forty_percent_run_to_eighty_and_say_where_they_reach_full_sup
     row = [line for line in text.splitlines() if line.startswith("| random_to80")][0]
     assert row.endswith("| 62% | 67% |")  # 0.76 and 0.784 between 0.75 at 60% and 0.85 at 80%
     assert beyond_table("toy", {"random": by_strategy["random_to80"]}, (0.8, 0.01)) == ""
+
+
+def test_a_crowded_plot_colours_random_the_papers_method_and_the_best_and_worst_rows():
+    from bench.label_efficiency import highlighted
+
+    summaries = {f"s{i:02d}": {"aubc": (i / 100, 0.0)} for i in range(20)}
+    summaries |= {"random": {"aubc": (0.05, 0.0)}, "ema_kl": {"aubc": (0.04, 0.0)}}
+    assert highlighted(summaries) == ["random", "ema_kl", "s19", "s18", "s17", "s01", "s00"]
+    few = {k: summaries[k] for k in ("random", "s03", "s07")}
+    assert highlighted(few) == ["random", "s03", "s07"]
