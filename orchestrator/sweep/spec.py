@@ -204,9 +204,22 @@ def check_trial_config(cfg: CampaignConfig, point: dict, n_train: int) -> int:
     try:
         training = make_strategy(cfg.strategy.name, **cfg.strategy.options).training
         make_auxiliary(training.auxiliary, training.auxiliary_options)
-        return len(budget_schedule(cfg.budget, n_train))
+        cycles = len(budget_schedule(cfg.budget, n_train))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"grid point {point['name']}: {err}") from None
+    unused = sorted(set(point.get("overrides", {})) & MEAN_MODEL_KEYS)
+    if unused and not training.mean_model and cfg.train.trainer == "per_strategy":
+        # the baselines train on plain cross-entropy (as published): such a grid would train
+        # every point the same and report noise as the effect of λ
+        raise ConfigError(f"grid point {point['name']}: {', '.join(unused)} has no effect on "
+                          f"strategy {cfg.strategy.name!r}, which trains without the mean model; "
+                          "set strategy.name=ema_kl (or another of the EMA-KL family) or "
+                          "train.trainer=shared")
+    return cycles
+
+
+# what only a strategy that trains with the mean model M (the EMA-KL family) uses
+MEAN_MODEL_KEYS = {"train.lam", "train.regulariser", "train.ema_alpha"}
 
 
 # -- resources ---------------------------------------------------------------------------------

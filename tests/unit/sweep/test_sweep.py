@@ -296,3 +296,14 @@ def test_a_sweep_killed_after_its_first_trial_resumes_to_a_full_table_without_re
                         [float(r["test_accuracy"]) for r in curve])
         assert (reported[-1]["cycle"], float(reported[-1]["aubc"])) == ("1", pytest.approx(expected, abs=1e-4))
     assert [r["cycle"] for r in read_csv(sweep_dir / "tune" / "lam=0" / "progress.csv")] == ["0", "1"]
+
+
+def test_a_lambda_grid_over_a_strategy_that_trains_without_the_mean_model_is_refused(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(config_to_dict(base_config({"base": "smoke", "set": {
+        "strategy.name": "random"}}, [], 60))))
+    point = {"name": "lam=0.1", "set": ["train.lam=0.1"], "overrides": {"train.lam": 0.1}}
+    with pytest.raises(ConfigError, match="train.lam has no effect on strategy 'random'"):
+        check_trial_config(trial_config(base, point), point, 60)
+    point["set"].append("train.trainer=shared")  # one trainer for all: λ applies to every strategy
+    assert check_trial_config(trial_config(base, point), point, 60) >= 1
