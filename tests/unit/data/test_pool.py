@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,8 +192,26 @@ def test_reading_some_rows_opens_only_the_row_groups_that_hold_them(tmp_path, ro
     rows = [37, 5, 6]
     back = read_volumes(info.path, rows)
     np.testing.assert_allclose(back, np.stack([zscore(vols[r]) for r in rows]), atol=1e-6)
-    assert [(name, group) for name, group, _ in row_groups_read] == [("part-00000", 1), ("part-00003", 0)]
+    assert sorted((name, group) for name, group, _ in row_groups_read) == [("part-00000", 1), ("part-00003", 0)]
     assert all(columns == ("row", "volume") for _, _, columns in row_groups_read)
+
+
+@pytest.mark.parametrize("read_ahead", [1, 3, 16])
+def test_rows_spread_over_every_shard_come_back_in_the_asked_order_however_many_groups_are_read_at_once(
+        tmp_path, monkeypatch, read_ahead):
+    monkeypatch.setattr(pool_module, "READ_AHEAD", read_ahead)
+    info, vols = small_groups_pool(tmp_path / "pool")
+    rows = np.random.default_rng(1).permutation(40)[:25]  # every row group, in no order
+    np.testing.assert_allclose(read_volumes(info.path, rows), np.stack([zscore(vols[r]) for r in rows]), atol=1e-6)
+
+
+def test_each_shards_footer_is_parsed_once_however_many_of_its_groups_are_read(tmp_path, monkeypatch):
+    info, _ = small_groups_pool(tmp_path / "pool")
+    parsed = []
+    original = pq.read_metadata
+    monkeypatch.setattr(pq, "read_metadata", lambda where, **kw: parsed.append(where) or original(where, **kw))
+    read_volumes(info.path, list(range(0, 40, 2)))  # 10 row groups in 4 shards
+    assert sorted(Path(p).name for p in parsed) == [f"part-0000{i}.parquet" for i in range(4)]
 
 
 @pytest.mark.parametrize("damage", ["removed", "garbage", "other shards", "other row count"])
@@ -222,7 +241,7 @@ def test_a_pool_at_a_uri_without_its_index_reads_the_asked_rows(tmp_path, row_gr
     rows = [20, 3]
     back = read_volumes((tmp_path / "pool").as_uri(), rows)
     np.testing.assert_allclose(back, np.stack([zscore(vols[r]) for r in rows]), atol=1e-6)
-    assert [(name, group) for name, group, _ in row_groups_read] == [("part-00000", 0), ("part-00001", 2)]
+    assert sorted((name, group) for name, group, _ in row_groups_read) == [("part-00000", 0), ("part-00001", 2)]
 
 
 def test_the_footers_give_the_index_the_writer_saved(tmp_path):
