@@ -385,3 +385,11 @@ def test_a_crowded_plot_colours_random_the_papers_method_and_the_best_and_worst_
     assert highlighted(summaries) == ["random", "ema_kl", "s19", "s18", "s17", "s01", "s00"]
     few = {k: summaries[k] for k in ("random", "s03", "s07")}
     assert highlighted(few) == ["random", "s03", "s07"]
+
+
+def test_the_scattered_reads_table_gives_the_median_per_read_ahead_and_a_dash_where_cold_was_not_measured():
+    from bench.scattered_reads import table
+
+    rows = [{"read_ahead": 1, "cache": "cold", "seconds": s} for s in (1.0, 3.0, 2.0)]
+    rows += [{"read_ahead": 1, "cache": "warm", "seconds": 0.5}, {"read_ahead": 8, "cache": "warm", "seconds": 0.25}]
+    assert table(rows).splitlines()[2:] == ["| 1 | 2.00 | 0.50 |", "| 8 | – | 0.25 |"]
