@@ -21,15 +21,23 @@ grows with the pool. Pools are deleted after their run; finished sizes are skipp
 Raw rows: docs/results/scale.csv; the table is printed. Per size, DIR/nROWS/processes.csv splits
 each stage's peak by process, and DIR/nROWS/stages.csv gives the wall seconds of each stage as the
 campaign names it (select, …, and "between stages": start-up, κ, writing), which is what "rest" was.
+With --py-spy, py-spy samples the driver during the measured cycle (20 a second, never pausing
+it) and DIR/nROWS/rest_profile.csv gives the driver's CPU seconds per function outside training
+and scoring: what "rest" was spent on, function by function.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import csv
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -49,6 +57,43 @@ PROCESS_COLUMNS = ["rows", "stage", "process", "count", "pss"]  # DIR/nROWS/proc
 # the labels, selecting, writing the queries); total: labels submitted → next queries written
 STAGES = ("train", "score", "rest", "total")
 GB = 1e9
+SPY_HZ = 20  # py-spy's samples a second of the driver (--py-spy)
+# a sampled stack through one of these is the train or score stage's, not "rest"'s
+MEASURED_STAGES = re.compile(r"^(run_training|score_pool) \(")
+
+
+@contextlib.contextmanager
+def driver_samples(raw_file: Path | None):
+    """py-spy sampling this process (the driver: its Python threads, not Ray's workers) while
+    the block runs, its stacks written to `raw_file` in py-spy's raw (collapsed) format.
+    Non-blocking: the driver is never paused. Nothing when `raw_file` is None."""
+    if raw_file is None:
+        yield
+        return
+    spy = subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--pid", str(os.getpid()),
+                            "--rate", str(SPY_HZ), "--nonblocking", "--format", "raw",
+                            "--output", str(raw_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)  # attached before the measured work starts
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes what it sampled and ends
+        spy.wait(timeout=60)
+
+
+def rest_profile(raw_lines, hz: float = SPY_HZ) -> list[tuple[str, float]]:
+    """Seconds of the driver's CPU per function (inclusive, line numbers dropped), over the
+    sampled stacks that pass through neither training nor scoring: what "rest" was spent on.
+    Largest first."""
+    seconds: collections.Counter = collections.Counter()
+    for line in raw_lines:
+        stack, _, count = line.rstrip().rpartition(" ")
+        frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
+        if not stack or any(MEASURED_STAGES.match(frame) for frame in frames):
+            continue
+        for frame in dict.fromkeys(frames):  # a recursive function counted once a stack
+            seconds[frame] += int(count) / hz
+    return seconds.most_common()
 
 
 class StageSampler(threading.Thread):
@@ -158,7 +203,7 @@ def answer_first_queries(run_dir: Path, info) -> None:
         writer.writerows([sid, truth[sid]] for sid in asked)
 
 
-def one_cycle(rows: int, labels: int, select: int, work: Path) -> list[list]:
+def one_cycle(rows: int, labels: int, select: int, work: Path, spy: bool = False) -> list[list]:
     """The measured rows (one per stage) of a pool of `rows`."""
     from orchestrator.al.oracle import AwaitingLabels
     from orchestrator.campaign.loop import Campaign
@@ -185,14 +230,16 @@ def one_cycle(rows: int, labels: int, select: int, work: Path) -> list[list]:
         answer_first_queries(run_dir, info)
         sampler = StageSampler(status)
         sampler.start()
-        started = time.perf_counter()
-        try:  # the measured cycle: labels in, next queries out
-            Campaign(cfg, run_dir, info, display=display).run()
-        except AwaitingLabels:
-            pass
-        finally:
-            total = time.perf_counter() - started
-            sampler.stop()
+        raw_samples = work / "driver_samples.txt" if spy else None
+        with driver_samples(raw_samples):
+            started = time.perf_counter()
+            try:  # the measured cycle: labels in, next queries out
+                Campaign(cfg, run_dir, info, display=display).run()
+            except AwaitingLabels:
+                pass
+            finally:
+                total = time.perf_counter() - started
+                sampler.stop()
     cycle = json.loads((run_dir / "state.json").read_text())["cycles"][0]
     seconds = {"train": cycle["seconds_train"], "score": cycle["seconds_score"], "total": total,
                "rest": total - cycle["seconds_train"] - cycle["seconds_score"]}
@@ -202,6 +249,10 @@ def one_cycle(rows: int, labels: int, select: int, work: Path) -> list[list]:
             [rows, stage, name, count, pss]
             for stage, named in sorted(sampler.peak_processes.items())
             for name, (count, pss) in sorted(named.items(), key=lambda item: -item[1][1])])
+    if raw_samples is not None and raw_samples.exists():  # what "rest" was spent on, by function
+        with open(raw_samples) as f, open(work / "rest_profile.csv", "w", newline="") as out:
+            csv.writer(out).writerows([["rows", "function", "seconds"]] + [
+                [rows, name, round(spent, 2)] for name, spent in rest_profile(f) if spent >= 0.1])
     with open(work / "stages.csv", "w", newline="") as f:  # what "rest" was spent on
         csv.writer(f).writerows([["rows", "stage", "seconds"]] + [
             [rows, stage, round(spent, 2)] for stage, spent in sorted(sampler.seconds.items())])
@@ -246,6 +297,9 @@ def main() -> None:
     parser.add_argument("--select", type=int, default=500, help="queries it selects")
     parser.add_argument("--dir", type=Path, default=ROOT / "runs" / "bench" / "scale")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--py-spy", action="store_true",
+                        help="sample the driver with py-spy (pip install py-spy) during the measured "
+                             "cycle: DIR/nROWS/rest_profile.csv, seconds per function outside train and score")
     args = parser.parse_args()
     rows = read_rows(args.results)
     for size in args.rows:
@@ -254,7 +308,7 @@ def main() -> None:
         work = args.dir / f"n{size}"
         shutil.rmtree(work, ignore_errors=True)  # an interrupted size starts again
         work.mkdir(parents=True)
-        rows = [r for r in rows if r[0] != size] + one_cycle(size, args.labels, args.select, work)
+        rows = [r for r in rows if r[0] != size] + one_cycle(size, args.labels, args.select, work, args.py_spy)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         with open(args.results, "w", newline="") as f:
             csv.writer(f).writerows([COLUMNS, *sorted(rows)])
