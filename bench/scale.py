@@ -22,7 +22,7 @@ Raw rows: docs/results/scale.csv; the table is printed. Per size, DIR/nROWS/proc
 each stage's peak by process, and DIR/nROWS/stages.csv gives the wall seconds of each stage as the
 campaign names it (select, …, and "between stages": start-up, κ, writing), which is what "rest" was.
 With --py-spy, py-spy samples the driver during the measured cycle (20 a second, never pausing
-it) and DIR/nROWS/rest_profile.csv gives the driver's CPU seconds per function outside training
+it) and DIR/nROWS/rest_profile.csv gives the driver's wall seconds per function outside training
 and scoring: what "rest" was spent on, function by function.
 """
 
@@ -66,12 +66,15 @@ MEASURED_STAGES = re.compile(r"^(run_training|score_pool) \(")
 def driver_samples(raw_file: Path | None):
     """py-spy sampling this process (the driver: its Python threads, not Ray's workers) while
     the block runs, its stacks written to `raw_file` in py-spy's raw (collapsed) format.
-    Non-blocking: the driver is never paused. Nothing when `raw_file` is None."""
+    Idle stacks too (a thread waiting for the disk or for Ray is sampled where it waits), so a
+    function's samples are its wall time. Non-blocking: the driver is never paused. Nothing
+    when `raw_file` is None."""
     if raw_file is None:
         yield
         return
-    spy = subprocess.Popen([shutil.which("py-spy") or "py-spy", "record", "--pid", str(os.getpid()),
-                            "--rate", str(SPY_HZ), "--nonblocking", "--format", "raw",
+    beside = Path(sys.executable).with_name("py-spy")  # a virtual environment's, unactivated
+    spy = subprocess.Popen([str(beside) if beside.exists() else "py-spy", "record", "--pid", str(os.getpid()),
+                            "--rate", str(SPY_HZ), "--nonblocking", "--idle", "--format", "raw",
                             "--output", str(raw_file)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1)  # attached before the measured work starts
     try:
@@ -82,7 +85,7 @@ def driver_samples(raw_file: Path | None):
 
 
 def rest_profile(raw_lines, hz: float = SPY_HZ) -> list[tuple[str, float]]:
-    """Seconds of the driver's CPU per function (inclusive, line numbers dropped), over the
+    """Wall seconds of the driver per function (inclusive, line numbers dropped), over the
     sampled stacks that pass through neither training nor scoring: what "rest" was spent on.
     Largest first."""
     seconds: collections.Counter = collections.Counter()
