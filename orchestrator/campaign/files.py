@@ -74,9 +74,20 @@ def write_metrics(run_dir: Path, cycles: list[dict], class_names) -> None:
         per_class = list(c.get("per_class_accuracy") or []) + [float("nan")] * len(class_names)
         writer.writerow([_fmt(c.get(k, "")) for k in METRIC_COLUMNS]
                         + [_fmt(a) for a in per_class[:len(class_names)]])
-    atomic_write_text(Path(run_dir) / "metrics.csv", buffer.getvalue())
-    if trained:
-        plot_learning_curve(trained, Path(run_dir) / "learning_curve.png")
+    metrics, curve = Path(run_dir) / "metrics.csv", Path(run_dir) / "learning_curve.png"
+    if _same_text(metrics, buffer.getvalue()) and (curve.exists() or not trained):
+        return  # saved again with no new metric: the plot (~0.5 s with matplotlib's import) stands
+    if trained:  # the plot before the numbers: a crash between the two leaves metrics.csv stale, so redrawn
+        plot_learning_curve(trained, curve)
+    atomic_write_text(metrics, buffer.getvalue())
+
+
+def _same_text(path: Path, text: str) -> bool:
+    """Whether the file holds exactly `text` (csv's \\r\\n line ends kept: newline="")."""
+    if not path.exists():
+        return False
+    with open(path, newline="") as f:
+        return f.read() == text
 
 
 def plot_learning_curve(cycles: list[dict], path: Path) -> None:
