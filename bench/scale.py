@@ -58,8 +58,8 @@ PROCESS_COLUMNS = ["rows", "stage", "process", "count", "pss"]  # DIR/nROWS/proc
 STAGES = ("train", "score", "rest", "total")
 GB = 1e9
 SPY_HZ = 20  # py-spy's samples a second of the driver (--py-spy)
-# a sampled stack through one of these is the train or score stage's, not "rest"'s
-MEASURED_STAGES = re.compile(r"^(run_training|score_pool) \(")
+# a sampled stack through one of these is the train or score stage's (or the sampler's own start), not "rest"'s
+MEASURED_STAGES = re.compile(r"^(run_training|score_pool|driver_samples) \(")
 
 
 @contextlib.contextmanager
@@ -84,15 +84,16 @@ def driver_samples(raw_file: Path | None):
         spy.wait(timeout=60)
 
 
-def rest_profile(raw_lines, hz: float = SPY_HZ) -> list[tuple[str, float]]:
+def rest_profile(raw_lines, hz: float = SPY_HZ, within: str = "one_cycle (scale.py)") -> list[tuple[str, float]]:
     """Wall seconds of the driver per function (inclusive, line numbers dropped), over the
-    sampled stacks that pass through neither training nor scoring: what "rest" was spent on.
-    Largest first."""
+    sampled stacks of the thread running `within` (the measured cycle's, not Ray's or the
+    sampler's threads, which wait throughout) that pass through neither training nor scoring:
+    what "rest" was spent on. Largest first."""
     seconds: collections.Counter = collections.Counter()
     for line in raw_lines:
         stack, _, count = line.rstrip().rpartition(" ")
         frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
-        if not stack or any(MEASURED_STAGES.match(frame) for frame in frames):
+        if within not in frames or any(MEASURED_STAGES.match(frame) for frame in frames):
             continue
         for frame in dict.fromkeys(frames):  # a recursive function counted once a stack
             seconds[frame] += int(count) / hz

@@ -23,6 +23,7 @@ training is its `Training` declaration (`orchestrator/al/training.py`), read in 
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -100,6 +101,7 @@ class Campaign:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> dict:
+        threading.Thread(target=warm_plotting, name="warm-plotting", daemon=True).start()
         self.display.line(f"campaign {self.cfg.name}: {len(self.train_rows)} train subtomograms, "
                           f"{self.view.info.num_classes} classes, budget {self.schedule}")
         for cycle in range(len(self.schedule)):
@@ -495,3 +497,15 @@ def _counted(queries: list[Query], record: dict) -> list[Query]:
 
 def _float(value) -> float:
     return float("nan") if value is None else float(value)
+
+
+def warm_plotting() -> None:
+    """Import matplotlib (~0.7 s) in a thread of its own while the campaign's first stage waits
+    on Ray, so the plots drawn between stages (the learning curve, the report) do not: a person
+    resuming a campaign each cycle would otherwise wait for it between their labels and the
+    next queries (bench/scale.py --py-spy). Python's import lock makes a plot drawn meanwhile
+    wait for this import rather than run it twice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401

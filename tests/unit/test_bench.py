@@ -395,17 +395,19 @@ def test_the_scattered_reads_table_gives_the_median_per_read_ahead_and_a_dash_wh
     assert table(rows).splitlines()[2:] == ["| 1 | 2.00 | 0.50 |", "| 8 | – | 0.25 |"]
 
 
-def test_the_rest_profile_counts_each_function_once_a_stack_and_leaves_training_and_scoring_out():
+def test_the_rest_profile_counts_the_measured_threads_functions_once_a_stack_leaving_training_and_scoring_out():
     from bench.scale import rest_profile
 
     raw = [
-        "thread (1);run (loop.py:10);_train (loop.py:20);run_training (train.py:5);wait (ray.py:1) 40",
-        "thread (1);run (loop.py:10);_score_model (loop.py:30);score_pool (score.py:7);get (ray.py:2) 30",
-        "thread (1);run (loop.py:10);_report (loop.py:40);plot (report.py:3);plot (report.py:9) 4",
-        "thread (1);run (loop.py:11);_label_up_to (loop.py:50);read_volumes (pool.py:600) 6",
+        "one_cycle (scale.py:9);run (loop.py:10);_train (loop.py:20);run_training (train.py:5);wait (ray.py:1) 40",
+        "one_cycle (scale.py:9);run (loop.py:10);_score_model (loop.py:30);score_pool (score.py:7);get (ray.py:2) 30",
+        "one_cycle (scale.py:9);run (loop.py:10);_report (loop.py:40);plot (report.py:3);plot (report.py:9) 4",
+        "one_cycle (scale.py:9);run (loop.py:11);_label_up_to (loop.py:50);read_volumes (pool.py:600) 6",
+        "Thread.run (threading.py:1);wait (ray.py:1) 80",  # a thread of Ray's, waiting throughout
     ]
     seconds = dict(rest_profile(raw, hz=2))
     assert seconds["run (loop.py)"] == 5.0  # both of its lines; not the 35 s in train and score
     assert seconds["plot (report.py)"] == 2.0  # recursive: once a stack
     assert seconds["read_volumes (pool.py)"] == 3.0
-    assert not any(name.startswith(("run_training", "score_pool", "wait", "get")) for name in seconds)
+    assert seconds["one_cycle (scale.py)"] == 5.0
+    assert not any(name.startswith(("run_training", "score_pool", "wait", "get", "Thread")) for name in seconds)

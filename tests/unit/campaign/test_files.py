@@ -1,4 +1,5 @@
-"""The campaign's files rebuilt from its state: metrics.csv and the learning curve."""
+"""The campaign's files rebuilt from its state: metrics.csv and the learning curve (and the
+plotting library imported ahead of them)."""
 
 from orchestrator.campaign import files
 from orchestrator.campaign.files import write_metrics
@@ -29,3 +30,15 @@ def test_a_learning_curve_lost_after_its_metrics_were_written_is_drawn_again(tmp
     (tmp_path / "learning_curve.png").unlink()
     write_metrics(tmp_path, [cycle(0)], CLASSES)
     assert drawn == [1, 1] and (tmp_path / "learning_curve.png").exists()
+
+
+def test_plotting_is_warmed_with_the_backend_the_plots_draw_with():
+    import sys
+
+    from orchestrator.campaign.loop import warm_plotting
+
+    warm_plotting()
+    import matplotlib
+
+    assert "matplotlib.pyplot" in sys.modules
+    assert matplotlib.get_backend().lower() == "agg"
