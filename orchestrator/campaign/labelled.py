@@ -114,7 +114,8 @@ class LabelledSet:
     def unlabelled(self) -> np.ndarray:
         """Train-split rows nobody has answered yet. Junk answers are answered: a volume a
         person called junk is neither a class to learn nor an unlabelled one to learn from."""
-        return np.setdiff1d(self.train_rows, self.rows)
+        # both sorted and unique: numpy's own check sorts them again, ~0.2 s at 300,000 rows
+        return np.setdiff1d(self.train_rows, self.rows, assume_unique=True)
 
     def training_pairs(self) -> list[tuple[int, int]]:
         """(pool row, class) of every labelled subtomogram, by row; junk answers are left out."""

@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.al.strategies import balanced_top_k, make_strategy, select, top_k
 from orchestrator.campaign.labelled import LabelledSet
-from orchestrator.campaign.loop import best_scored, candidates_of, picked_predictions
+from orchestrator.campaign.loop import best_scored, candidates_of, picked_predictions, skipped_rows
 from orchestrator.distributed.score import read_scores
 
 
@@ -99,3 +99,12 @@ def test_the_picked_rows_predictions_come_back_aligned_with_them(tmp_path):
     pred, prob = picked_predictions(folder, rows)
     assert pred.tolist() == (rows % 4).tolist()
     np.testing.assert_allclose(prob, rows / 120, rtol=1e-6)
+
+
+@pytest.mark.parametrize("skip_labelled", [True, False])
+def test_a_pass_skips_the_other_splits_and_the_labelled_unless_the_strategy_reads_them(skip_labelled):
+    split = np.array(["train", "val", "train", "test", "train", "train"])
+    labelled = np.array([2, 4])
+    expected = [1, 2, 3, 4] if skip_labelled else [1, 3]
+    assert skipped_rows(split, labelled, skip_labelled).tolist() == expected
+    assert split.tolist() == ["train", "val", "train", "test", "train", "train"]  # left as it was
