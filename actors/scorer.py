@@ -49,6 +49,11 @@ class PoolScorer:
         # the prediction a person sees comes from the classifier training chose on validation
         self.prediction = "mean_probs" if saved.get("classifier") == "mean" else "probs"
         self.needs = set(self.strategy.needs) | {"probs", self.prediction}
+        # a model with a junk output (train.junk_class) says how likely each row is junk: the
+        # selection keeps those out of the queries
+        self.junk = bool(saved.get("junk_class"))
+        if self.junk:
+            self.needs.add("junk_prob")
         self.model = model_from_checkpoint(saved, "model", self.device, channels_last=True)
         self.mean = (model_from_checkpoint(saved, "mean", self.device, channels_last=True)
                      if self.needs & MEAN_OUTPUTS else None)  # None: M is neither run nor loaded
@@ -59,10 +64,13 @@ class PoolScorer:
         rows = np.asarray(batch["row"], dtype=np.int64)
         volumes = decode_volumes(batch["volume"], self.info)
         outputs = score_volumes(
-            self.model, self.mean, volumes, rows, self.strategy, self.needs, self.seed, self.aux
+            self.model, self.mean, volumes, rows, self.strategy, self.needs, self.seed, self.aux,
+            classes=self.info.num_classes,
         )
         result = {"row": rows, "subtomo_id": np.asarray(batch["subtomo_id"])}
         result.update(summarise(outputs, self.reported, self.info.num_classes, self.prediction))
+        if self.junk:
+            result["junk_prob"] = outputs.get("junk_prob", np.zeros(0, np.float32))
         result.update(strategy_columns(self.strategy, outputs))
         faults.maybe_fault("score-batch")  # tests: a batch scored and lost with its process
         return result
@@ -90,16 +98,18 @@ def score_batch(batch: dict[str, np.ndarray], **scorer_kwargs) -> dict[str, np.n
 
 
 def score_volumes(
-    model, mean, volumes: np.ndarray, rows, strategy, needs, seed: int, aux=None
+    model, mean, volumes: np.ndarray, rows, strategy, needs, seed: int, aux=None,
+    classes: int | None = None,
 ) -> dict:
-    """T's and M's outputs (``forward_outputs``), plus the keys beyond those that the
-    strategy's auxiliary provides (its ``outputs`` hook, with ``aux`` its loaded module)."""
+    """T's and M's outputs (``forward_outputs``, over the first ``classes`` outputs), plus the
+    keys beyond those that the strategy's auxiliary provides (its ``outputs`` hook, with
+    ``aux`` its loaded module)."""
     if len(volumes) == 0:
         return {}
     x = torch.from_numpy(volumes)
     outputs = forward_outputs(
         model, mean, x, set(needs) & OUTPUTS,
-        mc_passes=getattr(strategy, "mc_passes", 0), seed=seed, row_keys=rows,
+        mc_passes=getattr(strategy, "mc_passes", 0), seed=seed, row_keys=rows, classes=classes,
     )
     extra = set(needs) - OUTPUTS
     if extra:
@@ -110,6 +120,8 @@ def score_volumes(
         if missing := extra - set(produced):
             raise ValueError(f"{strategy.name} needs {sorted(missing)}: no auxiliary provides them")
         outputs.update({key: produced[key] for key in extra})
+        if "noisy_logits" in extra and classes is not None:  # [N, C(+junk), K]: as T's logits
+            outputs["noisy_logits"] = outputs["noisy_logits"][:, :classes]
     return outputs
 
 

@@ -127,6 +127,7 @@ WAVES = [
 # campaigns, the labels of cycle 0 alone, drawn at random or chosen by TypiClust.
 COLD_FRACTIONS = (0.01, 0.02, 0.03, 0.04)
 TYPICLUST_START = ["strategy.initial=typiclust"]
+JUNK_CLASS = ["train.junk_class=true"]
 COLD_START = [(f"cold_{method}_{round(100 * f)}pct", "random", {}, extra, (f,))
               for method, extra in (("random", []), ("typiclust", TYPICLUST_START))
               for f in COLD_FRACTIONS]
@@ -137,6 +138,12 @@ WAVES.append([
     ("albl_uniform", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "eta": 0.0}, []),
     ("multi_criteria", "multi_criteria", {"informativeness": "ema_kl"}, []),
     ("poal", "poal", {"informativeness": "ema_kl"}, []),
+    # POAL as its paper runs it (Zhan et al.: maximum entropy against Mahalanobis in-distribution)
+    ("poal_entropy", "poal", {"informativeness": "entropy"}, []),
+    # a junk output learnt from the junk answers; candidates it calls junk are not queried
+    ("random_junk_class", "random", {}, JUNK_CLASS),
+    ("entropy_junk_class", "entropy", {}, JUNK_CLASS),
+    ("poal_junk_class", "poal", {"informativeness": "ema_kl"}, JUNK_CLASS),
     ("typiclust_start", "random", {}, TYPICLUST_START),
     ("ema_kl_typiclust_start", "ema_kl", {"distance": "kl"}, TYPICLUST_START),
     *COLD_START,

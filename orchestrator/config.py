@@ -81,6 +81,9 @@ class TrainConfig:
     use_gpu: bool = False
     amp: str = "none"  # mixed precision on GPU: none | bf16 | fp16
     max_failures: int = 2  # a failed worker group restarts from the last epoch checkpoint
+    junk_class: bool = False  # learn "not a particle" from the junk answers as one more output,
+    #                           whose probability keeps predicted junk out of the queries
+    #                           (strategy.junk_threshold); accuracy stays over the real classes
 
     def __post_init__(self):
         choices = {"optimizer": ("sgd", "adamw"),
@@ -157,10 +160,15 @@ class StrategyConfig:
     # radial features: TypiClust's cold start for tiny budgets, orchestrator/al/cold_start.py)
     initial: str = "random"
     initial_options: dict = field(default_factory=dict)  # typiclust's, e.g. {max_clusters: 200}
+    # with train.junk_class: a candidate the model calls junk with at least this probability is
+    # not queried (while k others remain); 1.0 queries them as any other
+    junk_threshold: float = 0.5
 
     def __post_init__(self):
         if self.initial not in ("random", "typiclust"):
             raise ConfigError(f"strategy.initial: {self.initial!r} is not one of ['random', 'typiclust']")
+        if not 0.0 < self.junk_threshold <= 1.0:
+            raise ConfigError(f"strategy.junk_threshold: must be in (0, 1], got {self.junk_threshold}")
 
 
 @dataclass(frozen=True)

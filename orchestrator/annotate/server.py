@@ -55,7 +55,9 @@ from orchestrator.campaign.rundir_lock import RunDirLock, RunDirLockError
 from orchestrator.config import PROJECT_ROOT, load_config
 from orchestrator.data.ids import IdRows
 from orchestrator.data.images import VIEWS, slice_views, to_png
-from orchestrator.data.pool import PoolError, PoolInfo, atomic_write_text, decode_volumes, open_pool, read_index
+from orchestrator.data.pool import (
+    PoolError, PoolInfo, atomic_write_text, decode_volumes, iter_rows, open_pool, read_index,
+)
 
 PAGE_FILE = Path(__file__).with_name("page.html")
 DEFAULT_PORT = 8765
@@ -64,6 +66,7 @@ DRAIN_LIMIT = 1024 * 1024  # an oversized body up to this is read and dropped, s
 UNSURE_FILE = "annotate_unsure.json"
 RESUME_LOG = "resume.log"
 REFERENCE_PER_CLASS = 200  # earlier labels per class in the reference average (bounds start-up)
+SLICE_BATCH_ROWS = 64  # volumes decoded at a time when reading slices (8 MB at 32³ float32)
 CONTROL_KEYS = "jruz"  # junk, reference, unsure, undo: never a class shortcut
 CLASS_KEYS = "123456789" + "".join(c for c in "abcdefghijklmnopqrstuvwxyz" if c not in CONTROL_KEYS)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -212,32 +215,17 @@ def probability_matrix(column) -> np.ndarray:
 
 
 def read_slices(info: PoolInfo, rows: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
-    """Slice views of the given pool rows, in one pass that skips row groups holding none of
-    them (the `row` column has statistics); memory holds one row group of volumes at a time."""
-    wanted = np.asarray(sorted(set(int(r) for r in rows)), dtype=np.int64)
+    """Slice views of the given pool rows, read as the campaign reads volumes (`pool.iter_rows`:
+    only the row groups that hold them, several at once), a batch of volumes in memory at a time."""
+    wanted = np.unique(np.asarray(list(rows), dtype=np.int64))
     out: dict[int, dict[str, np.ndarray]] = {}
-    for shard in info.shard_paths:
-        if len(out) == len(wanted):
-            break
-        parquet = pq.ParquetFile(shard)
-        row_index = parquet.schema_arrow.get_field_index("row")
-        for group in range(parquet.num_row_groups):
-            stats = parquet.metadata.row_group(group).column(row_index).statistics
-            if stats is not None and stats.has_min_max and (
-                np.searchsorted(wanted, stats.min, "left") == np.searchsorted(wanted, stats.max, "right")
-            ):
-                continue  # no wanted row between this group's first and last
-            table = parquet.read_row_group(group, columns=["row", "volume"])
-            group_rows = table.column("row").to_numpy()
-            hit = np.isin(group_rows, wanted)
-            if not hit.any():
-                continue
-            volumes = decode_volumes(table.column("volume").filter(pa.array(hit)), info)
-            for row, volume in zip(group_rows[hit], volumes):
+    try:
+        for table in iter_rows(info.path, wanted, ["volume"], batch_rows=SLICE_BATCH_ROWS):
+            volumes = decode_volumes(table.column("volume"), info)
+            for row, volume in zip(table.column("row").to_numpy(), volumes):
                 out[int(row)] = slice_views(volume)
-    missing = len(wanted) - len(out)
-    if missing:
-        raise AnnotateError(f"{missing} queried or labelled rows are not in the pool {info.path}")
+    except PoolError as err:
+        raise AnnotateError(f"the queried or labelled subtomograms' volumes: {err}") from err
     return out
 
 

@@ -112,13 +112,14 @@ def plot_learning_curve(cycles: list[dict], path: Path) -> None:
 
 def write_predictions(run_dir: Path, scores_dir: Path, class_names, labelled) -> Path:
     """predictions.parquet from the final model's scoring pass over every subtomogram: its
-    class and probability, and the ledger's answer where there is one (``labelled``, a
-    ``LabelledSet``)."""
+    class and probability (and how likely it is junk, from a model with a junk output), and
+    the ledger's answer where there is one (``labelled``, a ``LabelledSet``)."""
     out = Path(run_dir) / PREDICTIONS
     tmp = out.with_name(f".{PREDICTIONS}.tmp")
     writer = None
     for part in sorted(Path(scores_dir).glob("*.parquet")):
-        table = pq.read_table(part, columns=["row", "subtomo_id", "pred", "pred_prob", "entropy"])
+        junk = ["junk_prob"] if "junk_prob" in pq.read_schema(part).names else []
+        table = pq.read_table(part, columns=["row", "subtomo_id", "pred", "pred_prob", "entropy", *junk])
         if not table.num_rows:
             continue
         pred = table.column("pred").to_numpy()

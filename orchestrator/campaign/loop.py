@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from orchestrator.al.budget import budget_schedule
 from orchestrator.al.cold_start import typiclust_initial
@@ -146,8 +147,13 @@ class Campaign:
         return LabelledSet.of(self.ledger.current(), self.view)
 
     def training_pairs(self) -> list[tuple[int, int]]:
-        """(pool row, class) of every labelled subtomogram, by row; junk answers are left out."""
-        return self.labelled().training_pairs()
+        """(pool row, class) of every labelled subtomogram, by row; junk answers are left out,
+        or with train.junk_class learnt as the output after the real classes."""
+        return self.labelled().training_pairs(self._junk_label())
+
+    def _junk_label(self) -> int | None:
+        """The model's junk output (train.junk_class): the one after the real classes."""
+        return self.view.info.num_classes if self.cfg.train.junk_class else None
 
     def unlabelled_rows(self) -> np.ndarray:
         """Train-split rows nobody has answered yet (a junk answer is an answer)."""
@@ -229,8 +235,13 @@ class Campaign:
         strategy = self.strategy
         folder = self._selection_scores(cycle - 1, labelled)
         rng = np.random.default_rng([self.cfg.seed, cycle])
+        skip = predicted_junk(folder, labelled, k, self.cfg.strategy.junk_threshold)
+        if len(skip):
+            self.display.line(f"cycle {cycle}: {len(skip):,} candidates the model calls junk "
+                              f"(p ≥ {self.cfg.strategy.junk_threshold:g}) are not queried")
         if hasattr(strategy, "score"):  # row-wise: scored in the pass, ranked here file by file
-            best = best_scored(folder, labelled, k, rng, per_class=getattr(strategy, "per_class", False))
+            best = best_scored(folder, labelled, k, rng, per_class=getattr(strategy, "per_class", False),
+                               skip=skip)
             return [Query(int(r), str(self.view.ids[r]), self._source(r), int(p), float(q), strategy.name)
                     for r, p, q in zip(best["row"], best["pred"], best["pred_prob"])]
         history = (read_history(self.run_dir, self.state, self.ledger.current(), cycle)
@@ -238,7 +249,8 @@ class Campaign:
         # the pass's arrays memory-mapped from the cycle's folder, gone once the picks are made
         self.cycle_dir(cycle).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cycle_dir(cycle), prefix="selecting-") as scratch:
-            candidates = candidates_of(folder, labelled, strategy, history, scratch=Path(scratch))
+            candidates = candidates_of(folder, labelled, strategy, history, scratch=Path(scratch),
+                                       skip=skip)
             selection = select_with_record(strategy, candidates, k, rng)
             rows = candidates.rows[selection.positions]
             del candidates
@@ -249,7 +261,7 @@ class Campaign:
     # -- train ---------------------------------------------------------------------------------
     def _train(self, cycle: int, record: dict) -> None:
         labelled = self.labelled()
-        pairs = labelled.training_pairs()
+        pairs = labelled.training_pairs(self._junk_label())
         val_rows, test_rows = self.view.scored_rows_of("val"), self.view.scored_rows_of("test")
         previous = model_path(self.cycle_dir(cycle - 1)) if cycle > 0 else None
         settings = strategy_training(self.cfg.train, self.strategy)
@@ -259,7 +271,7 @@ class Campaign:
         declared = self.strategy.training
         job = CycleJob(
             pool=self.view.info.path, out_dir=str(self.cycle_dir(cycle).resolve()),
-            num_classes=self.view.info.num_classes,
+            num_classes=self.view.info.num_classes, junk_class=self.cfg.train.junk_class,
             train_rows=[r for r, _ in pairs], train_labels=[int(lab) for _, lab in pairs],
             val_rows=val_rows.tolist(), val_labels=self.view.truth[val_rows].tolist(),
             test_rows=test_rows.tolist(), test_labels=self.view.truth[test_rows].tolist(),
@@ -381,10 +393,30 @@ def stability(folder: Path, before: Path | None, unlabelled: np.ndarray, num_cla
     return result
 
 
+def predicted_junk(folder: Path, labelled: LabelledSet, k: int, threshold: float) -> np.ndarray:
+    """The candidates (scored rows not labelled) that a model with a junk output
+    (train.junk_class) calls junk with probability at least ``threshold``, sorted: rows the
+    selection skips. If skipping them all would leave fewer than ``k``, only the likeliest
+    junk. None from a pass without a junk output."""
+    files = sorted(Path(folder).glob("*.parquet"))
+    if not files or "junk_prob" not in pq.read_schema(files[0]).names:
+        return np.zeros(0, np.int64)
+    table = read_scores(folder, ["row", "junk_prob"])
+    rows, junk = table.column("row").to_numpy(), table.column("junk_prob").to_numpy()
+    candidate = ~labelled.contains(rows)
+    rows, junk = rows[candidate], junk[candidate]
+    flagged = np.flatnonzero(junk >= threshold)
+    room = max(len(rows) - k, 0)
+    if len(flagged) > room:
+        flagged = flagged[np.argsort(-junk[flagged], kind="stable")[:room]]
+    return np.sort(rows[flagged]).astype(np.int64)
+
+
 def best_scored(folder: Path, labelled: LabelledSet, k: int, rng: np.random.Generator,
-                per_class: bool = False) -> dict[str, np.ndarray]:
-    """A row-wise strategy's k picks among a pass's candidates (the scored rows not labelled),
-    best first, with the model's guess for each ("row", "score", "pred", "pred_prob").
+                per_class: bool = False, skip: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A row-wise strategy's k picks among a pass's candidates (the scored rows neither labelled
+    nor in ``skip``), best first, with the model's guess for each ("row", "score", "pred",
+    "pred_prob").
 
     Exactly `top_k(candidate scores, k, rng)` on the whole table (the same tiebreak draw, over
     the candidates in row order), but read file by file through `top_k_merge`: the driver holds
@@ -392,13 +424,14 @@ def best_scored(folder: Path, labelled: LabelledSet, k: int, rng: np.random.Gene
     With ``per_class``, `balanced_top_k` over the predicted classes instead: a running top-k
     per class (k × classes rows), then round-robin over them."""
     names = ["row", "score", "pred", "pred_prob"]
+    skip = np.zeros(0, np.int64) if skip is None else skip
     rows = read_scores(folder, ["row"]).column("row").to_numpy()
-    candidates = rows[~labelled.contains(rows)]  # sorted, as top_k's positions are
+    candidates = rows[~labelled.contains(rows) & ~np.isin(rows, skip)]  # sorted, as top_k's positions are
     tiebreak = rng.permutation(len(candidates))  # top_k's draw: same size, same generator
     best: dict = {}  # per predicted class with per_class, else under None
     for table in iter_scores(folder, names):
         block_rows = table.column("row").to_numpy()
-        is_candidate = ~labelled.contains(block_rows)
+        is_candidate = ~labelled.contains(block_rows) & ~np.isin(block_rows, skip)
         block = {name: table.column(name).to_numpy()[is_candidate] for name in names}
         block["tiebreak"] = tiebreak[np.searchsorted(candidates, block["row"])]
         for c in np.unique(block["pred"]) if per_class else [None]:
@@ -414,9 +447,9 @@ def best_scored(folder: Path, labelled: LabelledSet, k: int, rng: np.random.Gene
 
 
 def candidates_of(source: pa.Table | Path, labelled: LabelledSet, strategy, history=None,
-                  scratch: Path | None = None) -> Candidates:
+                  scratch: Path | None = None, skip: np.ndarray | None = None) -> Candidates:
     """What a set-based strategy selects from, out of a scoring pass (its table, or its folder
-    read file by file): the rows not labelled with the arrays the strategy declared
+    read file by file): the rows neither labelled nor in ``skip`` with the arrays the strategy declared
     (``needs``), the labelled rows' arrays (``needs_labelled``) and, if declared, their answers
     and the campaign's history. Rows keep the source's order (a folder's: by row).
 
@@ -428,15 +461,17 @@ def candidates_of(source: pa.Table | Path, labelled: LabelledSet, strategy, hist
         rows, blocks = source.column("row").to_numpy(), [source]
     else:
         rows, blocks = read_scores(source, ["row"]).column("row").to_numpy(), iter_scores(source, ["row", *keys])
+    skip = np.zeros(0, np.int64) if skip is None else skip
     is_labelled = labelled.contains(rows)
-    parts = {"outputs": (rows[~is_labelled], strategy.needs), "labelled": (rows[is_labelled], strategy.needs_labelled)}
+    is_candidate = ~is_labelled & ~np.isin(rows, skip)
+    parts = {"outputs": (rows[is_candidate], strategy.needs), "labelled": (rows[is_labelled], strategy.needs_labelled)}
     arrays: dict[str, dict[str, np.ndarray]] = {part: {} for part in parts}
     for block in blocks:
         block_rows = block.column("row").to_numpy()
         in_labelled = labelled.contains(block_rows)
         values = {key: column_array(block, key) for key in keys}
         for part, (part_rows, wanted) in parts.items():
-            mask = in_labelled if part == "labelled" else ~in_labelled
+            mask = in_labelled if part == "labelled" else ~in_labelled & ~np.isin(block_rows, skip)
             at = _positions(part_rows, block_rows[mask])
             for key in wanted:
                 if key not in arrays[part]:

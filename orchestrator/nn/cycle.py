@@ -73,7 +73,7 @@ class CycleJob:
 
     pool: str
     out_dir: str  # the cycle directory: model.pt and the Ray Train run go here
-    num_classes: int
+    num_classes: int  # the real classes; with junk_class the model has one output more
     train_rows: list[int]
     train_labels: list[int]
     val_rows: list[int] = field(default_factory=list)
@@ -89,6 +89,12 @@ class CycleJob:
     auxiliary: str | None = None
     auxiliary_options: dict = field(default_factory=dict)
     auxiliary_rows: list[int] = field(default_factory=list)
+    junk_class: bool = False  # train_labels may hold num_classes: "not a particle"
+
+    @property
+    def outputs(self) -> int:
+        """The model's outputs: the classes, and junk after them with ``junk_class``."""
+        return self.num_classes + int(self.junk_class)
 
 
 @dataclass(frozen=True)
@@ -227,7 +233,7 @@ class Cycle:
         """T, M, and the strategy's jointly trained auxiliary if it has one."""
         job, tcfg = self.job, self.job.train
         torch.manual_seed(job.seed)
-        model = build_from_config(job.model, job.num_classes)
+        model = build_from_config(job.model, job.outputs)
         if tcfg["channels_last"]:
             model = model.to(memory_format=torch.channels_last_3d)
         model = wrap(model)
@@ -238,7 +244,7 @@ class Cycle:
             return model, mean, None
         with torch.random.fork_rng(devices=[]):  # T trains as it would without it
             torch.manual_seed(job.seed + 1)
-            aux = self.auxiliary.build(unwrap(model), job.num_classes)
+            aux = self.auxiliary.build(unwrap(model), job.outputs)
         return model, mean, wrap(aux)
 
     # -- the steps ----------------------------------------------------------------------------
@@ -352,7 +358,7 @@ class Cycle:
         state = {
             "model": unwrap(model).state_dict(), "mean": mean.state_dict(), "epoch": epoch,
             "classifier": classifier, "val_accuracy_task": val_task, "val_accuracy_mean": val_mean,
-            "num_classes": job.num_classes, "model_config": job.model,
+            "num_classes": job.outputs, "junk_class": job.junk_class, "model_config": job.model,
         }
         if self.aux is not None:  # the jointly trained auxiliary of the same epoch as T
             state["auxiliary"] = unwrap(self.aux).state_dict()
@@ -367,7 +373,7 @@ class Cycle:
         model = model_from_checkpoint(saved, "model", device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(job.seed + 1)
-            aux = self.auxiliary.build(model, job.num_classes)
+            aux = self.auxiliary.build(model, job.outputs)
         if aux is None:  # nothing to fit or keep (noise stability reads T itself)
             return
         if "auxiliary" in saved:

@@ -313,8 +313,11 @@ def evaluate(
 ) -> dict:
     """Accuracy, per-class accuracy (NaN for classes absent from ``batches``), mean CE, n.
 
-    Runs in eval mode under inference_mode on the model's device; the model's mode is restored.
-    Also returns ``confusion`` (rows: true class, columns: predicted), as nested lists.
+    Over the first ``num_classes`` outputs: a junk output after them (``train.junk_class``) is
+    not a class a particle can be right in, so the prediction is the best real class, as the
+    scoring pass's is. Runs in eval mode under inference_mode on the model's device; the
+    model's mode is restored. Also returns ``confusion`` (rows: true class, columns: predicted),
+    as nested lists.
     """
     device = device_of(model)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -325,7 +328,7 @@ def evaluate(
             y = torch.as_tensor(y).to(device=device, dtype=torch.long)
             with autocast(device, amp_dtype):
                 logits = model(x)
-            logits = logits.float()
+            logits = logits[:, :num_classes].float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             pairs = (y * num_classes + logits.argmax(dim=1)).cpu()
             confusion += torch.bincount(pairs, minlength=num_classes**2).view(

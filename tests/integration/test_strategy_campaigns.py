@@ -121,6 +121,31 @@ def test_a_pool_with_junk_is_answered_junk_and_accuracy_counts_real_classes_only
     assert state["cycles"][1]["chosen_by"] == {"poal": 6}
 
 
+def test_a_junk_class_is_learnt_from_junk_answers_and_keeps_predicted_junk_out_of_the_queries(
+        ray_local, junk_pool, tmp_path):
+    import numpy as np
+
+    import pyarrow.parquet as pq
+
+    from orchestrator.distributed.score import read_scores
+
+    state = run_campaign(junk_pool, tmp_path, "train.junk_class=true", "strategy.name=entropy",
+                         "train.epochs=20", "strategy.junk_threshold=0.4")
+    saved = torch.load(tmp_path / "cycles/c00/model.pt")
+    assert (saved["junk_class"], saved["num_classes"]) == (True, 4)  # three shapes and junk
+    assert all(len(c["per_class_accuracy"]) == 3 for c in state["cycles"])  # real classes only
+    scores = read_scores(tmp_path / "cycles/c00/scores", ["row", "junk_prob", "probs"])
+    probs = scores.column("probs").combine_chunks().to_numpy_ndarray()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)  # renormalised over the shapes
+    rows, junk_prob = scores.column("row").to_numpy(), scores.column("junk_prob").to_numpy()
+    is_junk = rows % 4 == 0  # the pool's junk rows (every fourth, in every split)
+    assert junk_prob[is_junk].mean() > 2 * junk_prob[~is_junk].mean()  # it learnt what junk is
+    flagged = set(rows[junk_prob >= 0.4].tolist())
+    asked = {int(r["row"]) for r in read_csv(tmp_path / "cycles/c01/selection.csv")}
+    assert flagged and not flagged & asked
+    assert "junk_prob" in pq.read_schema(tmp_path / "predictions.parquet").names
+
+
 def test_typiclust_chooses_cycle_0_instead_of_the_random_draw(ray_local, shape_pool, tmp_path):
     import numpy as np
 

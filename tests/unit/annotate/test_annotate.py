@@ -24,9 +24,12 @@ import pytest
 from conftest import ARTIFACTS, make_shape_pool, shape_volume
 from orchestrator.al.labels import LabelLedger, LabelRecord, LedgerError, parse_label
 from orchestrator.al.oracle import FileOracle, Query, write_queries
-from orchestrator.annotate.server import AnnotateError, AnnotateServer, Annotator, main, parse_args
+from orchestrator.annotate.server import (
+    AnnotateError, AnnotateServer, Annotator, main, parse_args, read_slices,
+)
 from orchestrator.campaign.rundir_lock import RunDirLock
-from orchestrator.data.pool import PoolWriter, read_index
+from orchestrator.data.images import slice_views
+from orchestrator.data.pool import PoolWriter, read_index, read_volumes
 
 HOSTILE_IDS = ["<script>alert(1)</script>", "quo\"te's", "../../etc/passwd",
                "<img src=x onerror=alert(2)>", "a&amp;b\u00e9"]
@@ -368,6 +371,24 @@ def test_slices_and_class_references_are_pngs_of_the_box(make):
         assert call(server, "GET", "/api/reference/3.png")[0] == 404
         assert call(server, "GET", "/api/slices/0.png?cycle=0")[0] == 404  # not the cycle shown
     assert set(images.values()) == {(32, 32)}
+
+
+def test_slices_are_read_from_every_shard_as_the_campaign_reads_volumes(templates):
+    _, runs = templates
+    info = runs["shapes"][0]
+    assert len(info.shards) > 1  # rows in several shards and row groups
+    rows = [info.n_rows - 1, 0, 7]
+    slices = read_slices(info, rows)
+    assert sorted(slices) == sorted(rows)
+    for row, volume in zip(rows, read_volumes(info.path, rows)):
+        expected = slice_views(volume)
+        assert all(np.array_equal(slices[row][view], expected[view]) for view in expected)
+
+
+def test_slices_of_a_row_the_pool_lacks_are_refused_naming_it(templates):
+    info = templates[1]["shapes"][0]
+    with pytest.raises(AnnotateError, match=rf"row {info.n_rows + 3} is not in the pool"):
+        read_slices(info, [0, info.n_rows + 3])
 
 
 def test_a_second_server_on_the_same_run_is_refused(make):

@@ -36,6 +36,17 @@ def test_junk_answers_are_neither_training_labels_nor_unlabelled_volumes(shape_p
     assert len(unlabelled) == len(campaign.train_rows) - 2
 
 
+def test_with_a_junk_class_junk_answers_train_the_output_after_the_real_classes(shape_pool, tmp_path):
+    cfg = load_config(None, [f"data.pool={shape_pool.path}", "train.junk_class=true"])
+    campaign = Campaign(cfg, tmp_path, shape_pool)
+    first, second = (str(campaign.view.ids[r]) for r in campaign.train_rows[:2])
+    campaign.ledger.append([LabelRecord(first, 1, 0, "person"), LabelRecord(second, JUNK, 0, "person")])
+    rows = [campaign.view.row_of(first), campaign.view.row_of(second)]
+    junk_output = len(shape_pool.class_names)
+    assert sorted(campaign.training_pairs()) == sorted([(rows[0], 1), (rows[1], junk_output)])
+    assert not set(rows) & set(campaign.unlabelled_rows().tolist())  # answered all the same
+
+
 def test_rows_come_sorted_with_their_answers_whatever_order_the_ledger_has(view):
     labelled = LabelledSet.of({str(view.ids[9]): 2, str(view.ids[3]): JUNK, str(view.ids[5]): 0}, view)
     assert labelled.rows.tolist() == [3, 5, 9]

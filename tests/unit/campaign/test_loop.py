@@ -11,7 +11,9 @@ import pytest
 
 from orchestrator.al.strategies import balanced_top_k, make_strategy, select, top_k
 from orchestrator.campaign.labelled import LabelledSet
-from orchestrator.campaign.loop import best_scored, candidates_of, picked_predictions, skipped_rows
+from orchestrator.campaign.loop import (
+    best_scored, candidates_of, picked_predictions, predicted_junk, skipped_rows,
+)
 from orchestrator.distributed.score import read_scores
 
 
@@ -108,3 +110,47 @@ def test_a_pass_skips_the_other_splits_and_the_labelled_unless_the_strategy_read
     expected = [1, 2, 3, 4] if skip_labelled else [1, 3]
     assert skipped_rows(split, labelled, skip_labelled).tolist() == expected
     assert split.tolist() == ["train", "val", "train", "test", "train", "train"]  # left as it was
+
+
+def write_junk_pass(folder, junk_prob, files=3):
+    """A pass of a model with a junk output: rows 0..n-1 with their junk probability and
+    embeddings, spread over files."""
+    folder.mkdir()
+    n = len(junk_prob)
+    emb = np.random.default_rng(1).normal(size=(n, 4)).astype(np.float32)
+    for i, part in enumerate(np.array_split(np.arange(n)[::-1], files)):
+        pq.write_table(pa.table({"row": part, "score": part.astype(np.float64), "pred": part % 2,
+                                 "pred_prob": np.full(len(part), 0.5, np.float32),
+                                 "junk_prob": np.asarray(junk_prob, np.float32)[part],
+                                 "embeddings": pa.FixedShapeTensorArray.from_numpy_ndarray(emb[part])}),
+                       folder / f"part-{i:05d}.parquet")
+    return folder
+
+
+def unlabelled(n):
+    return LabelledSet(rows=np.zeros(0, np.int64), answers=np.zeros(0, np.int64), train_rows=np.arange(n))
+
+
+def test_candidates_the_model_calls_junk_are_skipped_by_row_wise_and_set_based_selection(tmp_path):
+    junk = np.zeros(20)
+    junk[[19, 18, 3]] = [0.9, 0.5, 0.7]  # rows 19 and 18 would be the best scores
+    folder = write_junk_pass(tmp_path / "scores", junk)
+    labelled = LabelledSet(rows=np.array([3]), answers=np.array([-1]), train_rows=np.arange(20))
+    skip = predicted_junk(folder, labelled, 5, threshold=0.5)
+    assert skip.tolist() == [18, 19]  # row 3 is labelled already: not a candidate
+
+    best = best_scored(folder, labelled, 3, np.random.default_rng(0), skip=skip)
+    assert best["row"].tolist() == [17, 16, 15]
+    candidates = candidates_of(folder, labelled, make_strategy("coreset"), skip=skip)
+    assert sorted(candidates.rows.tolist()) == [r for r in range(20) if r not in (3, 18, 19)]
+
+
+def test_only_the_likeliest_junk_is_skipped_when_skipping_all_would_leave_too_few(tmp_path):
+    folder = write_junk_pass(tmp_path / "scores", [0.9, 0.6, 0.95, 0.1, 0.2])
+    assert predicted_junk(folder, unlabelled(5), 3, threshold=0.5).tolist() == [0, 2]
+    assert predicted_junk(folder, unlabelled(5), 5, threshold=0.5).tolist() == []
+
+
+def test_a_pass_without_a_junk_output_skips_nothing(tmp_path):
+    folder = write_pass(tmp_path / "scores")
+    assert predicted_junk(folder, unlabelled(200), 10, threshold=0.5).tolist() == []

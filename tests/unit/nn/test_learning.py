@@ -234,6 +234,15 @@ def test_evaluate_gives_per_class_accuracy_and_nan_for_absent_classes():
     assert result["confusion"][1] == [0, 1, 1, 0]
 
 
+def test_evaluate_scores_the_best_real_class_whatever_the_junk_output_says():
+    # 2 classes and a junk output (the last), which is the largest logit of every row
+    logits = torch.tensor([[2.0, 1.0, 9.0], [0.0, 3.0, 9.0], [1.0, 0.0, 9.0]]).view(3, 1, 1, 1, 3)
+    y = torch.tensor([0, 1, 1])
+    result = evaluate(LookupModel(), [(logits, y)], num_classes=2)
+    assert (result["accuracy"], result["confusion"]) == (2 / 3, [[1, 0], [1, 1]])
+    assert result["loss"] == pytest.approx(F.cross_entropy(logits.flatten(1)[:, :2], y).item())
+
+
 def test_evaluate_leaves_a_training_model_in_training_mode():
     x, y = separable_problem(n=4)
     model = tiny_model(num_classes=2).train()
@@ -244,22 +253,38 @@ def test_evaluate_leaves_a_training_model_in_training_mode():
 # --- scoring forward pass ---------------------------------------------------------------------
 
 
-def scoring_setup(n=6):
-    model = tiny_model(num_classes=3, dropout=0.5, seed=0)
-    mean = init_mean_model(tiny_model(num_classes=3, dropout=0.5, seed=1))
+def scoring_setup(n=6, outputs=3):
+    model = tiny_model(num_classes=outputs, dropout=0.5, seed=0)
+    mean = init_mean_model(tiny_model(num_classes=outputs, dropout=0.5, seed=1))
     x = torch.randn(n, 1, 8, 8, 8, generator=torch.Generator().manual_seed(3))
     return model, mean, x
 
 
 def test_forward_outputs_have_the_documented_shapes_and_dtype():
-    model, mean, x = scoring_setup()
-    out = forward_outputs(model, mean, x, OUTPUTS, mc_passes=5)
+    model, mean, x = scoring_setup(outputs=4)  # 3 classes and a junk output
+    out = forward_outputs(model, mean, x, OUTPUTS, mc_passes=5, classes=3)
     shapes = {k: v.shape for k, v in out.items()}
     assert shapes == {
         "logits": (6, 3), "probs": (6, 3), "mean_logits": (6, 3), "mean_probs": (6, 3),
-        "embeddings": (6, 8), "grad_embeddings": (6, 24), "mc_probs": (6, 3, 5),
+        "embeddings": (6, 8), "grad_embeddings": (6, 24), "mc_probs": (6, 3, 5), "junk_prob": (6,),
     }
     assert {v.dtype for v in out.values()} == {np.dtype(np.float32)}
+
+
+def test_a_junk_output_is_split_off_and_the_classes_renormalised_among_themselves():
+    model, mean, x = scoring_setup(outputs=4)
+    out = forward_outputs(model, mean, x, {"logits", "probs", "mean_probs", "junk_prob"}, classes=3)
+    with torch.no_grad():
+        every = model.eval()(x).softmax(dim=1).numpy()
+    np.testing.assert_allclose(out["junk_prob"], every[:, 3], atol=1e-6)
+    np.testing.assert_allclose(out["probs"], every[:, :3] / every[:, :3].sum(1, keepdims=True), atol=1e-5)
+    np.testing.assert_allclose(out["mean_probs"].sum(axis=1), np.ones(6), atol=1e-6)
+
+
+def test_junk_probability_needs_to_know_where_the_classes_end():
+    model, mean, x = scoring_setup(outputs=4)
+    with pytest.raises(ValueError, match="junk_prob needs classes"):
+        forward_outputs(model, None, x, {"junk_prob"})
 
 
 def test_forward_outputs_gives_only_what_is_needed():
@@ -296,9 +321,10 @@ def test_grad_embedding_is_minus_the_cross_entropy_gradient_of_fc_at_the_predict
 
 def test_outputs_of_a_batch_equal_outputs_computed_one_row_at_a_time():
     model, mean, x = scoring_setup()
-    batch = forward_outputs(model, mean, x, OUTPUTS, mc_passes=3, seed=7)
+    batch = forward_outputs(model, mean, x, OUTPUTS, mc_passes=3, seed=7, classes=2)
     rows = [
-        forward_outputs(model, mean, x[i : i + 1], OUTPUTS, mc_passes=3, seed=7) for i in range(6)
+        forward_outputs(model, mean, x[i : i + 1], OUTPUTS, mc_passes=3, seed=7, classes=2)
+        for i in range(6)
     ]
     for key in OUTPUTS:
         np.testing.assert_allclose(
