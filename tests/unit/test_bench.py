@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from orchestrator.config import PROJECT_ROOT
@@ -17,6 +18,7 @@ from bench.label_efficiency import (  # noqa: E402
     COLUMNS, FRACTIONS, accuracy_at, balance, balance_table, class_counts, labels_to_reach, mean_ci, planned, read_results, report,
     summarise_strategy, table,
 )
+from bench.junk_detection import auroc, kinds_of  # noqa: E402
 
 
 def test_labels_to_reach_interpolates_between_the_budgets_around_the_target():
@@ -411,3 +413,19 @@ def test_the_rest_profile_counts_the_measured_threads_functions_once_a_stack_lea
     assert seconds["read_volumes (pool.py)"] == 3.0
     assert seconds["one_cycle (scale.py)"] == 5.0
     assert not any(name.startswith(("run_training", "score_pool", "wait", "get", "Thread")) for name in seconds)
+
+
+# --- bench/junk_detection.py --------------------------------------------------------------------
+
+
+def test_auroc_is_one_when_every_positive_scores_above_every_negative_and_counts_ties_half():
+    positive = [True, True, False, False]
+    assert auroc(np.array([0.9, 0.8, 0.1, 0.2]), np.array(positive)) == 1.0
+    assert auroc(np.array([0.1, 0.2, 0.9, 0.8]), np.array(positive)) == 0.0
+    assert auroc(np.array([0.5, 0.5, 0.5, 0.5]), np.array(positive)) == 0.5
+    assert auroc(np.array([0.9, 0.5, 0.5, 0.1]), np.array(positive)) == 0.875  # one tie of four pairs
+
+
+def test_junk_kinds_come_from_the_simulators_ids():
+    assert kinds_of(["junk-off_centre-000012", "1bxn-000003", "junk-empty-000001"]).tolist() == [
+        "off_centre", "particle", "empty"]
