@@ -37,6 +37,12 @@ arms `albl` chose per cycle:
         cold_typiclust_1pct cold_typiclust_2pct cold_typiclust_3pct cold_typiclust_4pct
     python bench/label_efficiency.py --datasets shrec13_snr0.05_junk0.2 \
         --strategies random entropy ema_kl poal albl multi_criteria
+    python bench/label_efficiency.py --datasets shrec13_snr0.05_junk0.2 \
+        --strategies poal_entropy random_junk_class entropy_junk_class poal_junk_class
+
+`poal_entropy` is POAL with its paper's informativeness (maximum entropy); the `*_junk_class`
+rows train with `train.junk_class=true` (junk answers train one output more, and what it calls
+junk is not queried); `bench/junk_detection.py` then says which junk kinds each detector sees.
 
 No strategy reaches 95% of full supervision by 40%; `random_to80` and `albl_to80` run on to 60
 and 80% (their own table), to say how many labels random needs for it:
