@@ -142,6 +142,11 @@ WAVES.append([
     # the same four arms in fixed equal shares (η = 0: the bandit never moves): is albl's gain
     # its choosing, or the mixed batch?
     ("albl_uniform", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "eta": 0.0}, []),
+    # one credit per arm (a linear probe on the embeddings, with and without each arm's
+    # queries, scored on validation) instead of the batch's one reward shared by every arm;
+    # η = 30: a lead of 0.05 validation accuracy per batch weighs an arm e^1.5 ≈ 4.5× more
+    ("albl_probe", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "credit": "probe",
+                            "eta": 30.0}, []),
     ("multi_criteria", "multi_criteria", {"informativeness": "ema_kl"}, []),
     ("poal", "poal", {"informativeness": "ema_kl"}, []),
     # POAL as its paper runs it (Zhan et al.: maximum entropy against Mahalanobis in-distribution)

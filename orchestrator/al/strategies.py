@@ -120,8 +120,10 @@ class Candidates:
     ``outputs[key][i]`` belongs to pool row ``rows[i]``. ``labelled`` holds the same keys for
     the labelled set (core-set needs its embeddings); its arrays share their own row count.
     ``labelled_answers`` is the ledger's answer for each of those rows (a class or JUNK), for a
-    strategy that ``needs_answers``; ``history`` (an ``orchestrator.al.history.CampaignHistory``)
-    the campaign's past cycles, for one that ``needs_history``.
+    strategy that ``needs_answers``, and ``labelled_rows`` their pool rows; ``history`` (an
+    ``orchestrator.al.history.CampaignHistory``) the campaign's past cycles, for one that
+    ``needs_history``. ``validation`` holds the keys of ``needs_validation`` for the validation
+    split's rows, never candidates, and ``validation_answers`` their classes.
     """
 
     rows: np.ndarray
@@ -129,6 +131,9 @@ class Candidates:
     labelled: dict[str, np.ndarray] = field(default_factory=dict)
     labelled_answers: np.ndarray | None = None
     history: object | None = None
+    labelled_rows: np.ndarray | None = None
+    validation: dict[str, np.ndarray] = field(default_factory=dict)
+    validation_answers: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         rows = np.asarray(self.rows)
@@ -148,6 +153,11 @@ class Candidates:
                 raise ValueError(f"labelled_answers has shape {answers.shape}; expected one "
                                  "answer per labelled row")
             object.__setattr__(self, "labelled_answers", answers.astype(np.int64))
+        if self.validation:
+            n_validation = len(next(iter(self.validation.values())))
+            _check_arrays("validation", self.validation, n_validation)
+            if self.validation_answers is None or len(self.validation_answers) != n_validation:
+                raise ValueError("validation needs one answer (validation_answers) per row")
 
     def __len__(self) -> int:
         return int(self.rows.size)
@@ -266,6 +276,7 @@ class Selection:
 
     positions: np.ndarray
     chosen_by: tuple[str, ...]
+    notes: Mapping = field(default_factory=dict)  # what the strategy measured to choose (JSON)
 
 
 def select(
@@ -293,6 +304,9 @@ def select_with_record(
         raise ValueError(
             f"{strategy.name} needs outputs {missing} for the labelled set (may have 0 rows)"
         )
+    missing = sorted(strategy.needs_validation - set(candidates.validation))
+    if missing:
+        raise ValueError(f"{strategy.name} needs outputs {missing} for the validation split")
     if strategy.needs_answers and candidates.labelled_answers is None:
         raise ValueError(f"{strategy.name} needs the ledger's answers for the labelled set")
     if strategy.needs_history and candidates.history is None:
@@ -320,7 +334,7 @@ def select_with_record(
     if len(selection.chosen_by) != k:
         raise RuntimeError(f"{strategy.name} named the chooser of {len(selection.chosen_by)} "
                            f"picks, not {k}")
-    return Selection(positions, tuple(selection.chosen_by))
+    return Selection(positions, tuple(selection.chosen_by), dict(selection.notes))
 
 
 # --- base classes -----------------------------------------------------------------------------
@@ -332,6 +346,7 @@ class Strategy:
     name: str = ""
     needs: frozenset[str] = frozenset()  # what the scoring pass must produce for candidates
     needs_labelled: frozenset[str] = frozenset()  # ... and for the labelled set
+    needs_validation: frozenset[str] = frozenset()  # ... and for the validation split
     mc_passes: int = 0  # MC-dropout passes the scoring pass must run for "mc_probs"
     # What training must do for it, all in one declaration (orchestrator/al/training.py): the
     # λ·D_reg(T, M) term only for the EMA-KL family (the others train on plain cross-entropy
@@ -1112,27 +1127,48 @@ class ParetoJunkAware(Strategy):
         return order[:k]
 
 
+CREDITS = ("batch", "probe")  # how albl credits a cycle's gain to its arms
+
+
 class ActiveLearningByLearning(Strategy):
     """Automatic choice among base strategies, learnt per campaign: Active Learning by Learning
     (Hsu & Lin, AAAI 2015) in batch form, a bandit over ``arms``.
 
     Each cycle every query slot draws its arm from the bandit's probabilities; each arm fills
     its slots with its own picks in its own order, skipping rows another arm took. The reward
-    of a cycle is the validation accuracy its labels bought: that of the model trained after
-    them minus that of the model before (never the test split). EXP3 credits it to the arms by
-    importance weight (:func:`selection_math.exp3_probabilities`: learning rate ``eta`` on
-    accuracy fractions, ``gamma`` of the probability spread evenly so no arm is starved). The
-    probabilities are replayed each cycle from the campaign's history (which arm chose each
-    query, in selection.csv; validation accuracies in state.json), so nothing is remembered
-    between cycles and a resumed campaign chooses as an uninterrupted one. Which arm chose each
-    query is written beside it (the ``chosen_by`` column). Arms may not have an auxiliary model.
+    of a cycle is measured on the validation split (never the test split), in one of two ways
+    (``credit``):
+
+    - ``"batch"``: the validation accuracy the cycle's labels bought, that of the model trained
+      after them minus that of the model before. EXP3 credits it to the arms by importance
+      weight (:func:`selection_math.exp3_probabilities`: learning rate ``eta`` on accuracy
+      fractions). Every arm of a mixed batch shares its one reward, so the arms separate only by
+      chance (see there).
+    - ``"probe"``: one credit per arm. A linear probe on the current model's embeddings is fitted
+      on every labelled subtomogram, and again without all the queries an arm has chosen so far;
+      the arm's credit is the validation accuracy its queries add, per query, times the batch
+      size k (:func:`selection_math.leave_group_out_gain`: "what a batch of this arm's picks is
+      worth"). The probabilities are exponential weights on the credits (``eta``); every arm
+      that has chosen queries is measured every cycle, so no importance weighting is needed.
+      The scoring pass then also scores the validation split (its embeddings, ~10% more rows).
+
+    In both, ``gamma`` of the probability is spread evenly so no arm is starved. Everything is
+    recomputed each cycle from the campaign's history (which arm chose each query, in
+    selection.csv; validation accuracies in state.json) and the current pass, so nothing is
+    remembered between cycles and a resumed campaign chooses as an uninterrupted one. Which arm
+    chose each query is written beside it (the ``chosen_by`` column); the credits and
+    probabilities of each cycle go into its record in state.json. Arms may not have an
+    auxiliary model.
     """
 
     name = "albl"
     needs_history = True
 
     def __init__(self, arms: tuple[str, ...] | list[str] = ("random", "entropy", "ema_kl", "coreset"),
-                 gamma: float = 0.2, eta: float = 10.0):
+                 gamma: float = 0.2, eta: float = 10.0, credit: str = "batch"):
+        if credit not in CREDITS:
+            raise ValueError(f"albl: credit {credit!r}; valid: {list(CREDITS)}")
+        self.credit = credit
         self.arms = tuple(arms)
         if len(self.arms) < 2 or len(set(self.arms)) != len(self.arms):
             raise ValueError(f"albl needs at least two distinct arms, got {list(self.arms)}")
@@ -1147,6 +1183,11 @@ class ActiveLearningByLearning(Strategy):
         self.needs = frozenset().union(*(s.needs for s in self.strategies))
         self.needs_labelled = frozenset().union(*(s.needs_labelled for s in self.strategies))
         self.needs_answers = any(s.needs_answers for s in self.strategies)
+        if credit == "probe":  # embeddings of the labelled and validation rows, and the answers
+            self.needs = self.needs | {"embeddings"}
+            self.needs_labelled = self.needs_labelled | {"embeddings"}
+            self.needs_validation = frozenset({"embeddings"})
+            self.needs_answers = True
         self.mc_passes = max(s.mc_passes for s in self.strategies)
         self.training = Training.combined(s.training for s in self.strategies)
 
@@ -1163,8 +1204,44 @@ class ActiveLearningByLearning(Strategy):
             rounds.append((counts, reward))
         return sm.exp3_probabilities(rounds, len(self.arms), self.gamma, self.eta)
 
+    def probe_credit(self, candidates: Candidates, k: int) -> np.ndarray:
+        """Each arm's credit [K]: the validation accuracy a batch of k of its picks adds to a
+        linear probe on the labelled embeddings (0 for an arm that has chosen nothing yet)."""
+        arm_of = self.arm_of_labelled(candidates)
+        answers = np.asarray(candidates.labelled_answers, np.int64)
+        val_answers = np.asarray(candidates.validation_answers, np.int64)
+        classes = int(max(answers.max(initial=-1), val_answers.max(initial=-1))) + 1
+        gain = sm.leave_group_out_gain(
+            candidates.labelled["embeddings"], answers, arm_of, len(self.arms),
+            candidates.validation["embeddings"], val_answers, max(classes, 1))
+        counts = np.bincount(arm_of[arm_of >= 0], minlength=len(self.arms))
+        return np.where(counts > 0, np.nan_to_num(gain) * k / np.maximum(counts, 1), 0.0)
+
+    def arm_of_labelled(self, candidates: Candidates) -> np.ndarray:
+        """The arm that chose each labelled row ([n_labelled], −1: the initial draw or none)."""
+        arm_of_row = {}
+        for cycle in candidates.history.cycles:
+            if cycle.cycle == 0:
+                continue  # the initial draw is not a bandit round
+            for row, chooser in zip(cycle.rows, cycle.chosen_by):
+                if chooser in self.arms:
+                    arm_of_row[int(row)] = self.arms.index(chooser)
+        rows = candidates.labelled_rows if candidates.labelled_rows is not None else ()
+        return np.asarray([arm_of_row.get(int(r), -1) for r in rows], np.int64)
+
+    def next_probabilities(self, candidates: Candidates, k: int) -> tuple[np.ndarray, dict]:
+        """The arm probabilities of this cycle, and what they came from (the cycle's notes)."""
+        if self.credit == "batch":
+            p = self.probabilities(candidates.history)[-1]
+            return p, {"probabilities": dict(zip(self.arms, np.round(p, 4).tolist()))}
+        credit = self.probe_credit(candidates, k)
+        w = np.exp(self.eta * (credit - credit.max()))
+        p = (1.0 - self.gamma) * w / w.sum() + self.gamma / len(self.arms)
+        return p, {"credit": dict(zip(self.arms, np.round(credit, 5).tolist())),
+                   "probabilities": dict(zip(self.arms, np.round(p, 4).tolist()))}
+
     def plan(self, candidates, k, rng):
-        p = self.probabilities(candidates.history)[-1]
+        p, notes = self.next_probabilities(candidates, k)
         slots = rng.choice(len(self.arms), size=k, p=p)
         arm_rngs = [np.random.default_rng(seed) for seed in rng.integers(2**63, size=len(self.arms))]
         rankings = {a: iter(select(self.strategies[a], candidates, k, arm_rngs[a]))
@@ -1177,7 +1254,7 @@ class ActiveLearningByLearning(Strategy):
             taken[pick] = True
             positions.append(pick)
             chosen_by.append(self.arms[a])
-        return Selection(np.asarray(positions, np.int64), tuple(chosen_by))
+        return Selection(np.asarray(positions, np.int64), tuple(chosen_by), notes)
 
     def select(self, candidates, k, rng):
         return self.plan(candidates, k, rng).positions

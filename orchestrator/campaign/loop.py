@@ -223,19 +223,21 @@ class Campaign:
             queries = [Query(int(r), str(self.view.ids[r]), self._source(r), chosen_by=initial)
                        for r in picks]
         else:
-            queries = self._strategy_queries(cycle, k, labelled)
+            queries = self._strategy_queries(cycle, k, labelled, record)
         maybe_fault("selection-chosen")
         write_selection(selection_file, queries)
         maybe_fault("selection-written")
         return _counted(queries, record)
 
-    def _strategy_queries(self, cycle: int, k: int, labelled: LabelledSet) -> list[Query]:
+    def _strategy_queries(self, cycle: int, k: int, labelled: LabelledSet, record: dict) -> list[Query]:
         """The strategy's k picks from model cycle−1's scores (written when that model was
-        trained), with the model's guess for each: what the person sees."""
+        trained), with the model's guess for each: what the person sees. What the strategy
+        measured to choose them (its notes: albl's credits) goes into the cycle's record."""
         strategy = self.strategy
         folder = self._selection_scores(cycle - 1, labelled)
         rng = np.random.default_rng([self.cfg.seed, cycle])
-        skip = predicted_junk(folder, labelled, k, self.cfg.strategy.junk_threshold)
+        validation = self._scored_validation()
+        skip = predicted_junk(folder, labelled, k, self.cfg.strategy.junk_threshold, not_candidates=validation)
         if len(skip):
             self.display.line(f"cycle {cycle}: {len(skip):,} candidates the model calls junk "
                               f"(p ≥ {self.cfg.strategy.junk_threshold:g}) are not queried")
@@ -250,8 +252,10 @@ class Campaign:
         self.cycle_dir(cycle).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cycle_dir(cycle), prefix="selecting-") as scratch:
             candidates = candidates_of(folder, labelled, strategy, history, scratch=Path(scratch),
-                                       skip=skip)
+                                       skip=skip, validation=(validation, self.view.truth[validation]))
             selection = select_with_record(strategy, candidates, k, rng)
+            if selection.notes:
+                record["selection_notes"] = selection.notes
             rows = candidates.rows[selection.positions]
             del candidates
         pred, prob = picked_predictions(folder, rows)
@@ -320,8 +324,14 @@ class Campaign:
         self._save()
 
     def _score_exclusions(self, labelled: LabelledSet) -> np.ndarray:
-        """Rows a selection pass skips: other splits, and the labelled unless the strategy reads them."""
-        return skipped_rows(self.view.split, labelled.rows, skip_labelled=not self.strategy.needs_labelled)
+        """Rows a selection pass skips: other splits (but validation's particles if the strategy
+        reads them), and the labelled unless the strategy reads them."""
+        return skipped_rows(self.view.split, labelled.rows, skip_labelled=not self.strategy.needs_labelled,
+                            keep=self._scored_validation())
+
+    def _scored_validation(self) -> np.ndarray:
+        """The validation rows a selection pass scores: its particles, for a strategy that reads them."""
+        return self.view.scored_rows_of("val") if self.strategy.needs_validation else np.zeros(0, np.int64)
 
     def _selection_scores(self, cycle: int, labelled: LabelledSet) -> Path:
         """Model `cycle`'s scores for the next selection (written once; later calls read them)."""
@@ -393,17 +403,18 @@ def stability(folder: Path, before: Path | None, unlabelled: np.ndarray, num_cla
     return result
 
 
-def predicted_junk(folder: Path, labelled: LabelledSet, k: int, threshold: float) -> np.ndarray:
-    """The candidates (scored rows not labelled) that a model with a junk output
-    (train.junk_class) calls junk with probability at least ``threshold``, sorted: rows the
-    selection skips. If skipping them all would leave fewer than ``k``, only the likeliest
-    junk. None from a pass without a junk output."""
+def predicted_junk(folder: Path, labelled: LabelledSet, k: int, threshold: float,
+                   not_candidates: np.ndarray = np.zeros(0, np.int64)) -> np.ndarray:
+    """The candidates (scored rows neither labelled nor in ``not_candidates``) that a model with
+    a junk output (train.junk_class) calls junk with probability at least ``threshold``,
+    sorted: rows the selection skips. If skipping them all would leave fewer than ``k``, only
+    the likeliest junk. None from a pass without a junk output."""
     files = sorted(Path(folder).glob("*.parquet"))
     if not files or "junk_prob" not in pq.read_schema(files[0]).names:
         return np.zeros(0, np.int64)
     table = read_scores(folder, ["row", "junk_prob"])
     rows, junk = table.column("row").to_numpy(), table.column("junk_prob").to_numpy()
-    candidate = ~labelled.contains(rows)
+    candidate = ~labelled.contains(rows) & ~np.isin(rows, not_candidates)
     rows, junk = rows[candidate], junk[candidate]
     flagged = np.flatnonzero(junk >= threshold)
     room = max(len(rows) - k, 0)
@@ -447,42 +458,60 @@ def best_scored(folder: Path, labelled: LabelledSet, k: int, rng: np.random.Gene
 
 
 def candidates_of(source: pa.Table | Path, labelled: LabelledSet, strategy, history=None,
-                  scratch: Path | None = None, skip: np.ndarray | None = None) -> Candidates:
+                  scratch: Path | None = None, skip: np.ndarray | None = None,
+                  validation: tuple[np.ndarray, np.ndarray] | None = None) -> Candidates:
     """What a set-based strategy selects from, out of a scoring pass (its table, or its folder
-    read file by file): the rows neither labelled nor in ``skip`` with the arrays the strategy declared
-    (``needs``), the labelled rows' arrays (``needs_labelled``) and, if declared, their answers
-    and the campaign's history. Rows keep the source's order (a folder's: by row).
+    read file by file): the rows neither labelled, nor in ``skip``, nor validation rows, with the
+    arrays the strategy declared (``needs``), the labelled rows' arrays (``needs_labelled``)
+    and, if declared, their answers and the campaign's history; and the arrays of
+    ``needs_validation`` for ``validation`` (its rows and their classes, all in the pass).
+    Rows keep the source's order (a folder's: by row).
 
     With ``scratch``, every array goes to a ``.npy`` file there, memory-mapped: the driver then
     holds the rows and one file of the pass, not N × the arrays' width (BADGE's gradient
     embeddings are C·E floats a row); the geometric strategies read them in row chunks."""
-    keys = sorted(strategy.needs | strategy.needs_labelled)
+    keys = sorted(strategy.needs | strategy.needs_labelled | strategy.needs_validation)
     if isinstance(source, pa.Table):
         rows, blocks = source.column("row").to_numpy(), [source]
     else:
         rows, blocks = read_scores(source, ["row"]).column("row").to_numpy(), iter_scores(source, ["row", *keys])
     skip = np.zeros(0, np.int64) if skip is None else skip
-    is_labelled = labelled.contains(rows)
-    is_candidate = ~is_labelled & ~np.isin(rows, skip)
-    parts = {"outputs": (rows[is_candidate], strategy.needs), "labelled": (rows[is_labelled], strategy.needs_labelled)}
+    val_rows, val_answers = validation if validation is not None else (np.zeros(0, np.int64), None)
+    if strategy.needs_validation and not np.isin(val_rows, rows).all():
+        raise ValueError("the scoring pass lacks validation rows the strategy reads (scored without them?)")
+
+    def part_of(some_rows: np.ndarray) -> np.ndarray:
+        """0: a candidate, 1: labelled, 2: validation, 3: skipped."""
+        part = np.where(labelled.contains(some_rows), 1, 0)
+        part[np.isin(some_rows, val_rows)] = 2
+        part[(part == 0) & np.isin(some_rows, skip)] = 3
+        return part
+
+    in_part = part_of(rows)
+    parts = {"outputs": (rows[in_part == 0], strategy.needs),
+             "labelled": (rows[in_part == 1], strategy.needs_labelled),
+             "validation": (rows[in_part == 2], strategy.needs_validation)}
     arrays: dict[str, dict[str, np.ndarray]] = {part: {} for part in parts}
     for block in blocks:
         block_rows = block.column("row").to_numpy()
-        in_labelled = labelled.contains(block_rows)
+        block_part = part_of(block_rows)
         values = {key: column_array(block, key) for key in keys}
-        for part, (part_rows, wanted) in parts.items():
-            mask = in_labelled if part == "labelled" else ~in_labelled & ~np.isin(block_rows, skip)
+        for number, (part, (part_rows, wanted)) in enumerate(parts.items()):
+            mask = block_part == number
             at = _positions(part_rows, block_rows[mask])
             for key in wanted:
                 if key not in arrays[part]:
                     shape = (len(part_rows), *values[key].shape[1:])
                     arrays[part][key] = _new_array(shape, values[key].dtype, scratch, f"{part}-{key}")
                 arrays[part][key][at] = values[key][mask]
-    labelled_rows = parts["labelled"][0]
+    labelled_rows, validation_rows = parts["labelled"][0], parts["validation"][0]
     return Candidates(
         parts["outputs"][0], arrays["outputs"], arrays["labelled"],
         labelled_answers=labelled.answers_of(labelled_rows) if strategy.needs_answers else None,
-        history=history,
+        history=history, labelled_rows=labelled_rows,
+        validation=arrays["validation"] if strategy.needs_validation else {},
+        validation_answers=(val_answers[_positions(val_rows, validation_rows)]
+                            if strategy.needs_validation else None),
     )
 
 
@@ -533,11 +562,13 @@ def _float(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-def skipped_rows(split: np.ndarray, labelled_rows: np.ndarray, skip_labelled: bool) -> np.ndarray:
-    """The sorted rows a selection pass skips: every row outside the train split, and the
-    labelled ones if `skip_labelled`. A mask, not set arithmetic: numpy's setdiff1d took ~0.5 s
-    for a 300,000-row pool (bench/scale.py --py-spy), a mask milliseconds."""
+def skipped_rows(split: np.ndarray, labelled_rows: np.ndarray, skip_labelled: bool,
+                 keep: np.ndarray = np.zeros(0, np.int64)) -> np.ndarray:
+    """The sorted rows a selection pass skips: every row outside the train split but `keep`,
+    and the labelled ones if `skip_labelled`. A mask, not set arithmetic: numpy's setdiff1d
+    took ~0.5 s for a 300,000-row pool (bench/scale.py --py-spy), a mask milliseconds."""
     skipped = np.asarray(split) != "train"
+    skipped[np.asarray(keep, dtype=np.int64)] = False
     if skip_labelled:
         skipped[np.asarray(labelled_rows, dtype=np.int64)] = True
     return np.flatnonzero(skipped)

@@ -161,22 +161,33 @@ def test_typiclust_chooses_cycle_0_instead_of_the_random_draw(ray_local, shape_p
     assert sorted(int(r["row"]) for r in initial) != sorted(random_draw.tolist())
 
 
-def test_albl_records_its_arms_and_a_resumed_selection_chooses_the_same(ray_local, shape_pool, tmp_path):
+@pytest.mark.parametrize("credit", ["batch", "probe"])
+def test_albl_records_its_arms_and_a_resumed_selection_chooses_the_same(ray_local, shape_pool, tmp_path,
+                                                                        credit):
     import numpy as np
 
-    state = run_campaign(shape_pool, tmp_path, "strategy.name=albl",
-                         "strategy.options={arms: [entropy, random, coreset]}", counts="[12, 18, 24]")
+    from orchestrator.distributed.score import read_scores
+
+    options = f"strategy.options={{arms: [entropy, random, coreset], credit: {credit}}}"
+    state = run_campaign(shape_pool, tmp_path, "strategy.name=albl", options, counts="[12, 18, 24]")
     for cycle in (1, 2):
         chosen = [r["chosen_by"] for r in read_csv(tmp_path / f"cycles/c{cycle:02d}/selection.csv")]
         assert set(chosen) <= {"entropy", "random", "coreset"} and len(chosen) == 6
         assert state["cycles"][cycle]["chosen_by"] == {a: chosen.count(a) for a in set(chosen)}
-    # Selecting cycle 2 again from the run directory alone (as a resume after a crash would)
-    # gives the same queries and arms: the bandit keeps nothing outside those files.
+        notes = state["cycles"][cycle]["selection_notes"]
+        assert set(notes["probabilities"]) == {"entropy", "random", "coreset"}
+        assert set(notes.get("credit", {})) == ({"entropy", "random", "coreset"} if credit == "probe" else set())
+    # the probe's credit reads the validation split's embeddings: the selection pass scored them
     campaign = Campaign(load_config(None, TINY + [
         "score.actors=0", f"data.pool={shape_pool.path}", "budget.counts=[12, 18, 24]",
-        "strategy.name=albl", "strategy.options={arms: [entropy, random, coreset]}"]), tmp_path, shape_pool)
+        "strategy.name=albl", options]), tmp_path, shape_pool)
+    scored = set(read_scores(tmp_path / "cycles/c01/scores", ["row"]).column("row").to_numpy().tolist())
+    validation = set(campaign.view.scored_rows_of("val").tolist())
+    assert validation and (validation <= scored) == (credit == "probe")
+    # Selecting cycle 2 again from the run directory alone (as a resume after a crash would)
+    # gives the same queries and arms: the bandit keeps nothing outside those files.
     before = LabelledSet.of({r["subtomo_id"]: parse_label(r["label"]) for r in
                              read_csv(tmp_path / "labels.csv") if int(r["cycle"]) < 2}, campaign.view)
-    again = campaign._strategy_queries(2, 6, before)
+    again = campaign._strategy_queries(2, 6, before, {})
     first = read_csv(tmp_path / "cycles/c02/selection.csv")
     assert [(q.row, q.chosen_by) for q in again] == [(int(r["row"]), r["chosen_by"]) for r in first]

@@ -143,3 +143,46 @@ def test_memory_stays_linear_in_the_pool():
     finally:
         tracemalloc.stop()
     assert peak < 40 * 2**20
+
+
+def blobs(n_per_class, classes=3, dims=5, spread=0.3, seed=0):
+    """Well-separated Gaussian classes: centres on the axes, ``n_per_class`` rows each."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), n_per_class)
+    x = 3.0 * np.eye(classes, dims)[y] + spread * rng.standard_normal((len(y), dims))
+    return x, y
+
+
+def test_a_probe_on_separable_embeddings_classifies_the_validation_rows():
+    x, y = blobs(20)
+    val_x, val_y = blobs(10, seed=1)
+    assert sm.probe_accuracy(x, y, val_x, val_y, 3) == 1.0
+    assert sm.probe_accuracy(x, y, val_x, val_y, 3) == sm.probe_accuracy(x, y, val_x, val_y, 3)
+
+
+def test_a_probe_without_validation_rows_has_no_accuracy_and_without_training_rows_a_constant():
+    x, y = blobs(5)
+    assert math.isnan(sm.probe_accuracy(x, y, x[:0], y[:0], 3))
+    assert sm.probe_accuracy(x[:0], y[:0], x, y, 3) == pytest.approx(1 / 3)  # class 0 everywhere
+
+
+def test_leaving_out_the_only_rows_of_a_class_costs_that_class_and_a_redundant_group_nothing():
+    x, y = blobs(20)
+    val_x, val_y = blobs(10, seed=1)
+    groups = np.full(len(y), -1)
+    groups[y == 2] = 0  # every example of class 2
+    groups[np.flatnonzero(y == 0)[:5]] = 1  # 5 of 20 examples of class 0
+    gain = sm.leave_group_out_gain(x, y, groups, 3, val_x, val_y, 3)
+    assert gain[0] == pytest.approx(1 / 3)  # without them class 2 is never predicted
+    assert gain[1] == 0.0
+    assert math.isnan(gain[2])  # a group that chose nothing
+
+
+def test_junk_answers_never_train_the_probe_but_stay_in_their_group():
+    x, y = blobs(20)
+    val_x, val_y = blobs(10, seed=1)
+    junk = np.full((10, x.shape[1]), 50.0)  # far from every class: would pull a class if trained on
+    groups = np.r_[np.full(len(y), -1), np.zeros(10, int)]
+    gain = sm.leave_group_out_gain(np.r_[x, junk], np.r_[y, np.full(10, -1)], groups, 1,
+                                   val_x, val_y, 3)
+    assert gain.tolist() == [0.0]

@@ -1,5 +1,6 @@
 """Query strategies: one contract for all, then known answers for each."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -916,3 +917,67 @@ def test_class_balanced_trains_and_scores_as_its_base():
 def test_class_balanced_refuses_a_base_that_is_not_a_plain_row_wise_score(base):
     with pytest.raises(ValueError, match=f"base must be a row-wise strategy.*'{base}'"):
         make_strategy("class_balanced", base=base)
+
+
+def probe_albl_candidates(arm_classes: dict[str, int], n=60, seed=0):
+    """albl (credit="probe") over entropy and random after one bandit cycle: the initial draw
+    labelled classes 0 and 1, each arm's queries of that cycle one class (``arm_classes``);
+    embeddings separate the three classes; the validation split has all three."""
+    rng = np.random.default_rng(seed)
+    centres = 3.0 * np.eye(3, 4)
+
+    def embed(classes):
+        return (centres[classes] + 0.3 * rng.standard_normal((len(classes), 4))).astype(np.float32)
+
+    initial = np.repeat([0, 1], 10)
+    bought = np.concatenate([np.full(8, c) for c in arm_classes.values()])
+    chosen_by = tuple(arm for arm in arm_classes for _ in range(8))
+    answers = np.r_[initial, bought]
+    labelled_rows = np.arange(1000, 1000 + len(answers))
+    history = CampaignHistory((
+        CycleSelection(0, labelled_rows[:20], ("random",) * 20, np.full(20, -1), initial, 0.5),
+        CycleSelection(1, labelled_rows[20:], chosen_by, np.zeros(len(bought), int), bought, 0.6),
+    ))
+    outputs = pool_outputs(n, seed=5)
+    strategy = make_strategy("albl", arms=list(arm_classes), credit="probe")
+    val_classes = np.repeat([0, 1, 2], 10)
+    candidates = Candidates(
+        np.arange(n), {**{k: outputs[k] for k in strategy.needs if k != "embeddings"},
+                       "embeddings": embed(rng.integers(3, size=n))},
+        labelled={"embeddings": embed(answers)}, labelled_answers=answers, history=history,
+        labelled_rows=labelled_rows, validation={"embeddings": embed(val_classes)},
+        validation_answers=val_classes,
+    )
+    return strategy, candidates
+
+
+def test_albl_probe_credits_the_arm_whose_queries_taught_the_probe_a_class():
+    strategy, candidates = probe_albl_candidates({"entropy": 2, "random": 0})
+    credit = strategy.probe_credit(candidates, 40)
+    assert credit[0] == pytest.approx(40 * (1 / 3) / 8)  # class 2 found: a third of validation
+    assert credit[1] == 0.0  # more of a class the initial draw already had
+    selection = select_with_record(strategy, candidates, 40, np.random.default_rng(0))
+    assert selection.chosen_by.count("entropy") > 2 * selection.chosen_by.count("random") > 0
+    assert selection.notes["credit"]["entropy"] == pytest.approx(credit[0], abs=1e-5)
+    assert sum(selection.notes["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_albl_probe_keeps_every_arm_equally_likely_before_any_arm_has_chosen():
+    strategy, candidates = probe_albl_candidates({"entropy": 2, "random": 0})
+    first = CampaignHistory(candidates.history.cycles[:1])
+    p, notes = strategy.next_probabilities(dataclasses.replace(candidates, history=first), 16)
+    np.testing.assert_allclose(p, [0.5, 0.5])
+    assert notes["credit"] == {"entropy": 0.0, "random": 0.0}
+
+
+def test_albl_probe_declares_the_validation_embeddings_and_the_answers_it_reads():
+    strategy = make_strategy("albl", arms=["entropy", "random"], credit="probe")
+    assert "embeddings" in strategy.needs and strategy.needs_labelled == {"embeddings"}
+    assert strategy.needs_validation == {"embeddings"} and strategy.needs_answers
+    assert make_strategy("albl", arms=["entropy", "random"]).needs_validation == frozenset()
+    _, candidates = probe_albl_candidates({"entropy": 2, "random": 0})
+    with pytest.raises(ValueError, match="needs outputs \\['embeddings'\\] for the validation split"):
+        select_with_record(strategy, dataclasses.replace(candidates, validation={}, validation_answers=None),
+                           4, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="credit 'loo'; valid"):
+        make_strategy("albl", arms=["entropy", "random"], credit="loo")

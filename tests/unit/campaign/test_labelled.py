@@ -120,3 +120,21 @@ def test_a_pass_that_skipped_the_labelled_rows_gives_every_row_as_a_candidate(vi
     candidates = candidates_of(table, answered(view, {1: 0, 2: 2}), make_strategy("typiclust"))
     assert candidates.rows.tolist() == [0, 3, 4]
     assert candidates.labelled["embeddings"].shape == (0, 4)
+
+
+def test_validation_rows_in_a_pass_are_never_candidates_and_come_with_their_classes(view):
+    table = scores_table([0, 1, 2, 3, 4, 5, 6])
+    strategy = make_strategy("albl", arms=["entropy", "random"], credit="probe")
+    candidates = candidates_of(table, answered(view, {1: 0}), strategy,
+                               validation=(np.array([5, 3]), np.array([2, 1])))
+    assert candidates.rows.tolist() == [0, 2, 4, 6]
+    assert candidates.labelled_rows.tolist() == [1]
+    assert candidates.validation["embeddings"][:, 0].tolist() == [3, 5]  # the pass's order
+    assert candidates.validation_answers.tolist() == [1, 2]  # aligned with it
+
+
+def test_a_pass_without_the_validation_rows_the_strategy_reads_is_refused(view):
+    strategy = make_strategy("albl", arms=["entropy", "random"], credit="probe")
+    with pytest.raises(ValueError, match="lacks validation rows"):
+        candidates_of(scores_table([0, 1, 2]), answered(view, {1: 0}), strategy,
+                      validation=(np.array([5]), np.array([2])))

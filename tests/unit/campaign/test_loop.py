@@ -112,6 +112,11 @@ def test_a_pass_skips_the_other_splits_and_the_labelled_unless_the_strategy_read
     assert split.tolist() == ["train", "val", "train", "test", "train", "train"]  # left as it was
 
 
+def test_a_pass_keeps_the_validation_rows_a_strategy_reads():
+    split = np.array(["train", "val", "train", "test", "val"])
+    assert skipped_rows(split, np.array([2]), True, keep=np.array([1, 4])).tolist() == [2, 3]
+
+
 def write_junk_pass(folder, junk_prob, files=3):
     """A pass of a model with a junk output: rows 0..n-1 with their junk probability and
     embeddings, spread over files."""
@@ -149,6 +154,12 @@ def test_only_the_likeliest_junk_is_skipped_when_skipping_all_would_leave_too_fe
     folder = write_junk_pass(tmp_path / "scores", [0.9, 0.6, 0.95, 0.1, 0.2])
     assert predicted_junk(folder, unlabelled(5), 3, threshold=0.5).tolist() == [0, 2]
     assert predicted_junk(folder, unlabelled(5), 5, threshold=0.5).tolist() == []
+
+
+def test_validation_rows_in_a_pass_are_not_candidates_for_the_junk_skip(tmp_path):
+    folder = write_junk_pass(tmp_path / "scores", [0.9, 0.6, 0.95, 0.1, 0.2])
+    skip = predicted_junk(folder, unlabelled(5), 1, threshold=0.5, not_candidates=np.array([2]))
+    assert skip.tolist() == [0, 1]
 
 
 def test_a_pass_without_a_junk_output_skips_nothing(tmp_path):
