@@ -612,7 +612,8 @@ def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str
         parts.append(comparisons_table(name, by_strategy))
         parts.append(beyond_table(name, by_strategy, full))
         parts += [cold_start_table(name, by_strategy), junk_table(name, by_strategy, queries.get(name, {})),
-                  arms_table(name, queries.get(name, {}).get("albl", {}))]
+                  *[arms_table(name, row, seeds) for row, seeds in sorted(queries.get(name, {}).items())
+                    if row.startswith("albl") and row != "albl_uniform"]]
     classes_file = beside(results, "classes")
     if classes_file.exists():
         parts.append(balance_table(read_class_counts(classes_file), datasets))
@@ -805,9 +806,9 @@ def junk_table(name: str, by_strategy: dict, queries: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def arms_table(name: str, seeds: dict) -> str:
-    """Which base strategies albl queried with, per cycle: each arm's share of the cycle's
-    queries, mean over seeds."""
+def arms_table(name: str, row: str, seeds: dict) -> str:
+    """Which base strategies an albl row queried with, per cycle: each arm's share of the
+    cycle's queries, mean over seeds."""
     per_cycle: dict[int, list[dict[str, float]]] = {}
     for cycles in seeds.values():
         for cycle, by in cycles.items():
@@ -817,7 +818,7 @@ def arms_table(name: str, seeds: dict) -> str:
     if not per_cycle:
         return ""
     arms = sorted({arm for shares in per_cycle.values() for s in shares for arm in s})
-    lines = [f"#### {name}: the base strategies albl chose (share of each cycle's queries)", "",
+    lines = [f"#### {name}: the base strategies {row} chose (share of each cycle's queries)", "",
              "| cycle | seeds | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
     for cycle, shares in sorted(per_cycle.items()):
         cells = [f"{np.mean([s.get(arm, 0.0) for s in shares]):.2f}" for arm in arms]
