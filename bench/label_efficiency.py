@@ -147,6 +147,10 @@ WAVES.append([
     # η = 30: a lead of 0.05 validation accuracy per batch weighs an arm e^1.5 ≈ 4.5× more
     ("albl_probe", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "credit": "probe",
                             "eta": 30.0}, []),
+    # one credit per arm from the labels it bought: how evenly they cover the classes, less
+    # junk (the class balance that ranks every row's AUBC); η = 20: a lead of 0.1 is e² ≈ 7×
+    ("albl_balance", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "credit": "balance",
+                              "eta": 20.0}, []),
     ("multi_criteria", "multi_criteria", {"informativeness": "ema_kl"}, []),
     ("poal", "poal", {"informativeness": "ema_kl"}, []),
     # POAL as its paper runs it (Zhan et al.: maximum entropy against Mahalanobis in-distribution)

@@ -57,6 +57,7 @@ import numpy as np
 from scipy.special import log_softmax
 
 from orchestrator.al import selection_math as sm
+from orchestrator.al.history import UNANSWERED
 from orchestrator.al.training import Training
 from orchestrator.data.pool import JUNK
 
@@ -1127,7 +1128,7 @@ class ParetoJunkAware(Strategy):
         return order[:k]
 
 
-CREDITS = ("batch", "probe")  # how albl credits a cycle's gain to its arms
+CREDITS = ("batch", "probe", "balance")  # how albl credits a cycle's gain to its arms
 
 
 class ActiveLearningByLearning(Strategy):
@@ -1151,6 +1152,11 @@ class ActiveLearningByLearning(Strategy):
       worth"). The probabilities are exponential weights on the credits (``eta``); every arm
       that has chosen queries is measured every cycle, so no importance weighting is needed.
       The scoring pass then also scores the validation split (its embeddings, ~10% more rows).
+    - ``"balance"``: one credit per arm from the labels it bought: how evenly all its answers so
+      far cover the classes, times the share of them that are not junk
+      (:func:`selection_math.useful_balance`). Not a measured gain but a proxy for one: on every
+      data set of the label-efficiency benchmark the class balance of what a strategy bought
+      ranked its AUBC (docs/BENCHMARKS.md). Exponential weights on it (``eta``), as above.
 
     In both, ``gamma`` of the probability is spread evenly so no arm is starved. Everything is
     recomputed each cycle from the campaign's history (which arm chose each query, in
@@ -1188,6 +1194,8 @@ class ActiveLearningByLearning(Strategy):
             self.needs_labelled = self.needs_labelled | {"embeddings"}
             self.needs_validation = frozenset({"embeddings"})
             self.needs_answers = True
+        if credit == "balance":  # the number of classes, from the probabilities' width
+            self.needs = self.needs | {"probs"}
         self.mc_passes = max(s.mc_passes for s in self.strategies)
         self.training = Training.combined(s.training for s in self.strategies)
 
@@ -1229,12 +1237,28 @@ class ActiveLearningByLearning(Strategy):
         rows = candidates.labelled_rows if candidates.labelled_rows is not None else ()
         return np.asarray([arm_of_row.get(int(r), -1) for r in rows], np.int64)
 
+    def balance_credit(self, candidates: Candidates) -> np.ndarray:
+        """Each arm's credit [K]: :func:`selection_math.useful_balance` of every answer its
+        queries got so far (an arm with none: the others' mean, or 0)."""
+        answers: list[list[int]] = [[] for _ in self.arms]
+        for cycle in candidates.history.cycles:
+            if cycle.cycle == 0:
+                continue  # the initial draw is not a bandit round
+            for answer, chooser in zip(cycle.answers, cycle.chosen_by):
+                if chooser in self.arms and answer != UNANSWERED:
+                    answers[self.arms.index(chooser)].append(int(answer))
+        classes = candidates.outputs["probs"].shape[1] if len(candidates) else 0
+        credit = np.array([sm.useful_balance(np.asarray(a, np.int64), classes) for a in answers])
+        measured = np.isfinite(credit)
+        return np.where(measured, credit, credit[measured].mean() if measured.any() else 0.0)
+
     def next_probabilities(self, candidates: Candidates, k: int) -> tuple[np.ndarray, dict]:
         """The arm probabilities of this cycle, and what they came from (the cycle's notes)."""
         if self.credit == "batch":
             p = self.probabilities(candidates.history)[-1]
             return p, {"probabilities": dict(zip(self.arms, np.round(p, 4).tolist()))}
-        credit = self.probe_credit(candidates, k)
+        credit = (self.probe_credit(candidates, k) if self.credit == "probe"
+                  else self.balance_credit(candidates))
         w = np.exp(self.eta * (credit - credit.max()))
         p = (1.0 - self.gamma) * w / w.sum() + self.gamma / len(self.arms)
         return p, {"credit": dict(zip(self.arms, np.round(credit, 5).tolist())),

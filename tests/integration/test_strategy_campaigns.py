@@ -161,7 +161,7 @@ def test_typiclust_chooses_cycle_0_instead_of_the_random_draw(ray_local, shape_p
     assert sorted(int(r["row"]) for r in initial) != sorted(random_draw.tolist())
 
 
-@pytest.mark.parametrize("credit", ["batch", "probe"])
+@pytest.mark.parametrize("credit", ["batch", "probe", "balance"])
 def test_albl_records_its_arms_and_a_resumed_selection_chooses_the_same(ray_local, shape_pool, tmp_path,
                                                                         credit):
     import numpy as np
@@ -176,7 +176,7 @@ def test_albl_records_its_arms_and_a_resumed_selection_chooses_the_same(ray_loca
         assert state["cycles"][cycle]["chosen_by"] == {a: chosen.count(a) for a in set(chosen)}
         notes = state["cycles"][cycle]["selection_notes"]
         assert set(notes["probabilities"]) == {"entropy", "random", "coreset"}
-        assert set(notes.get("credit", {})) == ({"entropy", "random", "coreset"} if credit == "probe" else set())
+        assert set(notes.get("credit", {})) == ({"entropy", "random", "coreset"} if credit != "batch" else set())
     # the probe's credit reads the validation split's embeddings: the selection pass scored them
     campaign = Campaign(load_config(None, TINY + [
         "score.actors=0", f"data.pool={shape_pool.path}", "budget.counts=[12, 18, 24]",

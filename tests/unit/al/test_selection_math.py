@@ -186,3 +186,19 @@ def test_junk_answers_never_train_the_probe_but_stay_in_their_group():
     gain = sm.leave_group_out_gain(np.r_[x, junk], np.r_[y, np.full(10, -1)], groups, 1,
                                    val_x, val_y, 3)
     assert gain.tolist() == [0.0]
+
+
+def test_useful_balance_is_one_for_even_answers_and_falls_with_skew_and_junk():
+    even = np.repeat(np.arange(4), 25)
+    assert sm.useful_balance(even, 4) == 1.0
+    skewed = np.r_[np.zeros(85, int), np.arange(1, 4).repeat(5)]
+    assert 0.3 < sm.useful_balance(skewed, 4) < 0.6
+    assert sm.useful_balance(np.r_[even, np.full(25, -1)], 4) == pytest.approx(0.8)  # a fifth junk
+    assert sm.useful_balance(np.full(3, -1), 4) == 0.0
+    assert math.isnan(sm.useful_balance(np.zeros(0, int), 4))
+
+
+def test_useful_balance_corrects_a_small_sample_so_random_answers_score_near_one():
+    rng = np.random.default_rng(0)
+    small = [sm.useful_balance(rng.integers(13, size=20), 13) for _ in range(300)]
+    assert 0.92 < np.mean(small) <= 1.0  # uncorrected, 20 draws from 13 classes average 0.86

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.al import selection_math as sm
-from orchestrator.al.history import CampaignHistory, CycleSelection
+from orchestrator.al.history import UNANSWERED, CampaignHistory, CycleSelection
 from orchestrator.al.strategies import (
     OUTPUT_KEYS,
     STRATEGIES,
@@ -981,3 +981,44 @@ def test_albl_probe_declares_the_validation_embeddings_and_the_answers_it_reads(
                            4, np.random.default_rng(0))
     with pytest.raises(ValueError, match="credit 'loo'; valid"):
         make_strategy("albl", arms=["entropy", "random"], credit="loo")
+
+
+def balance_history(answers_by_arm: dict[str, list[int]]):
+    """Cycle 0, then one bandit cycle where each arm's queries got these answers."""
+    rows = np.arange(sum(len(a) for a in answers_by_arm.values())) + 100
+    chosen_by = tuple(arm for arm, answers in answers_by_arm.items() for _ in answers)
+    answers = np.concatenate([np.asarray(a, np.int64) for a in answers_by_arm.values()])
+    return CampaignHistory((
+        CycleSelection(0, np.arange(4), ("random",) * 4, np.full(4, -1), np.arange(4), 0.5),
+        CycleSelection(1, rows, chosen_by, np.zeros(len(rows), int), answers, 0.6),
+    ))
+
+
+def balance_candidates(history):
+    """albl's candidates with the probabilities the balance credit reads its class count from."""
+    candidates = albl_candidates(history)
+    probs = pool_outputs(len(candidates), seed=5)["probs"]
+    return dataclasses.replace(candidates, outputs={**candidates.outputs, "probs": probs})
+
+
+def test_albl_balance_credits_the_arm_whose_answers_cover_the_classes_and_are_not_junk():
+    strategy = make_strategy("albl", arms=["entropy", "random", "margin"], credit="balance", eta=20.0)
+    history = balance_history({"entropy": [0] * 18 + [1, 2], "random": list(range(C)) * 4,
+                               "margin": list(range(C)) * 2 + [-1] * (2 * C)})
+    candidates = balance_candidates(history)
+    credit = strategy.balance_credit(candidates)
+    assert credit[1] == pytest.approx(1.0)  # every class, evenly
+    assert credit[2] == pytest.approx(0.5)  # as even, but half of it junk
+    assert credit[0] < 0.5  # nearly all one class
+    p, notes = strategy.next_probabilities(candidates, 10)
+    assert p.argmax() == 1 and p.min() >= 0.2 / 3 - 1e-12  # γ keeps every arm explored
+    assert notes["credit"]["random"] == pytest.approx(1.0)
+
+
+def test_albl_balance_gives_an_arm_without_answers_the_others_mean_and_unanswered_queries_nothing():
+    strategy = make_strategy("albl", arms=["entropy", "random", "margin"], credit="balance")
+    history = balance_history({"entropy": [0] * 10, "random": list(range(C)) * 3,
+                               "margin": [UNANSWERED] * 5})
+    credit = strategy.balance_credit(balance_candidates(history))
+    assert credit[0] == 0.0 and credit[1] == pytest.approx(1.0)
+    assert credit[2] == pytest.approx(credit[:2].mean())
