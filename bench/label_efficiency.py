@@ -614,6 +614,7 @@ def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str
         plot(name, summaries, full, plots / f"label_efficiency_{name}.png")
         parts.append(table(name, summaries, full))
         parts.append(comparisons_table(name, by_strategy))
+        parts.append(albl_arms_table(name, by_strategy))
         parts.append(beyond_table(name, by_strategy, full))
         parts += [cold_start_table(name, by_strategy), junk_table(name, by_strategy, queries.get(name, {})),
                   *[arms_table(name, row, seeds) for row, seeds in sorted(queries.get(name, {}).items())
@@ -661,6 +662,34 @@ def comparisons_table(name: str, by_strategy: dict) -> str:
     return "\n".join([f"#### {name}: the recipe's questions (AUBC, paired by seed)", "",
                       "| question | difference | seeds | AUBC difference (95% CI) |",
                       "|---|---|---|---|", *lines]) + "\n"
+
+
+ALBL_ARMS = ("random", "entropy", "ema_kl", "coreset")  # the arms of every albl row
+
+
+def albl_arms_table(name: str, by_strategy: dict) -> str:
+    """Issue 17's first target: each albl row's AUBC minus each arm's (run alone), paired by
+    seed over the seeds both finished; * where the 95% CI excludes zero."""
+    def aubcs(row):
+        return {seed: aubc(c[0], c[2]) for seed, c in by_strategy.get(row, {}).items()
+                if len(c[0]) == len(FRACTIONS)}
+
+    arms = [arm for arm in ALBL_ARMS if aubcs(arm)]
+    rows = [row for row in sorted(by_strategy) if row.startswith("albl") and row not in OWN_BUDGETS]
+    if not arms or not rows:
+        return ""
+    best = max(arms, key=lambda arm: np.mean(list(aubcs(arm).values())))
+    lines = [f"#### {name}: albl against each of its arms (AUBC, paired by seed)", "",
+             "| row | seeds | " + " | ".join(f"− {arm}" for arm in arms) + " | ≥ best arm within CI? |",
+             "|---|---|" + "---|" * len(arms) + "---|"]
+    for row in rows:
+        mine = aubcs(row)
+        diffs = {arm: paired(aubcs(arm), mine) for arm in arms}
+        mean, half = diffs[best]
+        verdict = "yes" if mean + half >= 0 else "**no**"
+        lines.append(f"| {row} | {len(mine)} | " + " | ".join(_signed(*diffs[arm]) for arm in arms)
+                     + f" | {verdict} (best: {best}) |")
+    return "\n".join(lines) + "\n"
 
 
 def read_details(path: Path) -> list[dict]:
