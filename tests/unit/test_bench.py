@@ -215,6 +215,7 @@ def test_the_report_tells_junk_shares_cold_start_gains_and_albls_arms(tmp_path):
     assert "| 1% | 0.310 ± 0.025 (3) | 0.410 ± 0.025 (3) | +0.100 ± 0.000 * |" in cold
     assert "| 5% | 0.510 ± 0.025 (3) | 0.560 ± 0.025 (3) | +0.050 ± 0.000 * |" in cold  # cycle 0s
     arms = next(part for part in text.split("####") if "albl chose" in part)
+    assert "toy: the base strategies albl chose" in arms
     assert "| 1 | 3 | 0.75 | 0.25 |" in arms
 
 
@@ -230,6 +231,21 @@ def test_the_recipe_questions_are_answered_by_paired_aubc_differences():
     semi = next(line for line in text.splitlines() if "`ema_kl_semi` − `ema_kl`" in line)
     assert semi.endswith("| 1 | +0.100 |")  # one seed: no interval
     assert "ema_kl_selection_only" not in text  # a row not run is left out
+
+
+def test_albl_rows_are_compared_with_each_arm_run_alone_and_judged_against_the_best():
+    from bench.label_efficiency import albl_arms_table
+
+    by_strategy = {"random": {s: curve(0.6, 10 * s) for s in range(3)},
+                   "entropy": {s: curve(0.4, 10 * s) for s in range(3)},
+                   "albl": {s: curve(0.55, 10 * s) for s in range(3)},
+                   "albl_balance": {s: curve(0.6, 10 * s + s) for s in range(3)}}
+    text = albl_arms_table("toy", by_strategy)
+    albl = next(line for line in text.splitlines() if line.startswith("| albl |"))
+    assert albl == "| albl | 3 | -0.050 ± 0.000 * | +0.150 ± 0.000 * | **no** (best: random) |"
+    balance = next(line for line in text.splitlines() if line.startswith("| albl_balance |"))
+    assert balance.endswith("| yes (best: random) |")
+    assert albl_arms_table("toy", {"albl": by_strategy["albl"]}) == ""  # no arm run alone
 
 
 def test_the_classifier_table_counts_how_often_m_was_kept_and_what_it_was_worth():
