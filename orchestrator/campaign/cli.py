@@ -109,6 +109,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def checked_strategy(cfg: CampaignConfig) -> CampaignConfig:
+    """The config, once its strategy and options build: a misspelt strategy or option is said
+    before a run directory is made or a pool simulated."""
+    from orchestrator.al.strategies import make_strategy
+
+    try:
+        make_strategy(cfg.strategy.name, **cfg.strategy.options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"strategy: {err}") from None
+    return cfg
+
+
 def prepare_run(args) -> tuple[CampaignConfig, Path, RunMirror | None]:
     """The config, the local directory the campaign works in, and, for a run directory at a
     URI, the mirror that uploads that directory (its staging copy) after every step."""
@@ -118,8 +130,8 @@ def prepare_run(args) -> tuple[CampaignConfig, Path, RunMirror | None]:
             mirror.download()
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {args.resume}: not a run directory (no config.yaml)")
-        return load_config(run_dir / "config.yaml", args.set), run_dir, mirror
-    cfg = load_config(args.config, args.set)
+        return checked_strategy(load_config(run_dir / "config.yaml", args.set)), run_dir, mirror
+    cfg = checked_strategy(load_config(args.config, args.set))
     where = args.run_dir or join(cfg.run_root, f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir, mirror = open_run_dir(where)
     if mirror.remote_has("config.yaml") if mirror else (run_dir / "config.yaml").exists():
