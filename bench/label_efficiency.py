@@ -138,10 +138,12 @@ COLD_START = [(f"cold_{method}_{round(100 * f)}pct", "random", {}, extra, (f,))
               for method, extra in (("random", []), ("typiclust", TYPICLUST_START))
               for f in COLD_FRACTIONS]
 WAVES.append([
-    ("albl", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"]}, []),
+    # the batch's one validation gain shared by its arms (EXP3), as first run
+    ("albl", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "credit": "batch", "eta": 10.0}, []),
     # the same four arms in fixed equal shares (η = 0: the bandit never moves): is albl's gain
     # its choosing, or the mixed batch?
-    ("albl_uniform", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "eta": 0.0}, []),
+    ("albl_uniform", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "credit": "batch",
+                              "eta": 0.0}, []),
     # one credit per arm (a linear probe on the embeddings, with and without each arm's
     # queries, scored on validation) instead of the batch's one reward shared by every arm;
     # η = 30: a lead of 0.05 validation accuracy per batch weighs an arm e^1.5 ≈ 4.5× more
@@ -168,7 +170,8 @@ WAVES.append([
 BEYOND_FRACTIONS = FRACTIONS + (0.6, 0.8)
 WAVES.append([
     ("random_to80", "random", {}, [], BEYOND_FRACTIONS),
-    ("albl_to80", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"]}, [], BEYOND_FRACTIONS),
+    ("albl_to80", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "credit": "batch",
+                           "eta": 10.0}, [], BEYOND_FRACTIONS),
 ])
 RUNS = [run for wave in WAVES for run in wave]
 # rows with budgets of their own: not curves over FRACTIONS, reported in their own table

@@ -1171,7 +1171,7 @@ class ActiveLearningByLearning(Strategy):
     needs_history = True
 
     def __init__(self, arms: tuple[str, ...] | list[str] = ("random", "entropy", "ema_kl", "coreset"),
-                 gamma: float = 0.2, eta: float = 10.0, credit: str = "batch"):
+                 gamma: float = 0.2, eta: float = 20.0, credit: str = "balance"):
         if credit not in CREDITS:
             raise ValueError(f"albl: credit {credit!r}; valid: {list(CREDITS)}")
         self.credit = credit

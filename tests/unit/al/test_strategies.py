@@ -821,13 +821,13 @@ def albl_candidates(history, n=400):
 
 
 def test_albl_starts_with_every_arm_equally_likely():
-    strategy = make_strategy("albl", arms=["entropy", "random", "margin"])
+    strategy = make_strategy("albl", arms=["entropy", "random", "margin"], credit="batch")
     (p,) = strategy.probabilities(albl_history([]))
     np.testing.assert_allclose(p, [1 / 3] * 3)
 
 
 def test_albl_moves_towards_the_arm_whose_cycles_gained_validation_accuracy():
-    strategy = make_strategy("albl", arms=["entropy", "random"], gamma=0.2, eta=10.0)
+    strategy = make_strategy("albl", arms=["entropy", "random"], gamma=0.2, eta=10.0, credit="batch")
     history = albl_history([("entropy", 0.6), ("random", 0.55)])
     probabilities = strategy.probabilities(history)
     expected = sm.exp3_probabilities([(np.array([4, 0]), 0.1), (np.array([0, 4]), -0.05)], 2, 0.2, 10.0)
@@ -860,7 +860,7 @@ def test_albl_needs_the_history_and_plain_distinct_arms():
 
 
 def test_albl_declares_what_its_arms_need():
-    strategy = make_strategy("albl", arms=["coreset", "bald", "ema_kl"])
+    strategy = make_strategy("albl", arms=["coreset", "bald", "ema_kl"], credit="batch")
     assert strategy.needs == {"embeddings", "mc_probs", "logits", "mean_logits"}
     assert strategy.needs_labelled == {"embeddings"}
     assert (strategy.mc_passes, strategy.training.mean_model, strategy.needs_history) == (10, True, True)
