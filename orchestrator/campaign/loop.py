@@ -198,6 +198,9 @@ class Campaign:
                 record["seconds_select"] = time.perf_counter() - started  # the pool was scored before
                 chooser = self.cfg.strategy.name if cycle else self.cfg.strategy.initial
                 how = "at random" if not cycle and chooser == "random" else f"by {chooser}"
+                if set(record.get("chosen_by", {})) - {chooser}:  # a strategy that delegates: to whom
+                    how += " (" + ", ".join(f"{arm} {n}" for arm, n in sorted(
+                        record["chosen_by"].items(), key=lambda item: -item[1])) + ")"
                 stage.result = f"{len(queries)} queries {how}"
                 self.oracle.answer(queries, cycle, self.ledger, self.run_dir)
                 maybe_fault("ledger-written")

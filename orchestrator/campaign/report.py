@@ -111,7 +111,7 @@ def build_report(run_dir: str | Path) -> str:
         f"written {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
         f"<p class=status id=status>{_e(status_text(run))}</p>",
         summary_section(run), curve_section(run), per_class_section(run), confusion_section(run),
-        queries_section(run), time_section(run), setup_section(run),
+        queries_section(run), choosers_section(run), time_section(run), setup_section(run),
     ]
     return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
@@ -205,6 +205,32 @@ def queries_section(run: Run) -> str:
              _img(class_mix_plot(mix, names), "class mix of each cycle's queries"),
              _table(headers, rows, id="class-mix"), query_tiles(run)]
     return "".join(parts)
+
+
+def choosers_section(run: Run) -> str:
+    """For a strategy that delegates (albl): which base strategy chose how many of each
+    cycle's queries, with the probability and credit it had then (the cycle's selection notes)."""
+    records = [c for c in run.state.get("cycles", []) if c.get("cycle", 0) > 0 and c.get("chosen_by")]
+    own = run.state.get("config", {}).get("strategy", {}).get("name")
+    arms = sorted({arm for c in records for arm in c["chosen_by"]} | {
+        arm for c in records for arm in c.get("selection_notes", {}).get("probabilities", {})})
+    if not records or arms == [own]:
+        return ""
+
+    def cell(record: dict, arm: str) -> str:
+        notes = record.get("selection_notes", {})
+        text = str(record["chosen_by"].get(arm, 0))
+        if arm in notes.get("probabilities", {}):
+            text += f" · p {notes['probabilities'][arm]:.2f}"
+        if arm in notes.get("credit", {}):
+            text += f" · credit {notes['credit'][arm]:.2f}"
+        return text
+
+    rows = [[c["cycle"]] + [cell(c, arm) for arm in arms] for c in records]
+    return ("<h2>Which strategy chose the queries</h2><p class=muted>Queries each base strategy "
+            "chose per cycle; p: the probability it had of choosing each query, credit: what it "
+            "was credited with before the cycle (docs/ARCHITECTURE.md, albl).</p>"
+            + _table(["cycle"] + arms, rows, id="choosers"))
 
 
 def query_tiles(run: Run) -> str:

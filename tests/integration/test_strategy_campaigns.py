@@ -163,13 +163,14 @@ def test_typiclust_chooses_cycle_0_instead_of_the_random_draw(ray_local, shape_p
 
 @pytest.mark.parametrize("credit", ["batch", "probe", "balance"])
 def test_albl_records_its_arms_and_a_resumed_selection_chooses_the_same(ray_local, shape_pool, tmp_path,
-                                                                        credit):
+                                                                        credit, capsys):
     import numpy as np
 
     from orchestrator.distributed.score import read_scores
 
     options = f"strategy.options={{arms: [entropy, random, coreset], credit: {credit}}}"
     state = run_campaign(shape_pool, tmp_path, "strategy.name=albl", options, counts="[12, 18, 24]")
+    assert "cycle 1 · select: 6 queries by albl (" in capsys.readouterr().out  # and by which arms
     for cycle in (1, 2):
         chosen = [r["chosen_by"] for r in read_csv(tmp_path / f"cycles/c{cycle:02d}/selection.csv")]
         assert set(chosen) <= {"entropy", "random", "coreset"} and len(chosen) == 6

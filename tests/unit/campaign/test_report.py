@@ -95,6 +95,27 @@ def test_the_report_names_the_queried_subtomograms_with_their_labels_and_predict
     assert "train-0006 · labelled ball · model: slab (0.50)" in page  # cycle 1 predicted (6+1)%3
 
 
+def test_a_delegating_strategy_says_which_base_strategy_chose_each_cycles_queries(run_dir, tmp_path):
+    import shutil
+
+    assert "id=choosers" not in (run_dir / REPORT).read_text()  # entropy chose all its own
+    albl = tmp_path / "albl"
+    shutil.copytree(run_dir, albl)
+    state = json.loads((albl / "state.json").read_text())
+    state["config"]["strategy"]["name"] = "albl"
+    state["cycles"][0]["chosen_by"] = {"random": 6}  # the initial draw: not a bandit cycle
+    state["cycles"][1].update(chosen_by={"random": 4, "entropy": 2}, selection_notes={
+        "credit": {"random": 0.0, "entropy": 0.0}, "probabilities": {"random": 0.5, "entropy": 0.5}})
+    state["cycles"][2].update(chosen_by={"random": 6}, selection_notes={
+        "credit": {"random": 0.97, "entropy": 0.41}, "probabilities": {"random": 0.9, "entropy": 0.1}})
+    (albl / "state.json").write_text(json.dumps(state))
+    page = build_report(albl)
+    assert table_rows(page, "choosers") == 2
+    body = re.search(r"<table id=choosers>(.*?)</table>", page, flags=re.S).group(1)
+    assert "<th>entropy</th><th>random</th>" in body
+    assert "<td>0 · p 0.10 · credit 0.41</td><td>6 · p 0.90 · credit 0.97</td>" in body
+
+
 def test_the_report_is_one_file_that_loads_with_no_request_leaving_it(run_dir, browser):
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     url = (run_dir / REPORT).as_uri()
