@@ -93,6 +93,9 @@ DATASETS = {
     # the same particles plus 20% junk (650 non-particles: empty, edge, fragment, off-centre),
     # answered "junk" by the simulated oracle; accuracy stays on the 13 real classes
     "shrec13_snr0.05_junk0.2": {**SHREC, "snr": 0.05, "junk_fraction": 0.2},
+    # a long-tailed pool: the same particles, 150 train of the first structure down to 15 of the
+    # last (geometric; 788 in all), validation and test the balanced set's, volume for volume
+    "shrec13_snr0.05_imbalance10": {**SHREC, "snr": 0.05, "class_imbalance": 10.0},
 }
 
 FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)  # labelled share of the train split, per cycle

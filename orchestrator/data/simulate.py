@@ -73,6 +73,10 @@ class SimulationConfig:
     voxel_size_A: float = 10.0  # ~1 nm voxels as in the papers; maps and models are resampled
     snr: float = 0.1  # Var(signal)/Var(noise) of the output; inf = noise-free
     per_class: int = 60  # subtomograms simulated per class
+    # Real pools are long-tailed (ribosomes outnumber the rare complexes by far): the first
+    # class's train subtomograms over the last's, the classes between on a geometric profile.
+    # Validation and test stay per_class-balanced, so accuracy weighs every class the same.
+    class_imbalance: float = 1.0
     val_fraction: float = 0.1  # of each class, for model selection during active learning
     test_fraction: float = 0.1  # of each class, held out (paper: 1,000 of 25,000 → 0.04)
     tilt_range_deg: float = 60.0  # tilts ±60° leave a missing wedge of 2×30° about y
@@ -112,6 +116,8 @@ class SimulationConfig:
             (self.voxel_size_A > 0, "voxel_size_A", "> 0"),
             (self.snr > 0, "snr", "> 0 (it is Var(signal)/Var(noise); use inf for noise-free)"),
             (self.per_class >= 1, "per_class", "≥ 1"),
+            (self.class_imbalance >= 1, "class_imbalance", "≥ 1 (the most common class's train "
+             "count over the rarest's; 1 = balanced)"),
             (fractions_ok, "val_fraction", "≥ 0, as test_fraction, with val + test < 1"),
             (fractions_ok, "test_fraction", "≥ 0, as val_fraction, with val + test < 1"),
             (0 < self.tilt_range_deg <= 90, "tilt_range_deg", "in (0, 90]"),
@@ -145,9 +151,24 @@ class SimulationConfig:
         n_test = round(count * self.test_fraction)
         return {"train": count - n_val - n_test, "val": n_val, "test": n_test}
 
+    def train_count(self, c: int, n_classes: int) -> int:
+        """Train subtomograms of class c (of n_classes): per_class's train share, thinned by
+        class_imbalance^(c / (n_classes − 1)), so the last class has 1/class_imbalance of the
+        first's (at least 1)."""
+        full = self.split_sizes()["train"]
+        if n_classes < 2 or self.class_imbalance == 1:
+            return full
+        return max(1, round(full * self.class_imbalance ** (-c / (n_classes - 1))))
+
+    def particle_counts(self, n_classes: int) -> dict[str, int]:
+        """Particles (junk not included) per split, over all n_classes classes."""
+        sizes = self.split_sizes()
+        train = sum(self.train_count(c, n_classes) for c in range(n_classes))
+        return {"train": train, "val": sizes["val"] * n_classes, "test": sizes["test"] * n_classes}
+
     def junk_count(self, n_classes: int) -> int:
-        """Junk subtomograms beside n_classes × per_class particles: junk_fraction of the pool."""
-        particles = n_classes * self.per_class
+        """Junk subtomograms beside the n_classes' particles: junk_fraction of the pool."""
+        particles = sum(self.particle_counts(n_classes).values())
         return round(self.junk_fraction * particles / (1 - self.junk_fraction))
 
 
@@ -166,7 +187,7 @@ def _coerce(name: str, value):
     if name in ("snr", "voxel_size_A", "val_fraction", "test_fraction", "tilt_range_deg",
                 "tilt_step_deg", "voltage_kv", "cs_mm", "amplitude_contrast",
                 "envelope_fraction", "noise_ctf_weight", "max_shift_fraction",
-                "pdb_resolution_A", "input_voxel_size_A", "junk_fraction"):
+                "pdb_resolution_A", "input_voxel_size_A", "junk_fraction", "class_imbalance"):
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -1249,12 +1270,15 @@ def _plan(cfg: SimulationConfig, n_classes: int) -> list[tuple[int, int, int, st
     """Rows in pool order: (sample index, class, index within class, split). Sample indices are
     class-major; the pool order is a seeded shuffle so any prefix of the pool mixes classes.
     Junk rows (class JUNK, index within the junk) come after the particles' sample indices and
-    are split like a class; without junk the plan is what it was before junk existed."""
+    are split like a class; without junk the plan is what it was before junk existed. With
+    class_imbalance a class keeps the first cfg.train_count of its train indices: its
+    subtomograms, validation and test included, are those of the balanced pool's."""
     sizes = cfg.split_sizes()
     split_of = [s for s in SPLITS for _ in range(sizes[s])]
     rows = [
         (c * cfg.per_class + j, c, j, split_of[j])
         for c in range(n_classes) for j in range(cfg.per_class)
+        if split_of[j] != "train" or j < cfg.train_count(c, n_classes)
     ]
     n_junk = cfg.junk_count(n_classes)
     junk_sizes = cfg.split_sizes(n_junk)
@@ -1309,7 +1333,8 @@ def simulate_pool(
     progress: bool | Callable[[int, int, float], None] = True,
     chunk_size: int = 32,
 ) -> PoolInfo:
-    """Simulate cfg.per_class subtomograms of every class into a pool at `out_path`.
+    """Simulate cfg.per_class subtomograms of every class (with cfg.class_imbalance, fewer train
+    ones of all but the first) into a pool at `out_path`.
 
     `structures`: (names, densities) as load_structures returns, a source string for it, or None
     (= cfg.structures). Rows carry label, class names and a split ("train"/"val"/"test"),
@@ -1490,9 +1515,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out:
             info = simulate_pool(structures, cfg, args.out, workers=args.workers,
                                  overwrite=args.overwrite)
-            sizes = cfg.split_sizes()
+            particles = cfg.particle_counts(info.num_classes)
             junk = cfg.split_sizes(cfg.junk_count(info.num_classes))
-            counts = ", ".join(f"{sizes[s] * info.num_classes + junk[s]} {s}" for s in SPLITS)
+            counts = ", ".join(f"{particles[s] + junk[s]} {s}" for s in SPLITS)
             of_which = f", {sum(junk.values())} of them junk" if sum(junk.values()) else ""
             print(f"wrote {info.n_rows} subtomograms of {info.num_classes} classes ({counts}"
                   f"{of_which}) to {info.path}", file=sys.stderr)

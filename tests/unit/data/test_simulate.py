@@ -1,5 +1,6 @@
 """The subtomogram simulator: the physics checks of docs/SIMULATOR.md, determinism, inputs, CLI."""
 
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -457,6 +458,43 @@ def test_junk_settings_are_checked_and_read_from_text():
         sim.SimulationConfig(junk_kinds=("empty", "dust"))
     cfg = sim.load_simulation_config(None, {"junk_fraction": "0.2", "junk_kinds": "empty,edge"})
     assert (cfg.junk_fraction, cfg.junk_kinds, cfg.junk_count(10)) == (0.2, ("empty", "edge"), 150)
+
+
+# ----------------------------------------------------------------------------- class imbalance
+
+
+def test_class_imbalance_thins_train_along_a_geometric_profile_and_keeps_val_and_test():
+    cfg = sim.SimulationConfig(per_class=110, val_fraction=0.1, test_fraction=0.0, class_imbalance=10)
+    assert [cfg.train_count(c, 3) for c in range(3)] == [99, 31, 10]  # 99 · 10^(−c/2)
+    assert cfg.particle_counts(3) == {"train": 140, "val": 33, "test": 0}
+    plan = sim._plan(cfg, 3)
+    kept = {(c, split): sum(1 for _, c_, _, s in plan if (c_, s) == (c, split))
+            for c in range(3) for split in ("train", "val")}
+    assert [kept[c, "train"] for c in range(3)] == [99, 31, 10]
+    assert [kept[c, "val"] for c in range(3)] == [11, 11, 11]
+
+
+def test_an_imbalanced_pool_is_a_subset_of_the_balanced_one_with_the_same_seed():
+    balanced = sim.SimulationConfig(per_class=20, seed=4)
+    imbalanced = dataclasses.replace(balanced, class_imbalance=4.0)
+    balanced_rows = {row[:3] + (row[3],) for row in sim._plan(balanced, 4)}
+    imbalanced_rows = sim._plan(imbalanced, 4)
+    assert set(imbalanced_rows) < balanced_rows  # the same sample index → the same volume
+    held_out = {row for row in balanced_rows if row[3] != "train"}
+    assert held_out <= set(imbalanced_rows)
+
+
+def test_class_imbalance_counts_junk_against_the_particles_it_keeps():
+    cfg = sim.SimulationConfig(per_class=100, val_fraction=0.1, test_fraction=0.1,
+                               class_imbalance=4, junk_fraction=0.2)
+    particles = sum(cfg.particle_counts(2).values())  # 80 + 20 train, 20 val, 20 test
+    assert (particles, cfg.junk_count(2)) == (140, 35)  # 35 / 175 = 0.2
+
+
+def test_class_imbalance_below_one_is_refused_and_read_from_text():
+    with pytest.raises(sim.SimulationError, match="class_imbalance must be ≥ 1"):
+        sim.SimulationConfig(class_imbalance=0.5)
+    assert sim.load_simulation_config(None, {"class_imbalance": "10"}).class_imbalance == 10.0
 
 
 # ----------------------------------------------------------------------------- CLI
