@@ -96,6 +96,10 @@ DATASETS = {
     # a long-tailed pool: the same particles, 150 train of the first structure down to 15 of the
     # last (geometric; 788 in all), validation and test the balanced set's, volume for volume
     "shrec13_snr0.05_imbalance10": {**SHREC, "snr": 0.05, "class_imbalance": 10.0},
+    # as a cell's pool: the first structure 100× the last (540 train down to 5; 1,683 in all),
+    # 30 validation and 30 test a class
+    "shrec13_snr0.05_imbalance100": {**SHREC, "snr": 0.05, "per_class": 600, "val_fraction": 0.05,
+                                     "test_fraction": 0.05, "class_imbalance": 100.0},
 }
 
 FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)  # labelled share of the train split, per cycle
