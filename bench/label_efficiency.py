@@ -1,7 +1,8 @@
 """Label efficiency: every strategy against random and full supervision, with seeds to tell.
 
 For each data set one pool is simulated (the 13 SHREC'21 structures at SNR 0.05, then 0.03 and
-noise-free, and the built-in 50 classes), with train, validation and test splits. On it every
+noise-free, and the built-in 50 classes; then long-tailed pools of both, `class_imbalance` 10
+and 100), with train, validation and test splits. On it every
 strategy runs a simulated-oracle campaign per seed over the budgets 5, 10, 15, 20, 30 and 40%
 of the train split, and "full supervision" trains once on the whole train split with the same
 recipe. Cycle 0 of a seed is the same random draw for every strategy, and so are T's initial
@@ -90,6 +91,10 @@ DATASETS = {
     "builtin50_snr0.05": {"structures": "builtin:50", "box": 32, "voxel_size_A": 10.0,
                           "per_class": 60, "val_fraction": 0.1, "test_fraction": 0.2,
                           "snr": 0.05, "seed": 0},
+    # the same 50 structures long-tailed: 42 train of the first down to 4 of the last (827 in all)
+    "builtin50_snr0.05_imbalance10": {"structures": "builtin:50", "box": 32, "voxel_size_A": 10.0,
+                                      "per_class": 60, "val_fraction": 0.1, "test_fraction": 0.2,
+                                      "snr": 0.05, "seed": 0, "class_imbalance": 10.0},
     # the same particles plus 20% junk (650 non-particles: empty, edge, fragment, off-centre),
     # answered "junk" by the simulated oracle; accuracy stays on the 13 real classes
     "shrec13_snr0.05_junk0.2": {**SHREC, "snr": 0.05, "junk_fraction": 0.2},
