@@ -154,7 +154,7 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: str = "albl"  # never measurably below random; far above it on long-tailed pools (default.yaml)
+    name: str = "albl"  # never measurably below random; above it on long-tailed pools (default.yaml)
     options: dict = field(default_factory=dict)  # e.g. {distance: js, order: lowest}
     # cycle 0: a seeded random draw, or typiclust (typical members of clusters of the volumes'
     # radial features: TypiClust's cold start for tiny budgets, orchestrator/al/cold_start.py)
