@@ -165,6 +165,11 @@ WAVES.append([
     # junk (the class balance that ranks every row's AUBC); η = 20: a lead of 0.1 is e² ≈ 7×
     ("albl_balance", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "credit": "balance",
                               "eta": 20.0}, []),
+    # the balance credit judged against as many even draws, not log C: an arm is not credited
+    # for having been given more queries (with `balance`, 20 even answers of 13 classes score
+    # 0.95 and 80 score 0.99; 26 of 50 classes 0.83)
+    ("albl_per_size", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"],
+                               "credit": "balance_per_size", "eta": 20.0}, []),
     ("multi_criteria", "multi_criteria", {"informativeness": "ema_kl"}, []),
     ("poal", "poal", {"informativeness": "ema_kl"}, []),
     # POAL as its paper runs it (Zhan et al.: maximum entropy against Mahalanobis in-distribution)

@@ -14,8 +14,9 @@ from a given ``np.random.Generator``.
 - :func:`exp3_probabilities`: the bandit's arm probabilities, replayed from its rounds;
 - :func:`probe_accuracy`, :func:`leave_group_out_gain`: a linear probe on frozen embeddings, and
   what each group of its training rows adds to its validation accuracy (albl's per-arm credit);
-- :func:`useful_balance`: how evenly a set of answers covers the classes, junk counted against
-  it (albl's other per-arm credit);
+- :func:`useful_balance`, :func:`expected_even_entropy`: how evenly a set of answers covers the
+  classes, junk counted against it, judged against log C or against as many even draws (albl's
+  other per-arm credits);
 - :func:`kmeans`, :func:`nearest`: the project's one k-means (k-means++ seeding from a given
   generator, or a deterministic farthest-point start), used by the strategies and by the
   labelling page's look-alike groups.
@@ -42,6 +43,7 @@ __all__ = [
     "probe_accuracy",
     "leave_group_out_gain",
     "useful_balance",
+    "expected_even_entropy",
     "kmeans",
     "nearest",
 ]
@@ -345,12 +347,20 @@ def leave_group_out_gain(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_gro
     return gain
 
 
-def useful_balance(answers: np.ndarray, num_classes: int) -> float:
+def useful_balance(answers: np.ndarray, num_classes: int, per_size: bool = False) -> float:
     """How useful a set of answers is as labels, judged by their spread: the share that are
-    classes (not junk: any negative answer) times the normalised entropy of their class counts,
-    H / log C, with Miller and Madow's correction (m − 1)/(2n) for the n answers' m classes seen,
-    capped at 1 (a small sample's entropy is biased low: 20 uniform draws from 13 classes
-    average 0.86 uncorrected, 0.95 corrected). NaN for no answers; 0 for junk only."""
+    classes (not junk: any negative answer) times the evenness of their class counts. NaN for
+    no answers; 0 for junk only.
+
+    Evenness is the entropy H of the class counts with Miller and Madow's correction
+    (m − 1)/(2n) for the n answers' m classes seen, over the entropy an even spread could have:
+    - ``per_size=False``: log C, capped at 1. A small sample's entropy is biased low (20 even
+      draws from 13 classes average 0.95, 5 draws 0.68), so of two equally even arms the one
+      with more answers scores higher;
+    - ``per_size=True``: :func:`expected_even_entropy` of as many answers, not capped. An arm
+      whose answers are as even as draws spread evenly over the classes scores 1 on average
+      however many it has, so arms are compared by spread, not by how many queries they got.
+    """
     answers = np.asarray(answers, np.int64)
     if not len(answers):
         return math.nan
@@ -360,7 +370,27 @@ def useful_balance(answers: np.ndarray, num_classes: int) -> float:
     counts = np.bincount(classes, minlength=num_classes)
     p = counts[counts > 0] / len(classes)
     entropy = -(p * np.log(p)).sum() + (len(p) - 1) / (2 * len(classes))
-    return len(classes) / len(answers) * min(1.0, entropy / math.log(num_classes))
+    useful = len(classes) / len(answers)
+    if not per_size:
+        return useful * min(1.0, entropy / math.log(num_classes))
+    if len(classes) == 1:
+        return useful  # one answer: nothing to be uneven
+    return useful * entropy / expected_even_entropy(len(classes), num_classes)
+
+
+def expected_even_entropy(n: int, num_classes: int) -> float:
+    """The mean Miller–Madow-corrected entropy of n answers drawn evenly (uniformly at random)
+    from num_classes classes, exactly: each class's count is Binomial(n, 1/C), so
+    E[Σ p log p] = C · E[(c/n) log(c/n)], and the classes seen average C·(1 − (1 − 1/C)ⁿ)."""
+    from scipy.stats import binom
+
+    if n < 2 or num_classes < 2:
+        return 0.0  # one answer, or one class: no spread to have
+    k = np.arange(1, n + 1)
+    q = k / n
+    plogp = num_classes * float((binom.pmf(k, n, 1.0 / num_classes) * q * np.log(q)).sum())
+    seen = num_classes * (1.0 - (1.0 - 1.0 / num_classes) ** n)
+    return -plogp + (seen - 1.0) / (2.0 * n)
 
 
 def nearest(x: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

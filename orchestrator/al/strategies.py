@@ -1128,7 +1128,7 @@ class ParetoJunkAware(Strategy):
         return order[:k]
 
 
-CREDITS = ("batch", "probe", "balance")  # how albl credits a cycle's gain to its arms
+CREDITS = ("batch", "probe", "balance", "balance_per_size")  # how albl credits its arms
 
 
 class ActiveLearningByLearning(Strategy):
@@ -1157,6 +1157,11 @@ class ActiveLearningByLearning(Strategy):
       (:func:`selection_math.useful_balance`). Not a measured gain but a proxy for one: on every
       data set of the label-efficiency benchmark the class balance of what a strategy bought
       ranked its AUBC (docs/BENCHMARKS.md). Exponential weights on it (``eta``), as above.
+    - ``"balance_per_size"``: as ``"balance"``, but each arm's spread is judged against what as
+      many answers drawn evenly over the classes give (``per_size`` of
+      :func:`selection_math.useful_balance`), so an arm is not credited for having been given
+      more queries: with ``"balance"``, 20 even answers of 13 classes score 0.95 and 80 score
+      0.99, a lead worth e^0.8 ≈ 2× the probability at η = 20.
 
     In both, ``gamma`` of the probability is spread evenly so no arm is starved. Everything is
     recomputed each cycle from the campaign's history (which arm chose each query, in
@@ -1194,7 +1199,7 @@ class ActiveLearningByLearning(Strategy):
             self.needs_labelled = self.needs_labelled | {"embeddings"}
             self.needs_validation = frozenset({"embeddings"})
             self.needs_answers = True
-        if credit == "balance":  # the number of classes, from the probabilities' width
+        if credit.startswith("balance"):  # the number of classes, from the probabilities' width
             self.needs = self.needs | {"probs"}
         self.mc_passes = max(s.mc_passes for s in self.strategies)
         self.training = Training.combined(s.training for s in self.strategies)
@@ -1248,7 +1253,9 @@ class ActiveLearningByLearning(Strategy):
                 if chooser in self.arms and answer != UNANSWERED:
                     answers[self.arms.index(chooser)].append(int(answer))
         classes = candidates.outputs["probs"].shape[1] if len(candidates) else 0
-        credit = np.array([sm.useful_balance(np.asarray(a, np.int64), classes) for a in answers])
+        per_size = self.credit == "balance_per_size"
+        credit = np.array([sm.useful_balance(np.asarray(a, np.int64), classes, per_size)
+                           for a in answers])
         measured = np.isfinite(credit)
         return np.where(measured, credit, credit[measured].mean() if measured.any() else 0.0)
 

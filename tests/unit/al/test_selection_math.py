@@ -198,6 +198,37 @@ def test_useful_balance_is_one_for_even_answers_and_falls_with_skew_and_junk():
     assert math.isnan(sm.useful_balance(np.zeros(0, int), 4))
 
 
+def test_even_draws_score_more_with_more_answers_unless_judged_per_size():
+    rng = np.random.default_rng(0)
+    few = [rng.integers(0, 13, 5) for _ in range(500)]
+    many = [rng.integers(0, 13, 80) for _ in range(500)]
+    plain = [np.mean([sm.useful_balance(a, 13) for a in draws]) for draws in (few, many)]
+    sized = [np.mean([sm.useful_balance(a, 13, per_size=True) for a in draws]) for draws in (few, many)]
+    assert plain[1] - plain[0] > 0.25  # log C is out of reach of 5 answers
+    assert sized == pytest.approx([1.0, 1.0], abs=0.02)
+
+
+def test_per_size_balance_still_falls_with_skew_and_junk():
+    even = np.repeat(np.arange(4), 25)
+    skewed = np.r_[np.zeros(85, int), np.arange(1, 4).repeat(5)]
+    assert sm.useful_balance(skewed, 4, per_size=True) < 0.6
+    assert sm.useful_balance(np.r_[even, np.full(25, -1)], 4, per_size=True) == pytest.approx(
+        0.8 * sm.useful_balance(even, 4, per_size=True))
+    assert sm.useful_balance(np.array([2]), 4, per_size=True) == 1.0  # one answer: nothing uneven
+
+
+def test_expected_even_entropy_matches_simulated_draws():
+    rng = np.random.default_rng(1)
+    for n, classes in ((3, 13), (20, 13), (40, 50)):
+        simulated = []
+        for _ in range(4000):
+            counts = np.bincount(rng.integers(0, classes, n))
+            p = counts[counts > 0] / n
+            simulated.append(-(p * np.log(p)).sum() + (len(p) - 1) / (2 * n))
+        assert sm.expected_even_entropy(n, classes) == pytest.approx(np.mean(simulated), rel=0.01)
+    assert sm.expected_even_entropy(1, 13) == 0.0
+
+
 def test_useful_balance_corrects_a_small_sample_so_random_answers_score_near_one():
     rng = np.random.default_rng(0)
     small = [sm.useful_balance(rng.integers(13, size=20), 13) for _ in range(300)]

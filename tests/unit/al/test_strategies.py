@@ -43,6 +43,7 @@ CONFIGS = [(name, {}) for name in STRATEGIES] + [
     ("multi_criteria", {"diversity_weight": 0.0}),
     ("poal", {"informativeness": "margin", "junk_clusters": 1}),
     ("albl", {"arms": ["random", "badge", "bald", "poal"]}),
+    ("albl", {"credit": "balance_per_size"}),
 ]
 CONFIG_IDS = [name + "".join(f"-{v}" for v in opts.values()) for name, opts in CONFIGS]
 
@@ -1013,6 +1014,17 @@ def test_albl_balance_credits_the_arm_whose_answers_cover_the_classes_and_are_no
     p, notes = strategy.next_probabilities(candidates, 10)
     assert p.argmax() == 1 and p.min() >= 0.2 / 3 - 1e-12  # γ keeps every arm explored
     assert notes["credit"]["random"] == pytest.approx(1.0)
+
+
+def test_albl_balance_per_size_does_not_credit_an_arm_for_having_more_answers():
+    few, many = [0, 1, 2], list(range(C)) * 6  # both as even as they can be
+    history = balance_history({"entropy": few, "random": many})
+    candidates = balance_candidates(history)
+    plain = make_strategy("albl", arms=["entropy", "random"], credit="balance").balance_credit(candidates)
+    sized = make_strategy("albl", arms=["entropy", "random"],
+                          credit="balance_per_size").balance_credit(candidates)
+    assert plain[0] < plain[1] - 0.1
+    assert sized[0] > sized[1] >= 1.0  # more even than even draws, the few answers most of all
 
 
 def test_albl_balance_gives_an_arm_without_answers_the_others_mean_and_unanswered_queries_nothing():
