@@ -8,7 +8,7 @@ from orchestrator.campaign.cli import main
 
 
 @pytest.mark.parametrize("options, said", [
-    ("{credit: loo}", "strategy: albl: credit 'loo'; valid: ['batch', 'probe', 'balance']"),
+    ("{credit: loo}", "strategy: albl: credit 'loo'; valid: ['batch', 'probe', 'balance', 'balance_per_size']"),
     ("{bogus: 1}", "strategy: strategy 'albl' has no option(s) ['bogus']"),
 ])
 def test_a_bad_strategy_option_is_refused_before_a_run_directory_is_made(tmp_path, capsys, options, said):
