@@ -262,14 +262,15 @@ def run_dir_of(out: Path, name: str, row: str, seed: int) -> Path:
     return out / "runs" / name / f"{row}-seed{seed}"
 
 
-def planned(datasets: list[str], seeds: list[int], rows: list[str]) -> list[tuple[str, str, int]]:
+def planned(datasets: list[str], seeds: list[int], rows: list[str],
+            full: bool = True) -> list[tuple[str, str, int]]:
     """(data set, row, seed) in the order they run: the first data set wave by wave (full
-    supervision with the first wave), each wave seed by seed, so a stopped run leaves complete
-    seeds for pairing; then the other data sets the same way."""
+    supervision with the first wave, unless ``full`` is off), each wave seed by seed, so a
+    stopped run leaves complete seeds for pairing; then the other data sets the same way."""
     order = []
     for dataset in datasets:
         for i, wave in enumerate(WAVES):
-            names = ([FULL] if i == 0 else []) + [run[0] for run in wave if run[0] in rows]
+            names = ([FULL] if i == 0 and full else []) + [run[0] for run in wave if run[0] in rows]
             order += [(dataset, row, seed) for seed in seeds for row in names]
     return order
 
@@ -288,7 +289,7 @@ def run_all(args, rows: list[str]) -> None:
     tasks = {}
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as executor:
-        for name, row, seed in planned(args.datasets, args.seeds, rows):
+        for name, row, seed in planned(args.datasets, args.seeds, rows, not args.no_full):
             run_dir = run_dir_of(args.out, name, row, seed)
             if finished_state(run_dir) or (name, row, seed) in recorded:
                 continue
@@ -886,7 +887,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["shrec13_snr0.05"], choices=list(DATASETS))
     parser.add_argument("--strategies", nargs="+", default=[run[0] for run in RUNS],
-                        help="rows to run (full supervision always runs; `full` alone runs only it)")
+                        help="rows to run (full supervision runs too, unless --no-full; `full` "
+                             "alone runs only it)")
+    parser.add_argument("--no-full", action="store_true",
+                        help="skip full supervision: for rows compared only with each other, such "
+                             "as cold starts on seeds that have no full-supervision run")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--jobs", type=int, default=2, help="campaigns at a time")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "label_efficiency")

@@ -113,6 +113,11 @@ def test_the_plan_runs_full_supervision_and_the_first_wave_seed_by_seed_first():
     assert order.index(("b", "full", 0)) > order.index(("a", "entropy", 1))
 
 
+def test_the_plan_leaves_full_supervision_out_when_told():
+    order = planned(["a"], [5, 6], ["cold_random_5pct"], full=False)
+    assert order == [("a", "cold_random_5pct", 5), ("a", "cold_random_5pct", 6)]
+
+
 # --- issue 17: the last wave's rows, junk and arms ------------------------------------------------
 
 
