@@ -75,6 +75,10 @@ SHREC_MAPS = Path(os.environ.get("CRYOAL_SHREC_MAPS", ROOT.parent / "shared" / "
 RESULTS = ROOT / "docs" / "results" / "label_efficiency.csv"
 QUERY_COLUMNS = ["dataset", "strategy", "seed", "cycle", "chosen_by", "queried", "junk"]
 CLASS_COLUMNS = ["dataset", "strategy", "seed", "label", "count"]  # the labelled set at the end
+# the training code a campaign ran with: the same seed gives the same cycle 0 only under the
+# same code, so seeds are paired only where both rows ran it (see `code_version`)
+CODE_COLUMNS = ["dataset", "strategy", "seed", "code"]
+CODE_FILE = "code_version.txt"
 COLUMNS = ["dataset", "strategy", "seed", "labelled", "fraction", "val_accuracy", "test_accuracy"]
 DETAIL_COLUMNS = ["dataset", "strategy", "seed", "labelled", "classifier", "val_accuracy_task",
                   "val_accuracy_mean", "test_accuracy_task", "test_accuracy_mean", "epochs",
@@ -281,9 +285,38 @@ def finished_state(run_dir: Path) -> dict | None:
     return state if state and state.get("done") else None
 
 
+def code_version() -> str:
+    """The campaign code this checkout runs: the last commit that changed `orchestrator/`, and
+    "+changes" when it has uncommitted ones ("unknown" outside git). Two runs of one seed give
+    the same cycle 0 only under the same code (a change to BatchNorm's recalibration on
+    2026-11-27 moved one seed's cycle 0 from 0.354 to 0.441), so pairs across it are not pairs."""
+    import subprocess
+
+    def git(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True)
+
+    last = git("log", "-1", "--format=%h", "--", "orchestrator")
+    if last.returncode or not last.stdout.strip():
+        return "unknown"
+    changed = git("diff", "--quiet", "HEAD", "--", "orchestrator").returncode != 0
+    return last.stdout.strip() + ("+changes" if changed else "")
+
+
+def record_code(run_dir: Path, code: str) -> None:
+    """Append the code a campaign (re)starts under to its run directory: a campaign resumed
+    under other code keeps both."""
+    path = run_dir / CODE_FILE
+    seen = path.read_text().split() if path.exists() else []
+    if not seen or seen[-1] != code:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(code + "\n")
+
+
 def run_all(args, rows: list[str]) -> None:
     """Every planned campaign not yet finished, `--jobs` at a time; the CSV after each."""
     pools = {name: simulate(name, args.out) for name in args.datasets}
+    code = code_version()
     runs = {run[0]: run for run in RUNS}
     recorded = recorded_campaigns(args.results)  # finished in an earlier checkout: not rerun
     tasks = {}
@@ -297,6 +330,7 @@ def run_all(args, rows: list[str]) -> None:
             sets = (full_supervision_sets(seed, n_train) if row == FULL
                     else campaign_sets(runs[row], seed, n_train)) + args.set
             run_dir.parent.mkdir(parents=True, exist_ok=True)
+            record_code(run_dir, code)
             tasks[executor.submit(run_one, pools[name].path, str(run_dir), sets)] = (name, row, seed)
         for done, future in enumerate(as_completed(tasks), 1):
             name, row, seed = tasks[future]
@@ -326,7 +360,7 @@ def write_results(out: Path, path: Path) -> None:
     and choosing strategy: how many, how many answered junk) and the class counts of its
     labelled set at its last budget. Campaigns already in the files but not under `out` (run
     in another checkout, whose run directories are gone) keep their rows."""
-    rows, details, queries, classes = [], [], [], []
+    rows, details, queries, classes, codes = [], [], [], [], []
     for state_file in sorted((out / "runs").glob("*/*/state.json")):
         run_dir = state_file.parent
         state = finished_state(run_dir)
@@ -342,10 +376,14 @@ def write_results(out: Path, path: Path) -> None:
         if row != FULL:
             classes += [[run_dir.parent.name, row, int(seed), label, n]
                         for label, n in sorted(class_counts(run_dir).items())]
+        if (run_dir / CODE_FILE).exists():
+            codes.append([run_dir.parent.name, row, int(seed),
+                          " then ".join((run_dir / CODE_FILE).read_text().split())])
     for file, columns, new_rows, sort_width in (
             (path, COLUMNS, rows, 4), (beside(path, "models"), DETAIL_COLUMNS, details, 4),
             (beside(path, "queries"), QUERY_COLUMNS, queries, 5),
-            (beside(path, "classes"), CLASS_COLUMNS, classes, 4)):
+            (beside(path, "classes"), CLASS_COLUMNS, classes, 4),
+            (beside(path, "code"), CODE_COLUMNS, codes, 3)):
         merged = _kept_rows(file, columns, {tuple(r[:3]) for r in rows}) + new_rows
         _write_csv(file, columns, sorted(merged, key=lambda r: [_sort_key(v) for v in r[:sort_width]]))
 
@@ -648,7 +686,42 @@ def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str
     details_file = beside(results, "models")
     if details_file.exists():
         parts.append(classifier_table(read_details(details_file), datasets))
+    code_file = beside(results, "code")
+    if code_file.exists():
+        parts.append(code_pairs_note(read_codes(code_file), curves, datasets))
     return "\n".join(part for part in parts if part)
+
+
+def read_codes(path: Path) -> dict:
+    """{dataset: {row: {seed: code}}} from the code file beside the results."""
+    codes: dict = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            codes.setdefault(r["dataset"], {}).setdefault(r["strategy"], {})[int(r["seed"])] = r["code"]
+    return codes
+
+
+def code_pairs_note(codes: dict, curves: dict, datasets: list[str] | None = None) -> str:
+    """The seeds whose "AUBC − random" pairs two runs of different training code, per data set
+    and row (only where both runs' code is known: campaigns from before 2026-11-27 18:30 have
+    none recorded)."""
+    lines = []
+    for name in datasets or sorted(curves):
+        random_codes = codes.get(name, {}).get(RANDOM, {})
+        for row in sorted(curves.get(name, {})):
+            if row in (RANDOM, FULL) or row in OWN_BUDGETS:
+                continue
+            row_codes = codes.get(name, {}).get(row, {})
+            seeds = [s for s in sorted(row_codes) if s in random_codes and row_codes[s] != random_codes[s]]
+            if seeds:
+                lines.append(f"| {name} | {row} | {', '.join(map(str, seeds))} |")
+    if not lines:
+        return ""
+    return "\n".join(["#### Pairs across code versions", "",
+                      'Seeds whose "AUBC − random" pairs runs of different code (a change anywhere under '
+                      '`orchestrator/`: one that did not touch training leaves a true pair, one that '
+                      'did makes it none).',
+                      "", "| data set | row | seeds |", "|---|---|---|", *lines]) + "\n"
 
 
 # --- the recipe's questions: KL direction, the regulariser, the mean teacher, T or M -----------

@@ -168,6 +168,38 @@ def finish_run(run_dir, accuracy):
     (run_dir / "state.json").write_text(json.dumps({"done": True, "cycles": [cycle]}))
 
 
+def test_a_campaign_records_the_code_it_ran_under_and_a_resume_under_other_code_adds_it(tmp_path):
+    from bench.label_efficiency import CODE_FILE, record_code
+
+    run_dir = tmp_path / "random-seed0"
+    record_code(run_dir, "abc1234")
+    record_code(run_dir, "abc1234")  # resumed under the same code: nothing new
+    record_code(run_dir, "def5678+changes")
+    assert (run_dir / CODE_FILE).read_text().split() == ["abc1234", "def5678+changes"]
+
+
+def test_code_version_names_the_last_commit_of_the_campaign_code():
+    from bench.label_efficiency import code_version
+
+    version = code_version()
+    assert version == "unknown" or len(version.split("+")[0]) >= 7
+
+
+def test_the_report_names_the_pairs_whose_two_runs_ran_different_code(tmp_path):
+    from bench.label_efficiency import beside, record_code, report, write_results
+
+    results = tmp_path / "label_efficiency.csv"
+    for row, seed, code in (("random", 0, "aaa"), ("random", 1, "aaa"), ("entropy", 0, "aaa"),
+                            ("entropy", 1, "bbb"), ("coreset", 0, "aaa")):
+        run_dir = tmp_path / "out" / "runs" / "d" / f"{row}-seed{seed}"
+        finish_run(run_dir, 0.5)
+        record_code(run_dir, code)
+    write_results(tmp_path / "out", results)
+    assert [r["code"] for r in read_rows(beside(results, "code"))] == ["aaa", "aaa", "bbb", "aaa", "aaa"]
+    note = report(results, tmp_path).split("#### Pairs across code versions")[1]
+    assert "| d | entropy | 1 |" in note and "coreset" not in note
+
+
 def test_results_of_campaigns_run_in_another_checkout_survive_and_a_rerun_replaces_its_own(tmp_path):
     from bench.label_efficiency import beside, recorded_campaigns, write_results
 
