@@ -1,8 +1,9 @@
 """Cold start: cycle 0's labels chosen instead of drawn at random (``strategy.initial``).
 
-At tiny budgets, labelling typical and diverse examples beats a random draw (TypiClust, Hacohen
-et al., ICML 2022: cluster the pool in an embedding space that needs no labels, label the most
-typical member of each of the largest clusters). Cycle 0 has no trained model, so the
+At tiny budgets, labelling typical and diverse examples beats a random draw, TypiClust's authors
+report (Hacohen et al., ICML 2022: cluster the pool in an embedding space that needs no labels,
+label the most typical member of each of the largest clusters); on the benchmark's data it is
+measured in docs/BENCHMARKS.md, "Cold start". Cycle 0 has no trained model, so the
 embedding here is a rotation-invariant description of each volume, computed from the pool in
 the driver (every train volume read once, in batches):
 
