@@ -150,11 +150,14 @@ WAVES = [
 # 5% as one-cycle campaigns too, so both draws of a seed run side by side on one machine (the
 # campaigns' cycle 0s may not: the same draw and weights gave 0.354 and 0.441 on two machines)
 COLD_FRACTIONS = (0.01, 0.02, 0.03, 0.04, 0.05)
-TYPICLUST_START = ["strategy.initial=typiclust"]
+# TypiClust over the radial features (the first cold start; its rows' names predate the choice)
+TYPICLUST_START = ["strategy.initial=typiclust", "strategy.initial_options={embedding: radial}"]
+# and over the low-passed density's quantiles (the cold start's default since 2026-11-27)
+TYPICLUST_DENSITY = ["strategy.initial=typiclust", "strategy.initial_options={embedding: density}"]
 JUNK_CLASS = ["train.junk_class=true"]
+COLD_METHODS = (("random", []), ("typiclust", TYPICLUST_START), ("typiclust_density", TYPICLUST_DENSITY))
 COLD_START = [(f"cold_{method}_{round(100 * f)}pct", "random", {}, extra, (f,))
-              for method, extra in (("random", []), ("typiclust", TYPICLUST_START))
-              for f in COLD_FRACTIONS]
+              for method, extra in COLD_METHODS for f in COLD_FRACTIONS]
 WAVES.append([
     # the batch's one validation gain shared by its arms (EXP3), as first run
     ("albl", "albl", {"arms": ["random", "entropy", "ema_kl", "coreset"], "credit": "batch", "eta": 10.0}, []),
@@ -885,24 +888,32 @@ def paired(first: dict[int, float], second: dict[int, float]) -> tuple[float, fl
 
 
 def cold_start_table(name: str, by_strategy: dict) -> str:
-    """Accuracy of the first labels alone, drawn at random or chosen by TypiClust: one-cycle
-    campaigns at 1–5%, and cycle 0 of `random` and of `typiclust_start` (5%)."""
-    budgets = [(f"{100 * f:g}%", by_strategy.get(f"cold_random_{round(100 * f)}pct"),
-                by_strategy.get(f"cold_typiclust_{round(100 * f)}pct")) for f in COLD_FRACTIONS]
-    budgets.append((f"{100 * FRACTIONS[0]:g}%, the campaigns' cycle 0", by_strategy.get(RANDOM),
-                    by_strategy.get("typiclust_start")))
+    """Accuracy of the first labels alone, drawn at random or chosen by TypiClust (over each
+    embedding that ran): one-cycle campaigns at 1–5%, and cycle 0 of `random` and of
+    `typiclust_start` (5%), each chooser paired by seed with the random draw."""
+    methods = [method for method, _ in COLD_METHODS[1:]
+               if any(f"cold_{method}_{round(100 * f)}pct" in by_strategy for f in COLD_FRACTIONS)]
+    budgets = [(f"{100 * f:g}%", {m: by_strategy.get(f"cold_{m}_{round(100 * f)}pct")
+                                  for m in ("random", *methods)}) for f in COLD_FRACTIONS]
+    budgets.append((f"{100 * FRACTIONS[0]:g}%, the campaigns' cycle 0",
+                    {"random": by_strategy.get(RANDOM), "typiclust": by_strategy.get("typiclust_start")}))
     lines = []
-    for budget, random_seeds, typiclust_seeds in budgets:
-        first, second = first_budget(random_seeds), first_budget(typiclust_seeds)
-        if not (first and second):
+    for budget, rows in budgets:
+        first = first_budget(rows["random"])
+        chosen = {m: first_budget(rows.get(m)) for m in methods}
+        if not (first and any(chosen.values())):
             continue
-        lines.append(f"| {budget} | {_pm(*mean_ci(first.values()))} ({len(first)}) | "
-                     f"{_pm(*mean_ci(second.values()))} ({len(second)}) | {_signed(*paired(first, second))} |")
+        cells = [f"{_pm(*mean_ci(first.values()))} ({len(first)})"]
+        for m in methods:
+            cells += [f"{_pm(*mean_ci(chosen[m].values()))} ({len(chosen[m])})",
+                      _signed(*paired(first, chosen[m]))] if chosen[m] else ["", ""]
+        lines.append(f"| {budget} | " + " | ".join(cells) + " |")
     if not lines:
         return ""
+    heads = [h for m in methods for h in (f"{m} (seeds)", f"{m} − random (paired)")]
     return "\n".join([f"#### {name}: cold start (test accuracy of the first labels alone)", "",
-                      "| labelled | random draw (seeds) | TypiClust (seeds) | TypiClust − random (paired) |",
-                      "|---|---|---|---|", *lines]) + "\n"
+                      "| labelled | random draw (seeds) | " + " | ".join(heads) + " |",
+                      "|---|---|" + "---|" * len(heads), *lines]) + "\n"
 
 
 def junk_share(cycles: dict, first_cycle: bool) -> float:

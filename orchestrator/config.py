@@ -156,10 +156,11 @@ class BudgetConfig:
 class StrategyConfig:
     name: str = "albl"  # never measurably below random; above it on long-tailed pools (default.yaml)
     options: dict = field(default_factory=dict)  # e.g. {distance: js, order: lowest}
-    # cycle 0: a seeded random draw, or typiclust (typical members of clusters of the volumes'
-    # radial features: TypiClust's cold start for tiny budgets, orchestrator/al/cold_start.py)
+    # cycle 0: a seeded random draw, or typiclust (typical members of clusters of a label-free
+    # embedding of the volumes: TypiClust's cold start for tiny budgets, al/cold_start.py)
     initial: str = "random"
-    initial_options: dict = field(default_factory=dict)  # typiclust's, e.g. {max_clusters: 200}
+    # {embedding: density | radial} and typiclust's own, e.g. {max_clusters: 200}
+    initial_options: dict = field(default_factory=dict)
     # with train.junk_class: a candidate the model calls junk with at least this probability is
     # not queried (while k others remain); 1.0 queries them as any other
     junk_threshold: float = 0.5
@@ -167,6 +168,10 @@ class StrategyConfig:
     def __post_init__(self):
         if self.initial not in ("random", "typiclust"):
             raise ConfigError(f"strategy.initial: {self.initial!r} is not one of ['random', 'typiclust']")
+        embedding = self.initial_options.get("embedding", "density")
+        if embedding not in ("density", "radial"):  # al/cold_start.py's EMBEDDINGS
+            raise ConfigError(f"strategy.initial_options.embedding: {embedding!r} is not one of "
+                              "['density', 'radial']")
         if not 0.0 < self.junk_threshold <= 1.0:
             raise ConfigError(f"strategy.junk_threshold: must be in (0, 1], got {self.junk_threshold}")
 

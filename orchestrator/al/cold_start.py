@@ -4,20 +4,24 @@ At tiny budgets, labelling typical and diverse examples beats a random draw, Typ
 report (Hacohen et al., ICML 2022: cluster the pool in an embedding space that needs no labels,
 label the most typical member of each of the largest clusters); on the benchmark's data it is
 measured in docs/BENCHMARKS.md, "Cold start". Cycle 0 has no trained model, so the
-embedding here is a rotation-invariant description of each volume, computed from the pool in
-the driver (every train volume read once, in batches):
+embedding is a label-free description of each volume, the same however the particle is turned,
+computed from the pool in the driver (every train volume read once, in batches). Two are
+offered (``strategy.initial_options.embedding``):
 
-- the mean density and the mean squared density in spherical shells about the box centre
-  (radius 0 … box/2 − 1 voxels): a particle's size and radial layout whatever its orientation;
-- the log of the mean Fourier power in shells of |k| (0 … box/2 − 1): its texture and size in
-  frequency, the same CTF and wedge for every volume.
+- ``density`` (the default): the particle's tail of the low-passed density (Gaussian, σ = 1.5, 2
+  and 3 voxels; each volume's mean removed) as quantiles, 0.5 … 0.999: how much of the box is
+  how dense, i.e. the particle's mass and how compact it is, wherever it sits in the box. Both
+  tails are computed; the one reaching farther out over the candidates is the particles' (dark
+  protein in most tomograms, bright where the contrast was inverted) and is the one kept.
+- ``radial``: the mean density and the mean squared density in spherical shells about the box
+  centre, and the log mean Fourier power in shells of |k| (3·(box/2) numbers).
 
-Each of the 3·(box/2) features is z-scored over the candidates, then ``typiclust`` selects.
-Why not a random network's features (the other embedding TypiClust's authors suggest): on 300
-built-in subtomograms at SNR 0.05 (10 classes), k-means on a random ResNet-10's embeddings
-(BatchNorm statistics set on 256 of them) found clusters with a normalised mutual information
-with the classes of 0.06–0.08, what random vectors give (0.06); these radial features gave
-0.33 (`python bench/cold_start_embeddings.py`).
+Each feature is z-scored over the candidates, then ``typiclust`` selects. How well k-means on
+each finds the classes (normalised mutual information with them; 0 is chance) on the
+benchmark's SHREC'21 pool at SNR 0.05 (1,950 train volumes, 13 classes): ``density`` 0.53,
+``radial`` 0.40 (``python bench/cold_start_embeddings.py --pool …``). A random network's
+features, the other embedding TypiClust's authors suggest, gave 0.06–0.08 on 300 built-in
+subtomograms at SNR 0.05 (10 classes), what random vectors give (0.06; the radial features 0.33).
 """
 
 from __future__ import annotations
@@ -29,10 +33,48 @@ import numpy as np
 from orchestrator.al.strategies import Candidates, make_strategy, select
 from orchestrator.data.pool import decode_volumes, iter_batches, open_pool
 
-__all__ = ["INITIAL", "radial_features", "pool_features", "typiclust_initial"]
+__all__ = ["INITIAL", "EMBEDDINGS", "density_features", "radial_features", "particle_tail",
+           "pool_features", "typiclust_initial"]
 
 INITIAL = ("random", "typiclust")  # what strategy.initial may name
 BATCH_ROWS = 256
+SIGMAS = (1.5, 2.0, 3.0)  # voxels: low-pass filters that leave a particle and average the noise
+TAIL = (0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.001)  # fractions of the box beyond a density
+
+
+@lru_cache(maxsize=4)
+def _gaussians(box: tuple[int, int, int]) -> np.ndarray:
+    """[σ, rfft half grid] float32: the Fourier transfer of a Gaussian of each σ in SIGMAS."""
+    k = [np.fft.fftfreq(n) for n in box[:2]] + [np.fft.rfftfreq(box[2])]
+    kz, ky, kx = np.meshgrid(*k, indexing="ij")
+    k2 = kz**2 + ky**2 + kx**2
+    return np.stack([np.exp(-2 * np.pi**2 * s**2 * k2) for s in SIGMAS]).astype(np.float32)
+
+
+def density_features(volumes: np.ndarray) -> np.ndarray:
+    """[n, 2·|SIGMAS|·|TAIL|] float64 per volume [n, z, y, x]: for each low-pass σ, the density
+    that a fraction t of the box lies beyond (t in TAIL), first of the dark tail (as minus the
+    density), then of the bright tail. Invariant to rotations and shifts of the particle."""
+    volumes = np.asarray(volumes, dtype=np.float32)
+    box = tuple(volumes.shape[1:])
+    spectrum = np.fft.rfftn(volumes, axes=(1, 2, 3))
+    dark, bright = [], []
+    for gaussian in _gaussians(box):
+        low = np.fft.irfftn(spectrum * gaussian, s=box, axes=(1, 2, 3)).reshape(len(volumes), -1)
+        low -= low.mean(axis=1, keepdims=True)
+        dark.append(-np.quantile(low, TAIL, axis=1).T)
+        bright.append(np.quantile(low, 1.0 - np.array(TAIL), axis=1).T)
+    return np.concatenate(dark + bright, axis=1).astype(np.float64)
+
+
+def particle_tail(features: np.ndarray) -> np.ndarray:
+    """The half of :func:`density_features` that describes the particles: the tail whose most
+    extreme quantile lies farther out on average over these volumes (noise is symmetric, a
+    particle is not)."""
+    half = features.shape[1] // 2
+    dark, bright = features[:, :half], features[:, half:]
+    extreme = slice(len(TAIL) - 1, None, len(TAIL))
+    return dark if np.nanmean(dark[:, extreme]) >= np.nanmean(bright[:, extreme]) else bright
 
 
 @lru_cache(maxsize=4)
@@ -77,30 +119,45 @@ def radial_features(volumes: np.ndarray) -> np.ndarray:
                            np.log(spectrum + 1e-12)], axis=1).astype(np.float64)
 
 
-def pool_features(pool_path: str, rows: np.ndarray, batch_rows: int = BATCH_ROWS) -> np.ndarray:
-    """:func:`radial_features` of the pool rows ``rows`` (sorted, unique), in that order."""
+EMBEDDINGS = {"density": density_features, "radial": radial_features}
+
+
+def pool_features(pool_path: str, rows: np.ndarray, batch_rows: int = BATCH_ROWS,
+                  embedding: str = "density") -> np.ndarray:
+    """The ``embedding`` (a name in EMBEDDINGS) of the pool rows ``rows`` (sorted, unique), in
+    that order."""
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"strategy.initial_options.embedding: {embedding!r} is not one of "
+                         f"{sorted(EMBEDDINGS)}")
+    features_of = EMBEDDINGS[embedding]
     rows = np.asarray(rows, dtype=np.int64)
     info = open_pool(pool_path)
-    out = np.full((len(rows), 3 * (min(info.box) // 2)), np.nan)
+    width = features_of(np.zeros((1, *info.box), np.float32)).shape[1]
+    out = np.full((len(rows), width), np.nan)
     for batch in iter_batches(pool_path, columns=["row", "volume"], batch_rows=batch_rows):
         batch_rows_ = batch.column(0).to_numpy()
         position = np.searchsorted(rows, batch_rows_).clip(max=max(len(rows) - 1, 0))
         keep = np.flatnonzero((len(rows) > 0) & (rows[position] == batch_rows_))
         if keep.size:
             volumes = decode_volumes(batch.column(1).take(keep), info)
-            out[position[keep]] = radial_features(volumes)
+            out[position[keep]] = features_of(volumes)
     return out
 
 
 def typiclust_initial(pool_path: str, candidates: np.ndarray, k: int, seed: int,
                       options: dict | None = None) -> np.ndarray:
     """The k pool rows of cycle 0 (in the order chosen): ``typiclust`` over the candidates'
-    z-scored radial features, no labelled rows, randomness from (seed, cycle 0)."""
+    z-scored embedding (``options["embedding"]``, default ``density``; the other options are
+    typiclust's), no labelled rows, randomness from (seed, cycle 0)."""
+    options = dict(options or {})
+    embedding = options.pop("embedding", "density")
     rows = np.unique(np.asarray(candidates, dtype=np.int64))
-    features = pool_features(pool_path, rows)
+    features = pool_features(pool_path, rows, embedding=embedding)
+    if embedding == "density":
+        features = particle_tail(features)
     spread = features.std(axis=0)
     features = (features - features.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
-    strategy = make_strategy("typiclust", **(options or {}))
+    strategy = make_strategy("typiclust", **options)
     chosen = select(strategy, Candidates(rows, {"embeddings": features},
                                          {"embeddings": features[:0]}),
                     k, np.random.default_rng([seed, 0, 0x7C]))

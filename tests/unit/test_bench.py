@@ -127,6 +127,9 @@ def test_cold_start_rows_are_one_cycle_campaigns_at_their_own_budget():
     runs = {run[0]: run for run in RUNS}
     sets = campaign_sets(runs["cold_typiclust_2pct"], 3, 1000)
     assert "budget.counts=[20]" in sets and "strategy.initial=typiclust" in sets
+    assert "strategy.initial_options={embedding: radial}" in sets  # the first rows' embedding
+    density = campaign_sets(runs["cold_typiclust_density_5pct"], 3, 1000)
+    assert "budget.counts=[50]" in density and "strategy.initial_options={embedding: density}" in density
     assert "budget.counts=[50, 100, 150, 200, 300, 400]" in campaign_sets(runs["albl"], 0, 1000)
 
 
@@ -229,7 +232,7 @@ def test_the_report_tells_junk_shares_cold_start_gains_and_albls_arms(tmp_path):
                 for fraction in FRACTIONS:
                     writer.writerow(["toy", strategy, seed, int(1000 * fraction), fraction, level,
                                      level + 0.01 * seed + (0.03 if strategy == "typiclust_start" else 0)])
-            for method, level in (("random", 0.3), ("typiclust", 0.4)):
+            for method, level in (("random", 0.3), ("typiclust", 0.4), ("typiclust_density", 0.45)):
                 for fraction in COLD_FRACTIONS:
                     writer.writerow(["toy", f"cold_{method}_{round(100 * fraction)}pct", seed,
                                      int(1000 * fraction), fraction, level, level + 0.01 * seed])
@@ -249,9 +252,11 @@ def test_the_report_tells_junk_shares_cold_start_gains_and_albls_arms(tmp_path):
     poal = next(line for line in junk.splitlines() if line.startswith("| poal |"))
     assert "0.110 ± " in poal and "| 0.27× |" in poal  # (10, 11, 12) / 100 vs (40, 41, 42) / 100
     cold = next(part for part in text.split("####") if "cold start" in part)
-    assert "| 1% | 0.310 ± 0.025 (3) | 0.410 ± 0.025 (3) | +0.100 ± 0.000 * |" in cold
-    assert "| 5% | 0.310 ± 0.025 (3) | 0.410 ± 0.025 (3) | +0.100 ± 0.000 * |" in cold
-    assert ("| 5%, the campaigns' cycle 0 | 0.510 ± 0.025 (3) | 0.560 ± 0.025 (3) | +0.050 ± 0.000 * |"
+    assert "| typiclust (seeds) | typiclust − random (paired) | typiclust_density (seeds) |" in cold
+    assert ("| 1% | 0.310 ± 0.025 (3) | 0.410 ± 0.025 (3) | +0.100 ± 0.000 * | 0.460 ± 0.025 (3) "
+            "| +0.150 ± 0.000 * |") in cold
+    assert "| 5% | 0.310 ± 0.025 (3) | 0.410 ± 0.025 (3) | +0.100 ± 0.000 * | 0.460" in cold
+    assert ("| 5%, the campaigns' cycle 0 | 0.510 ± 0.025 (3) | 0.560 ± 0.025 (3) | +0.050 ± 0.000 * |  |  |"
             in cold)
     arms = next(part for part in text.split("####") if "albl chose" in part)
     assert "toy: the base strategies albl chose" in arms

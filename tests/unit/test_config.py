@@ -32,6 +32,8 @@ def test_a_wrongly_typed_value_is_an_error():
     ("score.cpus_per_actor=0", "score.cpus_per_actor must be > 0"),
     ("strategy.junk_threshold=0", r"strategy.junk_threshold: must be in \(0, 1\], got 0"),
     ("strategy.junk_threshold=1.5", r"strategy.junk_threshold: must be in \(0, 1\], got 1.5"),
+    ("strategy.initial_options={embedding: pixels}",
+     r"strategy.initial_options.embedding: 'pixels' is not one of \['density', 'radial'\]"),
 ])
 def test_an_out_of_range_scoring_setting_is_refused_when_the_config_loads(override, message):
     with pytest.raises(ConfigError, match=message):
