@@ -1,13 +1,16 @@
 """Which label-free embedding lets cycle 0's TypiClust find the classes (orchestrator/al/cold_start.py).
 
-Simulates a small pool (built-in classes, SNR 0.05 by default), embeds every subtomogram with
-(a) the radial features the cold start uses and (b) a random ResNet-10's penultimate features
-(BatchNorm statistics set on 256 of the volumes, as TypiClust's "random network" option), runs
-k-means with as many clusters as classes (3 seeds) and prints the normalised mutual information
-between clusters and classes (0 = no better than chance; random vectors for reference):
+Simulates a small pool (built-in classes, SNR 0.05 by default) or reads the train split of an
+existing one (`--pool`), embeds every subtomogram with (a) the cold start's two embeddings,
+`density` (quantiles of the low-passed density's particle tail) and `radial` (shell profiles and
+power), and (b) a random ResNet-10's penultimate features (BatchNorm statistics set on 256 of the
+volumes, as TypiClust's "random network" option), runs k-means with as many clusters as classes
+(3 seeds) and prints the normalised mutual information between clusters and classes (0 = no
+better than chance; random vectors for reference):
 
     python bench/cold_start_embeddings.py                 # 10 classes × 30, SNR 0.05
     python bench/cold_start_embeddings.py --snr 0.1 --classes 13 --per-class 40
+    python bench/cold_start_embeddings.py --pool runs/bench/label_efficiency/pools/shrec13_snr0.05
 """
 
 from __future__ import annotations
@@ -63,38 +66,55 @@ def random_network(volumes: np.ndarray, classes: int, seed: int) -> np.ndarray:
     return forward_outputs(model, None, x, {"embeddings"})["embeddings"]
 
 
+def embed(path: str):
+    """(labels, {embedding: (features, seconds)}, volumes) of the pool's train rows."""
+    from orchestrator.al.cold_start import EMBEDDINGS, particle_tail, pool_features
+    from orchestrator.data.pool import read_index, read_volumes
+
+    index = read_index(path, ["row", "label", "split"]).sort_by("row")
+    train = np.array(index.column("split").to_pylist()) == "train"
+    rows = index.column("row").to_numpy()[train]
+    embeddings = {}
+    for name in EMBEDDINGS:
+        started = time.perf_counter()
+        features = pool_features(path, rows, embedding=name)
+        features = particle_tail(features) if name == "density" else features
+        embeddings[name] = (features, time.perf_counter() - started)
+    return index.column("label").to_numpy()[train], embeddings, read_volumes(path, rows.tolist())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--snr", type=float, default=0.05)
+    parser.add_argument("--pool", help="an existing pool: embed its train split instead")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
-    from orchestrator.al.cold_start import pool_features
-    from orchestrator.data.pool import read_index, read_volumes
-    from orchestrator.data.simulate import SimulationConfig, simulate_pool
-
     with tempfile.TemporaryDirectory() as folder:
-        cfg = SimulationConfig(structures=f"builtin:{args.classes}", per_class=args.per_class,
-                               snr=args.snr)
-        info = simulate_pool(None, cfg, Path(folder) / "pool", workers=1, progress=False)
-        labels = read_index(info.path, ["row", "label"]).sort_by("row").column("label").to_numpy()
-        rows = np.arange(info.n_rows)
-        started = time.perf_counter()
-        radial = pool_features(info.path, rows)
-        seconds = time.perf_counter() - started
-        volumes = read_volumes(info.path, rows.tolist())
-    print(f"{info.n_rows} subtomograms, {args.classes} classes, SNR {args.snr:g}")
+        if args.pool:
+            path, title = args.pool, f"the train split of {args.pool}"
+        else:
+            from orchestrator.data.simulate import SimulationConfig, simulate_pool
+
+            cfg = SimulationConfig(structures=f"builtin:{args.classes}", per_class=args.per_class,
+                                   snr=args.snr)
+            path = simulate_pool(None, cfg, Path(folder) / "pool", workers=1, progress=False).path
+            title = f"{args.classes} built-in classes × {args.per_class}, SNR {args.snr:g}"
+        labels, embeddings, volumes = embed(path)
+    classes = len(np.unique(labels))
+    print(f"{len(labels)} subtomograms, {classes} classes: {title}")
     print("| embedding | NMI of k-means clusters with the classes |\n|---|---|")
-    print(f"| radial features (cold start; {seconds:.1f} s) | {cluster_score(radial, labels, args.classes):.3f} |")
+    for name, (features, seconds) in embeddings.items():
+        print(f"| {name} (cold start; {seconds:.1f} s) | {cluster_score(features, labels, classes):.3f} |")
     for seed in (0, 1):
-        score = cluster_score(random_network(volumes, args.classes, seed), labels, args.classes)
+        score = cluster_score(random_network(volumes, classes, seed), labels, classes)
         print(f"| random ResNet-10, seed {seed} | {score:.3f} |")
     noise = np.random.default_rng(0).standard_normal((len(labels), 8))
-    print(f"| random vectors | {cluster_score(noise, labels, args.classes):.3f} |")
+    print(f"| random vectors | {cluster_score(noise, labels, classes):.3f} |")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,7 @@ WAVES.append([
     ("entropy_junk_class", "entropy", {}, JUNK_CLASS),
     ("poal_junk_class", "poal", {"informativeness": "ema_kl"}, JUNK_CLASS),
     ("typiclust_start", "random", {}, TYPICLUST_START),
+    ("typiclust_density_start", "random", {}, TYPICLUST_DENSITY),
     ("ema_kl_typiclust_start", "ema_kl", {"distance": "kl"}, TYPICLUST_START),
     *COLD_START,
 ])
