@@ -891,13 +891,14 @@ def paired(first: dict[int, float], second: dict[int, float]) -> tuple[float, fl
 def cold_start_table(name: str, by_strategy: dict) -> str:
     """Accuracy of the first labels alone, drawn at random or chosen by TypiClust (over each
     embedding that ran): one-cycle campaigns at 1–5%, and cycle 0 of `random` and of
-    `typiclust_start` (5%), each chooser paired by seed with the random draw."""
+    `typiclust_start` and `typiclust_density_start` (5%), each paired by seed with the draw."""
     methods = [method for method, _ in COLD_METHODS[1:]
                if any(f"cold_{method}_{round(100 * f)}pct" in by_strategy for f in COLD_FRACTIONS)]
     budgets = [(f"{100 * f:g}%", {m: by_strategy.get(f"cold_{m}_{round(100 * f)}pct")
                                   for m in ("random", *methods)}) for f in COLD_FRACTIONS]
     budgets.append((f"{100 * FRACTIONS[0]:g}%, the campaigns' cycle 0",
-                    {"random": by_strategy.get(RANDOM), "typiclust": by_strategy.get("typiclust_start")}))
+                    {"random": by_strategy.get(RANDOM), "typiclust": by_strategy.get("typiclust_start"),
+                     "typiclust_density": by_strategy.get("typiclust_density_start")}))
     lines = []
     for budget, rows in budgets:
         first = first_budget(rows["random"])
