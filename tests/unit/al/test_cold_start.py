@@ -94,3 +94,18 @@ def test_either_embedding_labels_one_volume_of_each_shape(pool, embedding):
     labels = read_index(pool.path, ["row", "label"]).sort_by("row").column("label").to_numpy()
     picks = typiclust_initial(pool.path, np.arange(60), 3, seed=0, options={"embedding": embedding})
     assert sorted(labels[picks].tolist()) == [0, 1, 2]
+
+
+def test_density_features_are_numpys_quantiles_of_the_low_passed_density():
+    from orchestrator.al.cold_start import SIGMAS, TAIL, _gaussians
+
+    volumes = np.random.default_rng(4).normal(size=(3, 16, 16, 16)).astype(np.float32)
+    spectrum = np.fft.rfftn(volumes, axes=(1, 2, 3))
+    low = np.fft.irfftn(spectrum * _gaussians((16, 16, 16))[0], s=(16, 16, 16), axes=(1, 2, 3))
+    low = low.reshape(3, -1) - low.reshape(3, -1).mean(axis=1, keepdims=True)
+    features = density_features(volumes)
+    dark_first_sigma = features[:, :len(TAIL)]
+    bright_first_sigma = features[:, len(SIGMAS) * len(TAIL):(len(SIGMAS) + 1) * len(TAIL)]
+    np.testing.assert_allclose(dark_first_sigma, -np.quantile(low, TAIL, axis=1).T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bright_first_sigma, np.quantile(low, 1 - np.array(TAIL), axis=1).T,
+                               rtol=1e-5, atol=1e-6)
