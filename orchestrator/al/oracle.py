@@ -15,7 +15,7 @@ import numpy as np
 
 from orchestrator.al.labels import LabelLedger, LabelRecord
 from orchestrator.data.images import slices_png
-from orchestrator.data.pool import PoolInfo, atomic_write_text, read_volumes
+from orchestrator.data.pool import PoolInfo, atomic_write_text, decode_volumes, iter_rows
 
 
 class AwaitingLabels(RuntimeError):
@@ -128,9 +128,14 @@ def _write_slice_pngs(queries: list[Query], folder: Path, info: PoolInfo) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     if not queries:
         return
-    volumes = read_volumes(info.path, [q.row for q in queries])
-    for n, volume in enumerate(volumes):
-        (folder / f"{n:05d}.png").write_bytes(slices_png(volume))
+    # In pool order, row group by row group: a picture is drawn while the next row groups are
+    # read (the reads wait on the disk, the drawing on the CPU; a large pool's queries each
+    # sit in a row group of their own, no longer in the page cache after the scoring pass).
+    number = {q.row: n for n, q in enumerate(queries)}
+    for table in iter_rows(info.path, list(number), ["volume"], batch_rows=1):
+        row = int(table.column("row")[0].as_py())
+        volume = decode_volumes(table.column("volume"), info)[0]
+        (folder / f"{number[row]:05d}.png").write_bytes(slices_png(volume))
 
 
 def pick_initial(candidate_rows: np.ndarray, count: int, seed: int) -> np.ndarray:

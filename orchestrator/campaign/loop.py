@@ -59,7 +59,8 @@ from orchestrator.config import CampaignConfig, config_to_dict
 from orchestrator.data.pool import PoolInfo
 from orchestrator.data.storage import RunMirror
 from orchestrator.distributed.events import scoring_pass_watch, training_watch
-from orchestrator.distributed.score import column_array, iter_scores, read_scores, score_pool
+from orchestrator.distributed.score import (column_array, describe_pool, iter_scores, read_description,
+                                            read_scores, score_pool)
 from orchestrator.distributed.train import run_training
 from orchestrator.faults import maybe_fault
 from orchestrator.nn.auxiliary import make_auxiliary
@@ -220,7 +221,7 @@ class Campaign:
             initial = self.cfg.strategy.initial
             if initial == "typiclust":  # cold start: typical members of clusters, no model yet
                 picks = typiclust_initial(self.view.info.path, labelled.unlabelled, k, self.cfg.seed,
-                                          self.cfg.strategy.initial_options)
+                                          self.cfg.strategy.initial_options, describe=self._describe)
             else:
                 picks = pick_initial(labelled.unlabelled, k, self.cfg.seed)
             queries = [Query(int(r), str(self.view.ids[r]), self._source(r), chosen_by=initial)
@@ -231,6 +232,13 @@ class Campaign:
         write_selection(selection_file, queries)
         maybe_fault("selection-written")
         return _counted(queries, record)
+
+    def _describe(self, rows: np.ndarray, embedding: str) -> np.ndarray:
+        """The cold start's features of `rows`, described over Ray Data into cycle 0's folder
+        (once: a campaign resumed after a crash reads them back)."""
+        folder = describe_pool(self.view.info.path, rows, self.cycle_dir(0) / f"description-{embedding}",
+                               embedding=embedding, cfg=self.cfg.score)
+        return read_description(folder, rows)
 
     def _strategy_queries(self, cycle: int, k: int, labelled: LabelledSet, record: dict) -> list[Query]:
         """The strategy's k picks from model cycle−1's scores (written when that model was

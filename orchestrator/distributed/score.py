@@ -20,6 +20,7 @@ benchmarks.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -33,7 +34,9 @@ import ray
 import ray.data
 from ray.data.expressions import col
 
+from actors.describer import PoolDescriber, describe_batch
 from actors.scorer import PoolScorer, score_batch
+from orchestrator.al.cold_start import BATCH_ROWS
 from orchestrator import faults
 from orchestrator.config import ScoreConfig
 from orchestrator.data.pool import PoolInfo, iter_batches, iter_rows, open_pool, row_group_index, shard_locations
@@ -41,10 +44,16 @@ from orchestrator.data.storage import absolute
 from orchestrator.distributed.events import partial_dir
 
 SCORED_COLUMNS = ["row", "subtomo_id", "volume"]
+DESCRIBED_COLUMNS = ["row", "volume"]
 SCORING_WORKER_ENV = "CRYOAL_SCORING_WORKER"  # set in the warm scoring workers only
 # The scan filter names skipped rows as ranges when they form at most FEW_RUNS runs, else only
 # the runs of at least LONG_RUN rows (a 1 MB row group of 32³ float16 volumes)
 FEW_RUNS, LONG_RUN = 64, 16
+# A description of fewer rows runs in this process. It costs 1.1-1.7 ms a 32³ volume a core;
+# Ray Data adds ~5 s to start its workers and, on a 2-CPU Ray, does not run both at once (2.0 ms
+# a row, the same features to the bit): it pays off with a cluster's CPUs, for large pools
+# (docs/BENCHMARKS.md, "The cold start's description")
+DESCRIBE_IN_PROCESS_BELOW = 5000
 PROGRESS_FILES = 50  # a pass's score files, when `score.rows_per_file` does not make them fewer
 
 
@@ -108,34 +117,96 @@ def rows_per_file(n_rows: int, cfg: ScoreConfig) -> int:
 def _score_on_ray_data(pool_path: str, scorer_kwargs: dict, rows: np.ndarray | None,
                        partial: Path, cfg: ScoreConfig, file_rows: int) -> None:
     info = open_pool(pool_path)
+    scored = _read_rows(pool_path, rows, SCORED_COLUMNS, cfg).map_batches(
+        **scoring_udf(scorer_kwargs, cfg, len(rows) if rows is not None else info.n_rows),
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        **actor_resources(cfg),
+    )
+    _write_files(scored, partial, file_rows)
+
+
+def _read_rows(pool_path: str, rows: np.ndarray | None, columns: list[str], cfg: ScoreConfig):
+    """A Ray Dataset of the pool's `rows` (None: every row), in blocks of a batch."""
+    info = open_pool(pool_path)
     filesystem, shards = shard_locations(info)  # (None, paths) for a local pool
     limit_buffer(ray.data.DataContext.get_current(), cfg.buffer_mb)
     dataset = ray.data.read_parquet(
         shards, filesystem=filesystem,
         # at least two blocks per actor, or a pool of few shards keeps all but one actor idle
         override_num_blocks=max(len(info.shards), 2 * cfg.actors),
-    ).select_columns(SCORED_COLUMNS)
+    ).select_columns(columns)
     if rows is not None:
         # Ray Data pushes the filter into the Parquet scan: row groups whose `row` statistics
         # hold no scored row are skipped, the rest filtered as they are read, so skipped rows
         # are never decoded nor sent to an actor (a filter that stayed a step after the read
         # would give the same rows).
-        dataset = dataset.filter(expr=scored_rows_filter(rows, row_group_index(info).rows()))
+        keep = scored_rows_filter(rows, row_group_index(info).rows())
+        dataset = dataset if keep is None else dataset.filter(expr=keep)
     # A shard (256 MB) is read by one task, as one stream of blocks: without a split, a pool of
     # fewer shards than actors feeds one actor and leaves the rest idle. Streaming repartition
     # cuts the stream into batch-sized blocks without holding the pool (memory stays flat).
-    dataset = dataset.repartition(target_num_rows_per_block=cfg.batch_size)
-    scored = dataset.map_batches(
-        **scoring_udf(scorer_kwargs, cfg, len(rows) if rows is not None else info.n_rows),
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        **actor_resources(cfg),
-    )
+    return dataset.repartition(target_num_rows_per_block=cfg.batch_size)
+
+
+def _write_files(dataset, partial: Path, file_rows: int) -> None:
     # Batches are bundled into files of `file_rows`. The bundling write is a task of its own:
     # with the CPUs' default reservation it waits for CPUs the scoring actors hold, and every
     # file is written at the end of the pass; it takes next to no CPU, so it reserves none.
-    scored.write_parquet(str(partial.resolve()), min_rows_per_file=file_rows,
-                         ray_remote_args={"num_cpus": 0})
+    dataset.write_parquet(str(partial.resolve()), min_rows_per_file=file_rows,
+                          ray_remote_args={"num_cpus": 0})
+
+
+def describe_pool(pool_path: str, rows: Sequence[int], out_dir: str | Path, *, embedding: str,
+                  cfg: ScoreConfig = ScoreConfig(), batch_rows: int = BATCH_ROWS) -> Path:
+    """The cold start's label-free description (`orchestrator/al/cold_start.py`, `embedding`)
+    of the pool's `rows`, written as Parquet (`row`, `features`) to `out_dir`, which appears
+    whole or not at all (a pass cut short runs again; one written is read as it is). The same
+    pipeline as a scoring pass: only the row groups holding `rows` are read, and the volumes
+    are described in `score.actors` Ray tasks (CPU only: a description is FFTs and a sort) or,
+    with `score.actors = 0` or fewer rows than DESCRIBE_IN_PROCESS_BELOW, in this process; in
+    batches of `batch_rows` (the cold start's, whatever a scoring pass's batch: GPUs take larger). The tasks run where the scoring tasks of small passes run, so the
+    processes they start are the ones cycle 0's scoring pass reuses."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        return out_dir
+    describer_kwargs = {"pool_path": absolute(pool_path), "embedding": embedding}
+    PoolDescriber(**describer_kwargs)  # a bad embedding fails here, before any task starts
+    partial = partial_dir(out_dir)
+    shutil.rmtree(partial, ignore_errors=True)
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    cfg = dataclasses.replace(cfg, batch_size=batch_rows)
+    file_rows = rows_per_file(len(rows), cfg)
+    if not len(rows):
+        partial.mkdir(parents=True)
+    elif cfg.actors == 0 or len(rows) < DESCRIBE_IN_PROCESS_BELOW:
+        _score_in_process(pool_path, PoolDescriber(**describer_kwargs), partial, batch_rows,
+                          rows, file_rows, DESCRIBED_COLUMNS)
+    else:
+        faulty = (faults.runtime_env() or {}).get("env_vars", {})
+        described = _read_rows(pool_path, rows, DESCRIBED_COLUMNS, cfg).map_batches(
+            describe_batch, fn_kwargs=describer_kwargs, batch_size=batch_rows,
+            batch_format="numpy", num_cpus=cfg.cpus_per_actor,
+            # no more tasks than batches: Ray Data warns of a concurrency it cannot use
+            compute=ray.data.TaskPoolStrategy(size=min(cfg.actors, -(-len(rows) // batch_rows))),
+            runtime_env={"env_vars": {**faulty, SCORING_WORKER_ENV: "1"}},
+        )
+        _write_files(described, partial, file_rows)
+    partial.rename(out_dir)
+    return out_dir
+
+
+def read_description(out_dir: str | Path, rows: Sequence[int]) -> np.ndarray:
+    """[len(rows), F] float64: the features `describe_pool` wrote, in the order of `rows`
+    (sorted, unique; each must have been described)."""
+    table = read_scores(out_dir, ["row", "features"])
+    described = table.column("row").to_numpy()
+    rows = np.asarray(rows, dtype=np.int64)
+    if not np.array_equal(described, rows):
+        missing = np.setdiff1d(rows, described)
+        raise ValueError(f"{out_dir}: {len(missing)} of the asked rows were not described "
+                         f"(first: {missing[:5].tolist()}); remove the folder to describe them again")
+    return column_array(table, "features").astype(np.float64)
 
 
 def scoring_udf(scorer_kwargs: dict, cfg: ScoreConfig, n_rows: int) -> dict:
@@ -169,9 +240,11 @@ def scored_rows_filter(rows: np.ndarray, pool_rows: np.ndarray):
     rows are skipped than scored, the expression names the skipped ones: runs of consecutive
     rows (a held-out split) as ranges, which the statistics skip whole, when there are few of
     them; else the long runs as ranges and the scattered rest (the labelled of a large pool)
-    in a `not_in` set of their own size."""
+    in a `not_in` set of their own size. None when every row is scored: nothing to filter."""
     rows = np.asarray(rows, dtype=np.int64)
     skipped = np.setdiff1d(np.asarray(pool_rows, dtype=np.int64), rows, assume_unique=True)
+    if not len(skipped):
+        return None
     if len(rows) <= len(skipped):
         return col("row").is_in(rows.tolist())
     runs = np.split(skipped, np.flatnonzero(np.diff(skipped) != 1) + 1)
@@ -201,18 +274,18 @@ def actor_resources(cfg: ScoreConfig) -> dict:
     return resources
 
 
-def _score_in_process(pool_path: str, scorer: PoolScorer, partial: Path, batch_size: int,
-                      rows: np.ndarray | None, file_rows: int) -> None:
+def _score_in_process(pool_path: str, scorer, partial: Path, batch_size: int,
+                      rows: np.ndarray | None, file_rows: int, columns: list[str] = SCORED_COLUMNS) -> None:
     """The same batches through the same scorer, into files of at least `file_rows` rows (the
     last one smaller), as Ray Data does; with `rows`, only the row groups holding them are read
     and only they are scored."""
     partial.mkdir(parents=True)
-    batches = (iter_batches(pool_path, columns=SCORED_COLUMNS, batch_rows=batch_size) if rows is None
-               else iter_rows(pool_path, rows, SCORED_COLUMNS, batch_rows=batch_size))
+    batches = (iter_batches(pool_path, columns=columns, batch_rows=batch_size) if rows is None
+               else iter_rows(pool_path, rows, columns, batch_rows=batch_size))
     pending: list[pa.Table] = []
     files = 0
     for batch in batches:
-        result = scorer({c: batch.column(c).to_numpy(zero_copy_only=False) for c in SCORED_COLUMNS})
+        result = scorer({c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns})
         table = pa.table({
             key: pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(value))
             if np.ndim(value) > 1 else value

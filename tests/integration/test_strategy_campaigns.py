@@ -154,6 +154,11 @@ def test_typiclust_chooses_cycle_0_instead_of_the_random_draw(ray_local, shape_p
     initial = read_csv(tmp_path / "cycles/c00/selection.csv")
     assert {r["chosen_by"] for r in initial} == {"typiclust"} and len(initial) == 12
     assert state["cycles"][0]["chosen_by"] == {"typiclust": 12}
+    import pyarrow.parquet as pq
+
+    described = pq.read_table(tmp_path / "cycles/c00/description-density", columns=["row"])  # kept for a resume
+    assert described.num_rows == len(Campaign(load_config(None, TINY + [f"data.pool={shape_pool.path}"]),
+                                              tmp_path / "other", shape_pool).train_rows)
     classes = [int(r["subtomo_id"].split("-")[1]) % 3 for r in initial]  # shape_pool: label = i % 3
     assert sorted(set(classes)) == [0, 1, 2]
     random_draw = loop.pick_initial(np.asarray(Campaign(load_config(None, TINY + [

@@ -109,3 +109,23 @@ def test_density_features_are_numpys_quantiles_of_the_low_passed_density():
     np.testing.assert_allclose(dark_first_sigma, -np.quantile(low, TAIL, axis=1).T, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(bright_first_sigma, np.quantile(low, 1 - np.array(TAIL), axis=1).T,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_typiclust_cold_start_clusters_the_features_describe_gives_for_the_sorted_candidates(pool):
+    asked = []
+
+    def describe(rows, embedding):
+        asked.append((rows.tolist(), embedding))
+        return pool_features(pool.path, rows, embedding=embedding)
+
+    candidates = np.array([40, 3, 17, 3, 25, 8])
+    picks = typiclust_initial(pool.path, candidates, 2, seed=4, options={"embedding": "radial"},
+                              describe=describe)
+    assert asked == [([3, 8, 17, 25, 40], "radial")]
+    np.testing.assert_array_equal(picks, typiclust_initial(pool.path, candidates, 2, seed=4,
+                                                           options={"embedding": "radial"}))
+
+
+def test_pool_features_read_only_the_row_groups_holding_the_asked_rows(pool, row_groups_read):
+    pool_features(pool.path, np.array([3, 40]), embedding="radial")
+    assert len(row_groups_read) == 2

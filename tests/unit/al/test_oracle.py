@@ -45,6 +45,18 @@ def test_the_file_oracle_writes_queries_and_waits_for_a_person(pool, tmp_path):
     assert sorted(p.name for p in (folder / "png").iterdir()) == ["00000.png", "00001.png"]
 
 
+def test_each_query_picture_shows_its_own_query_in_the_queries_order(pool, tmp_path):
+    from orchestrator.data.images import slices_png
+    from orchestrator.data.pool import read_volumes
+
+    ids = ["train-0007", "train-0001", "train-0005"]  # not in pool order
+    with pytest.raises(AwaitingLabels):
+        FileOracle(pool).answer(queries_of(ids), 1, new_ledger(tmp_path), tmp_path)
+    pictures = [(tmp_path / f"cycles/c01/queries/png/{n:05d}.png").read_bytes() for n in range(3)]
+    volumes = read_volumes(pool.path, [7, 1, 5])
+    assert pictures == [slices_png(v) for v in volumes] and len(set(pictures)) == 3
+
+
 def test_the_file_oracle_imports_a_filled_labels_file_by_class_name(pool, tmp_path):
     ledger = new_ledger(tmp_path)
     queries = queries_of(["train-0003", "train-0004"])

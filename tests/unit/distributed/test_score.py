@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from orchestrator.al.cold_start import pool_features
 from orchestrator.config import ScoreConfig
 from orchestrator.distributed import score as scoring
 from orchestrator.distributed.score import (read_scores, rows_per_file, rows_to_score, score_pool,
@@ -125,6 +126,10 @@ def test_the_filter_names_the_skipped_rows_when_they_are_fewer_than_the_scored()
     assert table.column("row").to_pylist() == rows.tolist()
 
 
+def test_there_is_no_filter_when_every_row_is_read():
+    assert scored_rows_filter(np.arange(50), np.arange(50)) is None
+
+
 def test_small_cpu_passes_score_in_warm_task_workers_and_the_rest_in_an_actor_pool():
     import ray.data
 
@@ -141,3 +146,44 @@ def test_small_cpu_passes_score_in_warm_task_workers_and_the_rest_in_an_actor_po
         fresh = scoring_udf({"model_path": "m.pt"}, cfg, n_rows)
         assert fresh["fn"] is PoolScorer and fresh["fn_constructor_kwargs"] == {"model_path": "m.pt"}
         assert isinstance(fresh["compute"], ray.data.ActorPoolStrategy) and "runtime_env" not in fresh
+
+
+# -- the cold start's description: the same read, a label-free mapper --------------------------
+DESCRIBED = np.array([1, 7, 8, 30, 59])  # in shards 0, 1, 5 and 9
+
+
+def test_an_in_process_description_reads_only_the_row_groups_holding_its_rows(
+        shape_pool, tmp_path, row_groups_read, monkeypatch):
+    monkeypatch.setattr(scoring, "DESCRIBE_IN_PROCESS_BELOW", 0)  # in process for actors=0 alone
+    out = scoring.describe_pool(shape_pool.path, DESCRIBED[::-1], tmp_path / "description",
+                                embedding="density", cfg=ScoreConfig(actors=0), batch_rows=2)
+    np.testing.assert_allclose(scoring.read_description(out, DESCRIBED),
+                               pool_features(shape_pool.path, DESCRIBED, embedding="density"), rtol=1e-6)
+    assert sorted({name for name, _, _ in row_groups_read}) == ["part-00000", "part-00001", "part-00005",
+                                                                "part-00009"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_ray_data_description_gives_the_features_this_process_computes(ray_local, shape_pool, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setattr(scoring, "DESCRIBE_IN_PROCESS_BELOW", 0)
+    out = scoring.describe_pool(shape_pool.path, DESCRIBED, tmp_path / "description", embedding="radial",
+                                cfg=ScoreConfig(actors=2), batch_rows=2)
+    np.testing.assert_allclose(scoring.read_description(out, DESCRIBED),
+                               pool_features(shape_pool.path, DESCRIBED, embedding="radial"), rtol=1e-6)
+
+
+def test_a_written_description_is_read_back_and_one_lacking_rows_says_which(shape_pool, tmp_path):
+    cfg = ScoreConfig(actors=0)
+    out = scoring.describe_pool(shape_pool.path, DESCRIBED, tmp_path / "d", embedding="radial", cfg=cfg)
+    again = scoring.describe_pool(shape_pool.path, [0, 2], tmp_path / "d", embedding="radial", cfg=cfg)
+    assert again == out and read_scores(out, ["row"]).column("row").to_pylist() == DESCRIBED.tolist()
+    with pytest.raises(ValueError, match=r"1 of the asked rows were not described \(first: \[2\]\)"):
+        scoring.read_description(out, [1, 2, 7])
+
+
+def test_an_unknown_embedding_is_refused_before_anything_is_read_or_written(shape_pool, tmp_path):
+    with pytest.raises(ValueError, match="embedding: 'pixels' is not one of"):
+        scoring.describe_pool(shape_pool.path, DESCRIBED, tmp_path / "d", embedding="pixels")
+    assert not list(tmp_path.iterdir())
