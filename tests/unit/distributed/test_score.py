@@ -97,6 +97,19 @@ def test_a_ray_data_pass_reads_the_shards_footers_in_one_actor_not_one_per_cpu_o
     assert footer_readers() - before == 1
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_pool_of_one_shard_is_read_in_blocks_of_about_a_batch_to_feed_every_worker(ray_local, tmp_path):
+    from conftest import make_shape_pool
+
+    pool = make_shape_pool(tmp_path / "one-shard", shard_mb=10)  # 84 rows in one file
+    assert len(pool.shards) == 1
+    blocks = scoring._read_rows(pool.path, None, ["row", "volume"], ScoreConfig(actors=2, batch_size=8))
+    sizes = [bundle.num_rows() for bundle in blocks.iter_internal_ref_bundles()]
+    # Ray Data closes a block once it holds more than the target and slices one of 1.5× it
+    assert sum(sizes) == 84 and len(sizes) >= 84 // 12 and max(sizes) <= 12
+
+
 def test_the_ray_data_filter_skips_row_groups_without_a_scored_row_in_the_parquet_scan(shape_pool):
     # what Ray Data pushes into its Parquet reads, checked on PyArrow's scan without Ray
     import pyarrow.dataset as ds
