@@ -50,8 +50,8 @@ SCORING_WORKER_ENV = "CRYOAL_SCORING_WORKER"  # set in the warm scoring workers 
 # the runs of at least LONG_RUN rows (a 1 MB row group of 32³ float16 volumes)
 FEW_RUNS, LONG_RUN = 64, 16
 # A description of fewer rows runs in this process. It costs 1.1-1.7 ms a 32³ volume a core;
-# Ray Data adds ~5 s to start its workers and, on a 2-CPU Ray, does not run both at once (2.0 ms
-# a row, the same features to the bit): it pays off with a cluster's CPUs, for large pools
+# Ray Data adds ~5 s to start its workers and, on a 2-CPU Ray, does not run both at once (1.6-2.0
+# ms a row, the same features to the bit): it pays off with a cluster's CPUs, for large pools
 # (docs/BENCHMARKS.md, "The cold start's description")
 DESCRIBE_IN_PROCESS_BELOW = 5000
 ROW_OVERHEAD_BYTES = 256  # a row's id, source and numbers beside its volume, at most (for block sizes)
