@@ -46,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import make_noise_pool  # noqa: E402
+from bench.common import make_noise_pool_elsewhere  # noqa: E402
 from bench.scoring_memory import _descendants, _pss  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results" / "scale.csv"
@@ -216,7 +216,7 @@ def one_cycle(rows: int, labels: int, select: int, work: Path, spy: bool = False
     from orchestrator.distributed.connect import connect
 
     started = time.perf_counter()
-    info = make_noise_pool(work / f"pool-{rows}", rows)
+    info = make_noise_pool_elsewhere(work / f"pool-{rows}", rows)  # the driver's memory is measured
     print(f"pool of {rows:,} written in {time.perf_counter() - started:.0f} s", flush=True)
     cfg = load_config(None, [
         f"data.pool={info.path}", "oracle=file", f"budget.counts=[{labels}, {labels + select}]",

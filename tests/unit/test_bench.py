@@ -323,6 +323,17 @@ def test_the_balance_table_counts_a_class_never_labelled_as_zero_and_ranks_the_b
     assert "| entropy | 2 | 0.234 | 0 | 10 |" in text  # seed 0 never labelled class 1
 
 
+@pytest.mark.slow
+def test_a_pool_written_in_a_process_of_its_own_is_the_pool_written_here(tmp_path):
+    from bench.common import make_noise_pool, make_noise_pool_elsewhere
+    from orchestrator.data.pool import read_volumes
+
+    elsewhere = make_noise_pool_elsewhere(tmp_path / "elsewhere", 12, box=8, seed=3)
+    here = make_noise_pool(tmp_path / "here", 12, box=8, seed=3)
+    assert elsewhere.n_rows == 12
+    np.testing.assert_array_equal(read_volumes(elsewhere.path, range(12)), read_volumes(here.path, range(12)))
+
+
 def test_the_scale_table_gives_each_stage_as_a_multiple_of_the_smallest_pool():
     from bench.scale import table
 
