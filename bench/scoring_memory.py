@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import make_noise_pool, save_models, start_local_ray  # noqa: E402
+from bench.common import make_noise_pool_elsewhere, save_models, start_local_ray  # noqa: E402
 from orchestrator.config import ScoreConfig  # noqa: E402
 
 MB = 1024 * 1024
@@ -117,7 +117,7 @@ def measure(rows: int, work: Path, buffer_mb: int) -> dict:
     from orchestrator.distributed.score import score_pool
 
     started = time.perf_counter()
-    pool = make_noise_pool(work / f"pool-{rows}", rows)
+    pool = make_noise_pool_elsewhere(work / f"pool-{rows}", rows)  # the driver is measured
     print(f"pool of {rows:,} written in {time.perf_counter() - started:.0f} s", flush=True)
     model = work / "model.pt"
     save_models(model, "resnet10", 4, "full")
