@@ -43,6 +43,8 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -193,14 +195,19 @@ def _rchar(pid: int) -> int | None:
 
 
 def answer_first_queries(run_dir: Path, info) -> None:
-    """labels.csv for cycle 0's queries, from the pool's truth (what a person would fill in)."""
+    """labels.csv for cycle 0's queries, from the pool's truth (what a person would fill in).
+    Only the asked rows become Python objects: this runs in the measured driver, and a dict of
+    every id (10⁶ at the largest pool) would count as the campaign's growth with the pool."""
+    import pyarrow.compute as pc
+
     from orchestrator.data.pool import read_index
 
-    index = read_index(info.path, ["subtomo_id", "label"])
-    truth = dict(zip(index.column("subtomo_id").to_pylist(), index.column("label").to_pylist()))
     folder = run_dir / "cycles" / "c00" / "queries"
     with open(folder / "queries.csv", newline="") as f:
         asked = [r["subtomo_id"] for r in csv.DictReader(f)]
+    index = read_index(info.path, ["subtomo_id", "label"])
+    index = index.filter(pc.is_in(index.column("subtomo_id"), value_set=pa.array(asked)))
+    truth = dict(zip(index.column("subtomo_id").to_pylist(), index.column("label").to_pylist()))
     with open(folder / "labels.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["subtomo_id", "label"])

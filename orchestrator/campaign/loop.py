@@ -72,6 +72,16 @@ class CampaignError(RuntimeError):
     pass
 
 
+def arrow_memory_returned_when_freed() -> None:
+    """Arrow's default allocator from here on in this process: the system's (glibc) instead of
+    mimalloc. A campaign's driver reads tables of every pool row (the index, each pass's scores)
+    and drops them; mimalloc keeps their pages mapped at the high-water mark, about three times
+    the table read (24 MB after reading a 100,000-row index of 3 MB, 5 MB with the system's),
+    which made the driver grow by ~250 bytes a pool row (docs/BENCHMARKS.md, "1,000,000 rows")."""
+    if pa.default_memory_pool().backend_name != "system":
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
 class Campaign:
     def __init__(self, cfg: CampaignConfig, run_dir: Path, info: PoolInfo,
                  on_cycle: Callable[[dict], None] | None = None, mirror: RunMirror | None = None,
@@ -86,6 +96,7 @@ class Campaign:
         self.on_cycle = on_cycle
         self.mirror = mirror
         self.run_dir = Path(run_dir).resolve()  # its paths go to Ray workers (other cwd)
+        arrow_memory_returned_when_freed()  # before the first table of every row is read
         self.view = PoolView.load(info)
         self.train_rows = self.view.rows_of("train")
         self.schedule = budget_schedule(cfg.budget, len(self.train_rows))

@@ -347,6 +347,22 @@ def test_the_scale_table_gives_each_stage_as_a_multiple_of_the_smallest_pool():
     assert "| rest |" not in text  # a stage not measured is left out
 
 
+def test_the_scale_benchmark_answers_cycle_zeros_queries_with_the_pools_truth_in_their_order(shape_pool, tmp_path):
+    from bench.scale import answer_first_queries
+    from orchestrator.data.pool import read_index
+
+    index = read_index(shape_pool.path, ["subtomo_id", "label"])
+    ids, labels = index.column("subtomo_id").to_pylist(), index.column("label").to_pylist()
+    asked = [5, 0, 3]
+    folder = tmp_path / "cycles" / "c00" / "queries"
+    folder.mkdir(parents=True)
+    (folder / "queries.csv").write_text("subtomo_id\n" + "".join(f"{ids[r]}\n" for r in asked))
+    answer_first_queries(tmp_path, shape_pool)
+    with open(folder / "labels.csv", newline="") as f:
+        written = [(r["subtomo_id"], int(r["label"])) for r in csv.DictReader(f)]
+    assert written == [(ids[r], labels[r]) for r in asked]
+
+
 def test_time_between_the_campaigns_stages_is_counted_apart_from_them():
     from bench.scale import add_time
 

@@ -36,6 +36,20 @@ def test_junk_answers_are_neither_training_labels_nor_unlabelled_volumes(shape_p
     assert len(unlabelled) == len(campaign.train_rows) - 2
 
 
+def test_a_campaign_reads_its_tables_with_an_allocator_that_gives_freed_memory_back(shape_pool, tmp_path):
+    try:
+        mimalloc = pa.mimalloc_memory_pool()  # Arrow's default where it is built in
+    except NotImplementedError:
+        pytest.skip("this pyarrow has no mimalloc to start from")
+    before = pa.default_memory_pool()
+    pa.set_memory_pool(mimalloc)
+    try:
+        Campaign(load_config(None, [f"data.pool={shape_pool.path}"]), tmp_path, shape_pool)
+        assert pa.default_memory_pool().backend_name == "system"
+    finally:
+        pa.set_memory_pool(before)
+
+
 def test_with_a_junk_class_junk_answers_train_the_output_after_the_real_classes(shape_pool, tmp_path):
     cfg = load_config(None, [f"data.pool={shape_pool.path}", "train.junk_class=true"])
     campaign = Campaign(cfg, tmp_path, shape_pool)
