@@ -183,8 +183,11 @@ def test_a_ray_data_description_gives_the_features_this_process_computes(ray_loc
     monkeypatch.setattr(scoring, "DESCRIBE_IN_PROCESS_BELOW", 0)
     out = scoring.describe_pool(shape_pool.path, DESCRIBED, tmp_path / "description", embedding="radial",
                                 cfg=ScoreConfig(actors=2), batch_rows=2)
+    # equal to float32's rounding: the features are float32 matrix products, which the workers
+    # run on batches of 2 rows with one BLAS thread and this process on all rows with its own,
+    # summing in another order (1.1e-6 relative seen once in ~10 runs)
     np.testing.assert_allclose(scoring.read_description(out, DESCRIBED),
-                               pool_features(shape_pool.path, DESCRIBED, embedding="radial"), rtol=1e-6)
+                               pool_features(shape_pool.path, DESCRIBED, embedding="radial"), rtol=1e-5)
 
 
 def test_a_written_description_is_read_back_and_one_lacking_rows_says_which(shape_pool, tmp_path):
