@@ -76,8 +76,9 @@ def arrow_memory_returned_when_freed() -> None:
     """Arrow's default allocator from here on in this process: the system's (glibc) instead of
     mimalloc. A campaign's driver reads tables of every pool row (the index, each pass's scores)
     and drops them; mimalloc keeps their pages mapped at the high-water mark, about three times
-    the table read (24 MB after reading a 100,000-row index of 3 MB, 5 MB with the system's),
-    which made the driver grow by ~250 bytes a pool row (docs/BENCHMARKS.md, "1,000,000 rows")."""
+    the table read (24 MB after reading a 100,000-row index of 3 MB, 5 MB with the system's).
+    Loading a 10⁶-row pool's index: 309 MB with mimalloc, 244 with this (docs/BENCHMARKS.md,
+    "1,000,000 rows")."""
     if pa.default_memory_pool().backend_name != "system":
         pa.set_memory_pool(pa.system_memory_pool())
 
