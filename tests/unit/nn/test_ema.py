@@ -139,20 +139,19 @@ def _ddp_rank(rank: int, init_file: str, queue) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
 def test_under_ddp_every_rank_ends_with_the_same_mean_model_buffers_included(tmp_path):
     import torch.multiprocessing as mp
 
-    # fork: the ranks reuse this process's imported torch (0.6 s; spawn or forkserver import it
-    # again: 20-45 s on a loaded 2-core box). Safe here: the children run one thread on tiny
-    # tensors and import nothing new.
-    ctx = mp.get_context("fork")
+    # spawn, not fork: a fork of pytest's process (threads of earlier tests' Ray and torch) can
+    # inherit a lock held by a thread that does not exist in the child, and hang (it did, on CI).
+    # Each rank imports torch afresh: tens of seconds on a loaded 2-core box, hence the timeout.
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_ddp_rank, args=(r, str(tmp_path / "init"), queue)) for r in (0, 1)]
     for p in procs:
         p.start()
     try:
-        states = dict(queue.get(timeout=60) for _ in procs)
+        states = dict(queue.get(timeout=300) for _ in procs)
         for p in procs:
             p.join(timeout=30)
     finally:
