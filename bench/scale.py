@@ -214,17 +214,35 @@ def answer_first_queries(run_dir: Path, info) -> None:
         writer.writerows([sid, truth[sid]] for sid in asked)
 
 
-def one_cycle(rows: int, labels: int, select: int, work: Path, spy: bool = False) -> list[list]:
-    """The measured rows (one per stage) of a pool of `rows`."""
+def pool_of(path: Path, rows: int, box: int):
+    """The noise pool of `rows` at `path`: one written earlier (a complete one of that size, as
+    `make_noise_pool` writes it), or written now in a process of its own."""
+    from orchestrator.data.pool import PoolError, open_pool
+
+    try:
+        info = open_pool(path)
+        if info.n_rows == rows and info.box == (box,) * 3:
+            print(f"pool of {rows:,} found at {path}", flush=True)
+            return info
+    except (PoolError, OSError):
+        pass
+    shutil.rmtree(path, ignore_errors=True)  # an interrupted or other pool
+    started = time.perf_counter()
+    info = make_noise_pool_elsewhere(path, rows, box)  # the driver's memory is measured
+    print(f"pool of {rows:,} written in {time.perf_counter() - started:.0f} s", flush=True)
+    return info
+
+
+def one_cycle(rows: int, labels: int, select: int, work: Path, spy: bool = False, box: int = 32,
+              pools: Path | None = None) -> list[list]:
+    """The measured rows (one per stage) of a pool of `rows` (deleted after)."""
     from orchestrator.al.oracle import AwaitingLabels
     from orchestrator.campaign.loop import Campaign
     from orchestrator.campaign.progress import Display
     from orchestrator.config import load_config
     from orchestrator.distributed.connect import connect
 
-    started = time.perf_counter()
-    info = make_noise_pool_elsewhere(work / f"pool-{rows}", rows)  # the driver's memory is measured
-    print(f"pool of {rows:,} written in {time.perf_counter() - started:.0f} s", flush=True)
+    info = pool_of((pools or work) / f"pool-{rows}", rows, box)
     cfg = load_config(None, [
         f"data.pool={info.path}", "oracle=file", f"budget.counts=[{labels}, {labels + select}]",
         "strategy.name=ema_kl", "model.width=4", "train.epochs=2", "train.min_steps=0",
@@ -311,6 +329,13 @@ def main() -> None:
     parser.add_argument("--py-spy", action="store_true",
                         help="sample the driver with py-spy (pip install py-spy) during the measured "
                              "cycle: DIR/nROWS/rest_profile.csv, seconds per function outside train and score")
+    parser.add_argument("--box", type=int, default=32,
+                        help="volume edge; 8 gives a quick look at what the driver holds for a pool of "
+                             "10⁶ rows (a 1 GB pool, scored in minutes), not the benchmark's figures")
+    parser.add_argument("--pools", type=Path, default=None,
+                        help="where the pools are written (default: each size's work folder); a "
+                             "complete one of the size found there is used, e.g. one written ahead "
+                             "with bench.common.make_noise_pool while other work runs")
     args = parser.parse_args()
     rows = read_rows(args.results)
     for size in args.rows:
@@ -319,7 +344,8 @@ def main() -> None:
         work = args.dir / f"n{size}"
         shutil.rmtree(work, ignore_errors=True)  # an interrupted size starts again
         work.mkdir(parents=True)
-        rows = [r for r in rows if r[0] != size] + one_cycle(size, args.labels, args.select, work, args.py_spy)
+        rows = [r for r in rows if r[0] != size] + one_cycle(size, args.labels, args.select, work, args.py_spy,
+                                                                args.box, args.pools)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         with open(args.results, "w", newline="") as f:
             csv.writer(f).writerows([COLUMNS, *sorted(rows)])

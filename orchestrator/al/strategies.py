@@ -225,8 +225,14 @@ def top_k_merge(best: dict[str, np.ndarray] | None, block: dict[str, np.ndarray]
     ``top_k`` ranks by (NaN, −score, tiebreak) with tiebreak a permutation, a total order, so
     folding a table's blocks through this (in any order and any sizes, from ``best=None``),
     each row carrying ``rng.permutation(N)[its position]``, gives exactly ``top_k(scores, k,
-    rng)``'s picks, while holding k + one block of rows instead of the whole table.
+    rng)``'s picks, while holding k + one block of rows instead of the whole table. ``best``
+    is None or an earlier answer of this function.
     """
+    if best is not None and 0 < k <= len(best["score"]) and not np.isnan(best["score"][k - 1]):
+        # best is an earlier answer of this function, best first: a block row scoring below its
+        # k-th cannot enter (NaN neither), so only the few that may are sorted with it
+        may_enter = np.asarray(block["score"], dtype=np.float64) >= float(best["score"][k - 1])
+        block = {key: np.asarray(value)[may_enter] for key, value in block.items()}
     merged = block if best is None else {key: np.concatenate([best[key], block[key]]) for key in block}
     scores = np.asarray(merged["score"], dtype=np.float64)
     is_nan = np.isnan(scores)

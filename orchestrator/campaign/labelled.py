@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 
 from orchestrator.al.labels import JUNK
-from orchestrator.data.ids import IdRows
+from orchestrator.data.ids import IdRows, strings_of
 from orchestrator.data.pool import PoolInfo, read_index
 
 __all__ = ["UNKNOWN", "PoolView", "LabelledSet"]
@@ -30,24 +30,32 @@ class PoolView:
 
     info: PoolInfo
     ids: np.ndarray  # str, by row
-    split: np.ndarray  # str, by row ("train" where the pool has no split)
+    split_codes: np.ndarray  # int8, by row: the position of its split in split_names
+    split_names: tuple[str, ...]  # the pool's splits ("train" where it has none)
     truth: np.ndarray  # int, by row: a class, JUNK (not a particle) or UNKNOWN
     _by_id: IdRows | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def load(cls, info: PoolInfo) -> "PoolView":
         index = read_index(info.path, ["row", "subtomo_id", "split", "label"]).sort_by("row")
-        split = np.asarray(index.column("split").fill_null("train").to_pylist())
+        split = index.column("split").fill_null("train").combine_chunks().dictionary_encode()
         truth = index.column("label").fill_null(UNKNOWN).to_numpy().astype(np.int64)
-        return cls(info, np.asarray(index.column("subtomo_id").to_pylist()), split, truth)
+        return cls(info, strings_of(index.column("subtomo_id")), split.indices.to_numpy().astype(np.int8),
+                   tuple(split.dictionary.to_pylist()), truth)
+
+    def in_split(self, split: str) -> np.ndarray:
+        """A mask by row: which rows are in `split` (a code a row, not a string: 1 byte, not 20)."""
+        if split not in self.split_names:
+            return np.zeros(len(self.split_codes), dtype=bool)
+        return self.split_codes == self.split_names.index(split)
 
     def rows_of(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.split == split)
+        return np.flatnonzero(self.in_split(split))
 
     def scored_rows_of(self, split: str) -> np.ndarray:
         """The split's rows of a real class: accuracy is measured on particles only (a junk
         row has no class to get right)."""
-        return np.flatnonzero((self.split == split) & (self.truth >= 0))
+        return np.flatnonzero(self.in_split(split) & (self.truth >= 0))
 
     def rows_of_ids(self, subtomo_ids) -> np.ndarray:
         """The pool rows of subtomogram ids, aligned with them; -1 for an id not in the pool."""

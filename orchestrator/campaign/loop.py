@@ -22,6 +22,7 @@ training is its `Training` declaration (`orchestrator/al/training.py`), read in 
 
 from __future__ import annotations
 
+import ctypes
 import tempfile
 import threading
 import time
@@ -72,15 +73,34 @@ class CampaignError(RuntimeError):
     pass
 
 
-def arrow_memory_returned_when_freed() -> None:
-    """Arrow's default allocator from here on in this process: the system's (glibc) instead of
-    mimalloc. A campaign's driver reads tables of every pool row (the index, each pass's scores)
-    and drops them; mimalloc keeps their pages mapped at the high-water mark, about three times
-    the table read (24 MB after reading a 100,000-row index of 3 MB, 5 MB with the system's).
-    Loading a 10⁶-row pool's index: 309 MB with mimalloc, 244 with this (docs/BENCHMARKS.md,
-    "1,000,000 rows")."""
+def memory_returned_when_freed() -> None:
+    """This process's large allocations given back to the system when freed, from here on. A
+    campaign's driver reads tables of every pool row (the index, each pass's scores), builds
+    arrays from them and drops the tables; both allocators it uses kept those pages mapped:
+    - Arrow's mimalloc, at the high-water mark (24 MB after reading a 100,000-row index of
+      3 MB, 5 MB with the system's allocator): Arrow uses the system's from here on;
+    - glibc's malloc, whose mmap threshold rises to the size of each large block freed, so the
+      next ones come from a heap it rarely shrinks: a fixed threshold keeps every block of
+      256 KiB or more mmapped. At 10⁶ rows the driver held 309 MB more than at 10,000 after
+      loading the pool's index twice (bench/scale.py's two campaigns), 162 MB with this; the
+      arrays it keeps are ~110 MB (docs/BENCHMARKS.md, "1,000,000 rows")."""
     if pa.default_memory_pool().backend_name != "system":
         pa.set_memory_pool(pa.system_memory_pool())
+    glibc_mmap_threshold(256 * 1024)
+
+
+def glibc_mmap_threshold(size: int) -> bool:
+    """mallopt(M_MMAP_THRESHOLD, size): blocks of `size` bytes or more get pages of their own
+    (returned on free), and the threshold no longer moves. False where the C library is not
+    glibc (macOS, musl): nothing changes there."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, size))
+
+
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 class Campaign:
@@ -97,7 +117,7 @@ class Campaign:
         self.on_cycle = on_cycle
         self.mirror = mirror
         self.run_dir = Path(run_dir).resolve()  # its paths go to Ray workers (other cwd)
-        arrow_memory_returned_when_freed()  # before the first table of every row is read
+        memory_returned_when_freed()  # before the first table of every row is read
         self.view = PoolView.load(info)
         self.train_rows = self.view.rows_of("train")
         self.schedule = budget_schedule(cfg.budget, len(self.train_rows))
@@ -349,7 +369,7 @@ class Campaign:
     def _score_exclusions(self, labelled: LabelledSet) -> np.ndarray:
         """Rows a selection pass skips: other splits (but validation's particles if the strategy
         reads them), and the labelled unless the strategy reads them."""
-        return skipped_rows(self.view.split, labelled.rows, skip_labelled=not self.strategy.needs_labelled,
+        return skipped_rows(self.view.in_split("train"), labelled.rows, skip_labelled=not self.strategy.needs_labelled,
                             keep=self._scored_validation())
 
     def _scored_validation(self) -> np.ndarray:
@@ -458,16 +478,22 @@ def best_scored(folder: Path, labelled: LabelledSet, k: int, rng: np.random.Gene
     With ``per_class``, `balanced_top_k` over the predicted classes instead: a running top-k
     per class (k × classes rows), then round-robin over them."""
     names = ["row", "score", "pred", "pred_prob"]
-    skip = np.zeros(0, np.int64) if skip is None else skip
     rows = read_scores(folder, ["row"]).column("row").to_numpy()
-    candidates = rows[~labelled.contains(rows) & ~np.isin(rows, skip)]  # sorted, as top_k's positions are
-    tiebreak = rng.permutation(len(candidates))  # top_k's draw: same size, same generator
+    # by pool row, not searched for: a lookup a row, where np.isin and searchsorted on each file
+    # took half of this function's second at 10⁶ rows (1 + 8 bytes a pool row, for a moment)
+    excluded = np.zeros(int(rows.max(initial=-1)) + 1, dtype=bool)
+    excluded[labelled.rows[labelled.rows < len(excluded)]] = True
+    if skip is not None:
+        skip = np.asarray(skip, dtype=np.int64)
+        excluded[skip[skip < len(excluded)]] = True
+    candidates = rows[~excluded[rows]]  # sorted, as top_k's positions are
+    tiebreak = np.zeros(len(excluded), dtype=np.int64)
+    tiebreak[candidates] = rng.permutation(len(candidates))  # top_k's draw: same size, same generator
     best: dict = {}  # per predicted class with per_class, else under None
     for table in iter_scores(folder, names):
-        block_rows = table.column("row").to_numpy()
-        is_candidate = ~labelled.contains(block_rows) & ~np.isin(block_rows, skip)
+        is_candidate = ~excluded[table.column("row").to_numpy()]
         block = {name: table.column(name).to_numpy()[is_candidate] for name in names}
-        block["tiebreak"] = tiebreak[np.searchsorted(candidates, block["row"])]
+        block["tiebreak"] = tiebreak[block["row"]]
         for c in np.unique(block["pred"]) if per_class else [None]:
             part = block if c is None else {name: v[block["pred"] == c] for name, v in block.items()}
             best[c] = top_k_merge(best.get(c), part, k)
@@ -585,12 +611,13 @@ def _float(value) -> float:
     return float("nan") if value is None else float(value)
 
 
-def skipped_rows(split: np.ndarray, labelled_rows: np.ndarray, skip_labelled: bool,
+def skipped_rows(in_train: np.ndarray, labelled_rows: np.ndarray, skip_labelled: bool,
                  keep: np.ndarray = np.zeros(0, np.int64)) -> np.ndarray:
-    """The sorted rows a selection pass skips: every row outside the train split but `keep`,
-    and the labelled ones if `skip_labelled`. A mask, not set arithmetic: numpy's setdiff1d
-    took ~0.5 s for a 300,000-row pool (bench/scale.py --py-spy), a mask milliseconds."""
-    skipped = np.asarray(split) != "train"
+    """The sorted rows a selection pass skips: every row outside the train split (``in_train``,
+    a mask by row) but `keep`, and the labelled ones if `skip_labelled`. A mask, not set
+    arithmetic: numpy's setdiff1d took ~0.5 s for a 300,000-row pool (bench/scale.py
+    --py-spy), a mask milliseconds."""
+    skipped = ~np.asarray(in_train, dtype=bool)
     skipped[np.asarray(keep, dtype=np.int64)] = False
     if skip_labelled:
         skipped[np.asarray(labelled_rows, dtype=np.int64)] = True

@@ -363,6 +363,21 @@ def test_the_scale_benchmark_answers_cycle_zeros_queries_with_the_pools_truth_in
     assert written == [(ids[r], labels[r]) for r in asked]
 
 
+def test_the_scale_benchmark_uses_a_pool_written_ahead_and_rewrites_one_of_another_size(tmp_path, monkeypatch):
+    import bench.scale
+    from bench.common import make_noise_pool
+
+    path = tmp_path / "pool-12"
+    make_noise_pool(path, 12, box=8)
+    written = []
+    monkeypatch.setattr(bench.scale, "make_noise_pool_elsewhere",
+                        lambda where, rows, box: written.append((rows, box)) or make_noise_pool(where, rows, box))
+    assert bench.scale.pool_of(path, 12, 8).n_rows == 12 and written == []
+    assert bench.scale.pool_of(path, 15, 8).n_rows == 15 and written == [(15, 8)]
+    (path / "pool.json").unlink()  # a pool cut off while being written
+    assert bench.scale.pool_of(path, 15, 8).n_rows == 15 and written == [(15, 8), (15, 8)]
+
+
 def test_time_between_the_campaigns_stages_is_counted_apart_from_them():
     from bench.scale import add_time
 
