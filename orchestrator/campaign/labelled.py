@@ -37,7 +37,10 @@ class PoolView:
 
     @classmethod
     def load(cls, info: PoolInfo) -> "PoolView":
-        index = read_index(info.path, ["row", "subtomo_id", "split", "label"]).sort_by("row")
+        index = read_index(info.path, ["row", "subtomo_id", "split", "label"])
+        row = index.column("row").to_numpy()
+        if not (row[1:] > row[:-1]).all():  # written in row order, as a pool is: no sorted copy
+            index = index.sort_by("row")
         split = index.column("split").fill_null("train").combine_chunks().dictionary_encode()
         truth = index.column("label").fill_null(UNKNOWN).to_numpy().astype(np.int64)
         return cls(info, strings_of(index.column("subtomo_id")), split.indices.to_numpy().astype(np.int8),

@@ -282,10 +282,10 @@ def setup_section(run: Run) -> str:
 
 
 def pool_table(info: PoolInfo) -> str:
-    index = read_index(info.path, ["split"])
-    splits = index.column("split").fill_null("train").to_pylist()
+    tally = read_index(info.path, ["split"]).column("split").fill_null("train").value_counts()
+    found = dict(zip(tally.field("values").to_pylist(), tally.field("counts").to_pylist()))  # not a string a row
     order = {"train": 0, "val": 1, "test": 2}
-    counts = {s: splits.count(s) for s in sorted(set(splits), key=lambda s: (order.get(s, 3), s))}
+    counts = {s: found[s] for s in sorted(found, key=lambda s: (order.get(s, 3), s))}
     description = info.description
     text, _, settings = description.partition("; {")
     try:  # a simulated pool: its settings as JSON after the text

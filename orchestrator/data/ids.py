@@ -35,9 +35,13 @@ def strings_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     if data.size and data.max() >= 0x80:  # not ASCII: numpy decodes bytes arrays as ASCII only
         return np.asarray(column.to_pylist(), dtype=str)
     width = max(int(lengths.max()), 1)
-    padded = np.zeros((len(column), width), np.uint8)
-    padded[np.arange(width) < lengths[:, None]] = data  # row by row, each id's bytes then zeros
-    return padded.view(f"S{width}").ravel().astype(f"U{width}")
+    if (lengths == width).all():  # ids of one length (s0000001, …): the bytes are the matrix
+        chars = data.reshape(len(column), width)
+    else:
+        chars = np.zeros((len(column), width), np.uint8)
+        chars[np.arange(width) < lengths[:, None]] = data  # row by row, each id's bytes then zeros
+    # numpy's str is UCS-4: an ASCII byte widened to 32 bits is its character (zeros: padding)
+    return np.ascontiguousarray(chars, dtype=np.uint32).view(f"U{width}").ravel()
 
 
 class IdRows(Mapping):
