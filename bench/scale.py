@@ -215,34 +215,35 @@ def answer_first_queries(run_dir: Path, info) -> None:
 
 
 def pool_of(path: Path, rows: int, box: int):
-    """The noise pool of `rows` at `path`: one written earlier (a complete one of that size, as
-    `make_noise_pool` writes it), or written now in a process of its own."""
+    """The noise pool of `rows` at `path`, and whether it was written now: one written earlier (a
+    complete one of that size, as `make_noise_pool` writes it, kept after), or written now in a
+    process of its own (deleted after)."""
     from orchestrator.data.pool import PoolError, open_pool
 
     try:
         info = open_pool(path)
         if info.n_rows == rows and info.box == (box,) * 3:
             print(f"pool of {rows:,} found at {path}", flush=True)
-            return info
+            return info, False
     except (PoolError, OSError):
         pass
     shutil.rmtree(path, ignore_errors=True)  # an interrupted or other pool
     started = time.perf_counter()
     info = make_noise_pool_elsewhere(path, rows, box)  # the driver's memory is measured
     print(f"pool of {rows:,} written in {time.perf_counter() - started:.0f} s", flush=True)
-    return info
+    return info, True
 
 
 def one_cycle(rows: int, labels: int, select: int, work: Path, spy: bool = False, box: int = 32,
               pools: Path | None = None) -> list[list]:
-    """The measured rows (one per stage) of a pool of `rows` (deleted after)."""
+    """The measured rows (one per stage) of a pool of `rows` (deleted after if written here)."""
     from orchestrator.al.oracle import AwaitingLabels
     from orchestrator.campaign.loop import Campaign
     from orchestrator.campaign.progress import Display
     from orchestrator.config import load_config
     from orchestrator.distributed.connect import connect
 
-    info = pool_of((pools or work) / f"pool-{rows}", rows, box)
+    info, written_here = pool_of((pools or work) / f"pool-{rows}", rows, box)
     cfg = load_config(None, [
         f"data.pool={info.path}", "oracle=file", f"budget.counts=[{labels}, {labels + select}]",
         "strategy.name=ema_kl", "model.width=4", "train.epochs=2", "train.min_steps=0",
@@ -272,7 +273,8 @@ def one_cycle(rows: int, labels: int, select: int, work: Path, spy: bool = False
     cycle = json.loads((run_dir / "state.json").read_text())["cycles"][0]
     seconds = {"train": cycle["seconds_train"], "score": cycle["seconds_score"], "total": total,
                "rest": total - cycle["seconds_train"] - cycle["seconds_score"]}
-    shutil.rmtree(info.path)
+    if written_here:
+        shutil.rmtree(info.path)
     with open(work / "processes.csv", "w", newline="") as f:  # what each stage's peak was made of
         csv.writer(f).writerows([PROCESS_COLUMNS] + [
             [rows, stage, name, count, pss]

@@ -372,10 +372,13 @@ def test_the_scale_benchmark_uses_a_pool_written_ahead_and_rewrites_one_of_anoth
     written = []
     monkeypatch.setattr(bench.scale, "make_noise_pool_elsewhere",
                         lambda where, rows, box: written.append((rows, box)) or make_noise_pool(where, rows, box))
-    assert bench.scale.pool_of(path, 12, 8).n_rows == 12 and written == []
-    assert bench.scale.pool_of(path, 15, 8).n_rows == 15 and written == [(15, 8)]
+    info, written_here = bench.scale.pool_of(path, 12, 8)
+    assert (info.n_rows, written_here, written) == (12, False, [])
+    info, written_here = bench.scale.pool_of(path, 15, 8)
+    assert (info.n_rows, written_here, written) == (15, True, [(15, 8)])
     (path / "pool.json").unlink()  # a pool cut off while being written
-    assert bench.scale.pool_of(path, 15, 8).n_rows == 15 and written == [(15, 8), (15, 8)]
+    info, written_here = bench.scale.pool_of(path, 15, 8)
+    assert (info.n_rows, written_here, written) == (15, True, [(15, 8), (15, 8)])
 
 
 def test_time_between_the_campaigns_stages_is_counted_apart_from_them():
