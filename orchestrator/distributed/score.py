@@ -314,7 +314,7 @@ def _score_in_process(pool_path: str, scorer, partial: Path, batch_size: int,
 def read_scores(scores_dir: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
     """The scores written by `score_pool` (only the asked columns), sorted by pool row."""
     files = sorted(Path(scores_dir).glob("*.parquet"))
-    tables = [pq.read_table(f, columns=list(columns) if columns else None) for f in files]
+    tables = [_read_file(f, columns) for f in files]
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return pa.table({c: pa.array([], pa.int64()) for c in (columns or ["row"])})
@@ -326,9 +326,16 @@ def iter_scores(scores_dir: str | Path, columns: Sequence[str]) -> Iterator[pa.T
     """The scores written by `score_pool`, file by file (a block of the pass each, in no
     particular row order): what a reduction over the pass reads, one block in memory at a time."""
     for path in sorted(Path(scores_dir).glob("*.parquet")):
-        table = pq.read_table(path, columns=list(columns))
+        table = _read_file(path, columns)
         if table.num_rows:
             yield table
+
+
+def _read_file(path: Path, columns: Sequence[str] | None) -> pa.Table:
+    """One score file's columns. Through ParquetFile, not read_table: read_table plans a dataset
+    for each file, half the time of reading a 10⁶-row pass back (119 files, read three times)."""
+    with pq.ParquetFile(path) as file:
+        return file.read(columns=list(columns) if columns else None)
 
 
 def column_array(table: pa.Table, name: str) -> np.ndarray:
