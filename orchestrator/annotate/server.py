@@ -53,7 +53,7 @@ from orchestrator.al.selection_math import kmeans, nearest
 from orchestrator.campaign.progress import STATUS, duration_text
 from orchestrator.campaign.rundir_lock import RunDirLock, RunDirLockError
 from orchestrator.config import PROJECT_ROOT, load_config
-from orchestrator.data.ids import IdRows
+from orchestrator.data.ids import IdRows, strings_of
 from orchestrator.data.images import VIEWS, slice_views, to_png
 from orchestrator.data.pool import (
     PoolError, PoolInfo, atomic_write_text, decode_volumes, iter_rows, open_pool, read_index,
@@ -315,7 +315,7 @@ class Annotator:
             except PoolError as err:
                 raise AnnotateError(f"{self.run_dir}: cannot open the campaign's pool: {err}") from err
             index = read_index(self.info.path, ["row", "subtomo_id"])
-            self.row_of = IdRows(index.column("subtomo_id").to_pylist(), index.column("row").to_numpy())
+            self.row_of = IdRows(strings_of(index.column("subtomo_id")), index.column("row").to_numpy())
             self.ledger = LabelLedger(self.run_dir / "labels.csv", known_ids=self.row_of,
                                       num_classes=self.info.num_classes)
             self.names = list(self.info.class_names)
