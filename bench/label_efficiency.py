@@ -101,7 +101,13 @@ DATASETS = {
                                       "snr": 0.05, "seed": 0, "class_imbalance": 10.0},
     # the same particles plus 20% junk (650 non-particles: empty, edge, fragment, off-centre),
     # answered "junk" by the simulated oracle; accuracy stays on the 13 real classes
-    "shrec13_snr0.05_junk0.2": {**SHREC, "snr": 0.05, "junk_fraction": 0.2},
+    # (fragments and off-centre picks at the asked SNR of their own signal, as simulated before
+    # 2026-11-28: a fragment got less noise than its whole structure would have)
+    "shrec13_snr0.05_junk0.2": {**SHREC, "snr": 0.05, "junk_fraction": 0.2, "junk_noise": "own"},
+    # the same with every fragment and off-centre pick in its whole structure's noise, as in a
+    # tomogram (the simulator's default since 2026-11-28)
+    "shrec13_snr0.05_junk0.2_particle_noise": {**SHREC, "snr": 0.05, "junk_fraction": 0.2,
+                                               "junk_noise": "particle"},
     # a long-tailed pool: the same particles, 150 train of the first structure down to 15 of the
     # last (geometric; 788 in all), validation and test the balanced set's, volume for volume
     "shrec13_snr0.05_imbalance10": {**SHREC, "snr": 0.05, "class_imbalance": 10.0},

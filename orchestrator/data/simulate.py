@@ -57,6 +57,7 @@ PREPARE_BYTES_PER_VOXEL = 48
 # Non-particles a picker also returns (docs/SIMULATOR.md, "Junk"): noise with no particle,
 # a carbon or ice edge, a fragment of a structure, a particle far off-centre.
 JUNK_KINDS = ("empty", "edge", "fragment", "off_centre")
+JUNK_NOISE = ("particle", "own")  # SimulationConfig.junk_noise
 
 
 class SimulationError(ValueError):
@@ -99,6 +100,10 @@ class SimulationConfig:
     # the pool's subtomograms is junk (label JUNK, answered "junk" by the simulated oracle).
     junk_fraction: float = 0.0
     junk_kinds: tuple[str, ...] = JUNK_KINDS  # which non-particles, in turn
+    # What sets a fragment's and an off-centre pick's noise: "particle", the noise its whole
+    # structure would have centred in the box (a tomogram's noise does not shrink with what a
+    # pick holds), or "own", the asked SNR of its own smaller signal (pools before 2026-11-28).
+    junk_noise: str = "particle"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "defocus_um", tuple(float(v) for v in self.defocus_um))
@@ -139,6 +144,7 @@ class SimulationConfig:
             (0 <= self.junk_fraction < 1, "junk_fraction", "in [0, 1)"),
             (len(self.junk_kinds) > 0 and set(self.junk_kinds) <= set(JUNK_KINDS), "junk_kinds",
              f"a non-empty list of {', '.join(JUNK_KINDS)}"),
+            (self.junk_noise in JUNK_NOISE, "junk_noise", " or ".join(map(repr, JUNK_NOISE))),
         ]
         for holds, name, rule in rules:  # `holds` is False for NaN, which fails every rule
             if not holds:
@@ -1025,8 +1031,19 @@ def _crowd(volume, target, where, pool, count, rng) -> None:
         _pose(other, _random_rotation(rng), place, volume.shape[0], out=volume)
 
 
-def _fourier_imaging(volume, cfg, defocus_A, rng) -> tuple[np.ndarray, np.ndarray]:
-    """s = F⁻¹[W·CTF·F(ρ)], n = F⁻¹[W·(CTF·a₁·N̂₁ + a₂·N̂₂)], both cropped; Var(n) = Var(s)/SNR.
+def _noise_power(signal: np.ndarray, given: float | None) -> float:
+    """The power the noise is scaled to: ``given``, or the signal's own variance."""
+    power = float(signal.var(dtype=np.float64)) if given is None else float(given)
+    if not power > 0:
+        raise SimulationError("the simulated signal is empty (structure outside the box?)")
+    return power
+
+
+def _fourier_imaging(volume, cfg, defocus_A, rng, noise_power: float | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """s = F⁻¹[W·CTF·F(ρ)], n = F⁻¹[W·(CTF·a₁·N̂₁ + a₂·N̂₂)], both cropped; Var(n) = S/SNR with
+    S = Var(s), or ``noise_power`` when given (another signal's power: junk imaged in the noise
+    of a whole particle).
 
     The signal is filtered on the padded grid (no wrap-around into the crop). Cropping spreads
     ~2% of its power back into the wedge, so W is applied once more on the box grid. The noise is
@@ -1039,9 +1056,7 @@ def _fourier_imaging(volume, cfg, defocus_A, rng) -> tuple[np.ndarray, np.ndarra
     k2, envelope, wedge, weights = _fourier_grids(box, *optics)
     shape = (box, box, box)
     signal = sfft.irfftn(wedge * sfft.rfftn(filtered), s=shape)
-    power = float(signal.var(dtype=np.float64))
-    if not power > 0:
-        raise SimulationError("the simulated signal is empty (structure outside the box?)")
+    power = _noise_power(signal, noise_power)
     if math.isinf(cfg.snr):
         return signal, np.zeros_like(signal)
     # a_i² = w_i·S / (SNR·mean|H_i|²), means over the full FFT grid; H₁ = W·CTF, H₂ = W.
@@ -1080,6 +1095,11 @@ def simulate_junk(
     - ``off_centre``: a whole structure centred 30–45% of the box away from the box centre (a
       pick beside a particle), partly cropped away.
 
+    A fragment and an off-centre pick are imaged in the noise their whole structure would have,
+    centred in the box (``cfg.junk_noise = "particle"``): less signal in the same noise, as in a
+    tomogram; ``"own"`` scales the noise to their own signal instead (the asked SNR, as a
+    particle's).
+
     `structures` are the pool's prepared structures; one is drawn for every kind but ``edge``.
     Draw order: structure, geometry, defocus, noise.
     """
@@ -1091,10 +1111,10 @@ def simulate_junk(
     if kind == "edge":
         volume = _film_edge(n, box, rng)
     else:
-        target = structures[rng.integers(len(structures))]
+        target = whole = structures[rng.integers(len(structures))]
         rotation = _random_rotation(rng)
         if kind == "fragment":
-            target = _fragment(target, box, rng)
+            target = _fragment(whole, box, rng)
         if kind == "off_centre":
             shift = _unit(rng) * rng.uniform(0.3, 0.45) * box
         elif kind == "fragment":
@@ -1106,13 +1126,27 @@ def simulate_junk(
     if kind == "empty" and math.isinf(cfg.snr):
         imaging_cfg = dataclasses.replace(cfg, snr=1.0)
     imaging = _tilt_series_reconstruction if cfg.reconstruction == "wbp" else _fourier_imaging
-    signal, noise = imaging(volume, imaging_cfg, defocus_um * 1e4, rng)
+    noise_power = None  # the junk's own signal's
+    if kind in ("fragment", "off_centre") and cfg.junk_noise == "particle" and not math.isinf(cfg.snr):
+        noise_power = _whole_particle_power(whole, rotation, imaging, cfg, defocus_um * 1e4)
+    signal, noise = imaging(volume, imaging_cfg, defocus_um * 1e4, rng, noise_power)
     if kind == "empty":  # the particle set the noise level only
         signal = np.zeros_like(signal)
     out = _zscore(signal + noise)
     if not return_parts:
         return out
     return SimulatedParts(out, signal, noise, rotation.as_matrix(), shift, defocus_um)
+
+
+def _whole_particle_power(structure, rotation, imaging, cfg, defocus_A) -> float:
+    """The signal power of `structure` posed at the box centre and imaged at `defocus_A`: the
+    noise level a whole particle of it would have. A generator of its own, so the sample's
+    draws stay what they were (the tilt series draws its noise before it is left out)."""
+    n = cfg.box + 2 * cfg.pad
+    posed = _pose(structure, rotation, np.full(3, (n - 1) / 2), n)
+    noise_free = dataclasses.replace(cfg, snr=math.inf)
+    signal, _ = imaging(posed, noise_free, defocus_A, np.random.default_rng(0))
+    return float(signal.var(dtype=np.float64))
 
 
 def _film_edge(n: int, box: int, rng: np.random.Generator) -> np.ndarray:
@@ -1191,10 +1225,12 @@ def _tilt_geometry(n: int, tilt_range_deg: float, tilt_step_deg: float):
     return angles, width, np.stack(bins), np.stack(fracs)
 
 
-def _tilt_series_reconstruction(volume, cfg, defocus_A, rng) -> tuple[np.ndarray, np.ndarray]:
+def _tilt_series_reconstruction(volume, cfg, defocus_A, rng, noise_power: float | None = None
+                                ) -> tuple[np.ndarray, np.ndarray]:
     """Project at each tilt (−θ:step:θ about y), apply the CTF (constant defocus) and the two noise
     terms per projection, ramp-filter, back-project; signal and noise are reconstructed apart
-    (WBP is linear) and the noise is scaled so the cropped output has the asked SNR."""
+    (WBP is linear) and the noise is scaled so the cropped output has the asked SNR (of
+    ``noise_power`` instead of the signal's own power, when given)."""
     n = volume.shape[0]
     angles, width, bins, fracs = _tilt_geometry(n, cfg.tilt_range_deg, cfg.tilt_step_deg)
     vol_yzx = np.ascontiguousarray(volume.transpose(1, 0, 2))  # the tilt axis y first
@@ -1235,9 +1271,7 @@ def _tilt_series_reconstruction(volume, cfg, defocus_A, rng) -> tuple[np.ndarray
         recon += flat[:, index] * (1 - f) + flat[:, index + 1] * f
     signal = recon[0].transpose(1, 0, 2)
     noise = recon[1].transpose(1, 0, 2)
-    power = float(signal.var(dtype=np.float64))
-    if not power > 0:
-        raise SimulationError("the simulated signal is empty (structure outside the box?)")
+    power = _noise_power(signal, noise_power)
     if math.isinf(cfg.snr):
         return np.ascontiguousarray(signal), np.zeros_like(signal)
     scale = math.sqrt(power / (cfg.snr * float(noise.var(dtype=np.float64))))

@@ -428,6 +428,28 @@ def test_an_off_centre_pick_puts_the_particles_signal_far_from_the_box_centre(th
         assert 0.3 * cfg.box <= np.linalg.norm(junk.shift) <= 0.45 * cfg.box
 
 
+@pytest.mark.parametrize("reconstruction", ["fourier", "wbp"])
+def test_a_fragment_sits_in_its_whole_structures_noise_so_its_own_snr_is_lower(three_classes,
+                                                                                reconstruction):
+    particle_noise = sim.SimulationConfig(snr=0.05, reconstruction=reconstruction)
+    own_noise = dataclasses.replace(particle_noise, junk_noise="own")
+    for i in range(3):
+        quiet, loud = (sim.simulate_junk("fragment", three_classes, cfg, sim.sample_rng(0, i), True)
+                       for cfg in (particle_noise, own_noise))
+        assert float(loud.signal.var() / loud.noise.var()) == pytest.approx(0.05, rel=0.1)
+        assert float(quiet.signal.var() / quiet.noise.var()) < 0.045
+        # the same draws: the signal and the noise's pattern, only its level differs
+        np.testing.assert_array_equal(quiet.signal, loud.signal)
+        scale = float(quiet.noise.std() / loud.noise.std())
+        np.testing.assert_allclose(quiet.noise, loud.noise * scale, rtol=1e-3, atol=1e-4)
+
+
+def test_the_junks_noise_setting_is_checked():
+    with pytest.raises(sim.SimulationError, match="junk_noise must be 'particle' or 'own', got 'loud'"):
+        sim.SimulationConfig(junk_noise="loud")
+    assert sim.load_simulation_config(None, {"junk_noise": "own"}).junk_noise == "own"
+
+
 def energy_centre(volume):
     energy = volume.astype(np.float64) ** 2
     return np.array([(g * energy).sum() / energy.sum() for g in np.indices(volume.shape)])
