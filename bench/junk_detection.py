@@ -3,6 +3,8 @@ label-efficiency campaigns (`bench/label_efficiency.py --datasets shrec13_snr0.0
 nothing trained here.
 
     python bench/junk_detection.py        # after the junk set's poal and *_junk_class rows ran
+    python bench/junk_detection.py --dataset shrec13_snr0.05_junk0.2_particle_noise \
+        --results docs/results/junk_detection_particle_noise.csv
 
 For every cycle's scoring pass of those campaigns, each candidate (train split, not labelled
 yet) gets a junk score from each detector, and each junk kind of the simulator (empty, edge,
@@ -82,12 +84,12 @@ def junk_output(table, answers: dict[str, int]) -> tuple[np.ndarray, np.ndarray]
     return ids[candidate], table.column("junk_prob").to_numpy()[candidate] - 0.5
 
 
-def measure(runs: Path) -> list[dict]:
+def measure(runs: Path, dataset: str = DATASET) -> list[dict]:
     out = []
     detectors = {"junk_output": ("*_junk_class-seed*", ["row", "subtomo_id", "junk_prob"]),
                  "poal_rule": ("poal-seed*", ["row", "subtomo_id", "embeddings"])}
     for detector, (pattern, columns) in detectors.items():
-        for run in sorted((runs / DATASET).glob(pattern)):
+        for run in sorted((runs / dataset).glob(pattern)):
             if not run.is_dir():
                 continue
             for scores in sorted(run.glob("cycles/c*/scores")):
@@ -126,14 +128,15 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench" / "label_efficiency" / "runs")
+    parser.add_argument("--dataset", default=DATASET, help="the junk data set whose campaigns to read")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if not (args.runs / DATASET).is_dir():
-        raise SystemExit(f"no campaigns of {DATASET} under {args.runs}: run bench/label_efficiency.py "
-                         f"--datasets {DATASET} --strategies poal random_junk_class first")
-    rows = measure(args.runs)
+    if not (args.runs / args.dataset).is_dir():
+        raise SystemExit(f"no campaigns of {args.dataset} under {args.runs}: run bench/label_efficiency.py "
+                         f"--datasets {args.dataset} --strategies poal random_junk_class first")
+    rows = measure(args.runs, args.dataset)
     if not rows:
-        raise SystemExit(f"no scoring passes of poal or *_junk_class campaigns under {args.runs / DATASET}")
+        raise SystemExit(f"no scoring passes of poal or *_junk_class campaigns under {args.runs / args.dataset}")
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -57,6 +57,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -75,6 +76,9 @@ SHREC_MAPS = Path(os.environ.get("CRYOAL_SHREC_MAPS", ROOT.parent / "shared" / "
 RESULTS = ROOT / "docs" / "results" / "label_efficiency.csv"
 QUERY_COLUMNS = ["dataset", "strategy", "seed", "cycle", "chosen_by", "queried", "junk"]
 CLASS_COLUMNS = ["dataset", "strategy", "seed", "label", "count"]  # the labelled set at the end
+# the simulator's junk kind of each query answered junk (its id: junk-<kind>-<index>)
+JUNK_KIND_COLUMNS = ["dataset", "strategy", "seed", "cycle", "kind", "queried"]
+JUNK_ID = re.compile(r"junk-(.+)-\d+")
 # the training code a campaign ran with: the same seed gives the same cycle 0 only under the
 # same code, so seeds are paired only where both rows ran it (see `code_version`)
 CODE_COLUMNS = ["dataset", "strategy", "seed", "code"]
@@ -370,7 +374,7 @@ def write_results(out: Path, path: Path) -> None:
     and choosing strategy: how many, how many answered junk) and the class counts of its
     labelled set at its last budget. Campaigns already in the files but not under `out` (run
     in another checkout, whose run directories are gone) keep their rows."""
-    rows, details, queries, classes, codes = [], [], [], [], []
+    rows, details, queries, kinds, classes, codes = [], [], [], [], [], []
     for state_file in sorted((out / "runs").glob("*/*/state.json")):
         run_dir = state_file.parent
         state = finished_state(run_dir)
@@ -383,6 +387,7 @@ def write_results(out: Path, path: Path) -> None:
             rows.append(key + [round(fraction, 6), c.get("val_accuracy"), c.get("test_accuracy")])
             details.append(key + [c.get(k) for k in DETAIL_COLUMNS[4:]])
         queries += [[run_dir.parent.name, row, int(seed), *q] for q in run_queries(run_dir)]
+        kinds += [[run_dir.parent.name, row, int(seed), *k] for k in run_junk_kinds(run_dir)]
         if row != FULL:
             classes += [[run_dir.parent.name, row, int(seed), label, n]
                         for label, n in sorted(class_counts(run_dir).items())]
@@ -392,6 +397,7 @@ def write_results(out: Path, path: Path) -> None:
     for file, columns, new_rows, sort_width in (
             (path, COLUMNS, rows, 4), (beside(path, "models"), DETAIL_COLUMNS, details, 4),
             (beside(path, "queries"), QUERY_COLUMNS, queries, 5),
+            (beside(path, "junk_kinds"), JUNK_KIND_COLUMNS, kinds, 5),
             (beside(path, "classes"), CLASS_COLUMNS, classes, 4),
             (beside(path, "code"), CODE_COLUMNS, codes, 3)):
         merged = _kept_rows(file, columns, {tuple(r[:3]) for r in rows}) + new_rows
@@ -435,17 +441,41 @@ def beside(results: Path, what: str) -> Path:
 def run_queries(run_dir: Path) -> list[list]:
     """(cycle, chosen_by, queried, junk) per cycle and choosing strategy of a run directory,
     from each cycle's selection.csv and the ledger's current answers (junk: -1)."""
-    with open(run_dir / "labels.csv", newline="") as f:
-        answers = {r["subtomo_id"]: int(r["label"]) for r in csv.DictReader(f)}  # latest wins
+    answers = latest_answers(run_dir)
     counts: dict[tuple[int, str], list[int]] = {}
+    for cycle, r in selected(run_dir):
+        tally = counts.setdefault((cycle, r.get("chosen_by") or ""), [0, 0])
+        tally[0] += 1
+        tally[1] += answers.get(r["subtomo_id"]) == -1
+    return [[cycle, chooser, n, junk] for (cycle, chooser), (n, junk) in sorted(counts.items())]
+
+
+def run_junk_kinds(run_dir: Path) -> list[list]:
+    """(cycle, kind, queried) of a run's queries answered junk, by the simulator's junk kind in
+    their ids ("unnamed" for a junk answer on another id)."""
+    answers = latest_answers(run_dir)
+    counts: dict[tuple[int, str], int] = {}
+    for cycle, r in selected(run_dir):
+        if answers.get(r["subtomo_id"]) == -1:
+            named = JUNK_ID.fullmatch(r["subtomo_id"])
+            key = (cycle, named.group(1) if named else "unnamed")
+            counts[key] = counts.get(key, 0) + 1
+    return [[cycle, kind, n] for (cycle, kind), n in sorted(counts.items())]
+
+
+def latest_answers(run_dir: Path) -> dict[str, int]:
+    """The ledger's current answer per subtomogram (the latest line wins; junk: -1)."""
+    with open(run_dir / "labels.csv", newline="") as f:
+        return {r["subtomo_id"]: int(r["label"]) for r in csv.DictReader(f)}
+
+
+def selected(run_dir: Path):
+    """(cycle, selection.csv row) of every query a run selected, cycle by cycle."""
     for selection in sorted(run_dir.glob("cycles/c*/selection.csv")):
         cycle = int(selection.parent.name[1:])
         with open(selection, newline="") as f:
             for r in csv.DictReader(f):
-                tally = counts.setdefault((cycle, r.get("chosen_by") or ""), [0, 0])
-                tally[0] += 1
-                tally[1] += answers.get(r["subtomo_id"]) == -1
-    return [[cycle, chooser, n, junk] for (cycle, chooser), (n, junk) in sorted(counts.items())]
+                yield cycle, r
 
 
 def class_counts(run_dir: Path) -> dict[int, int]:
@@ -672,6 +702,8 @@ def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str
     curves = read_results(results)
     queries_file = beside(results, "queries")
     queries = read_queries(queries_file) if queries_file.exists() else {}
+    kinds_file = beside(results, "junk_kinds")
+    kinds = read_junk_kinds(kinds_file) if kinds_file.exists() else {}
     parts = []
     for name in datasets or sorted(curves):
         if name not in curves:
@@ -687,7 +719,8 @@ def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str
         parts.append(comparisons_table(name, by_strategy))
         parts.append(albl_arms_table(name, by_strategy))
         parts.append(beyond_table(name, by_strategy, full))
-        parts += [cold_start_table(name, by_strategy), junk_table(name, by_strategy, queries.get(name, {})),
+        parts += [cold_start_table(name, by_strategy),
+                  junk_table(name, by_strategy, queries.get(name, {}), kinds.get(name)),
                   *[arms_table(name, row, seeds) for row, seeds in sorted(queries.get(name, {}).items())
                     if row.startswith("albl") and row != "albl_uniform"]]
     classes_file = beside(results, "classes")
@@ -932,26 +965,44 @@ def junk_share(cycles: dict, first_cycle: bool) -> float:
     return sum(j for _, j in chosen) / asked if asked else float("nan")
 
 
-def junk_table(name: str, by_strategy: dict, queries: dict) -> str:
+def read_junk_kinds(path: Path) -> dict:
+    """{dataset: {strategy: {kind: queries answered junk}}}, over every seed and the cycles
+    after the first draw (the selected queries)."""
+    out: dict = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if int(r["cycle"]) > 0:
+                kinds = out.setdefault(r["dataset"], {}).setdefault(r["strategy"], {})
+                kinds[r["kind"]] = kinds.get(r["kind"], 0) + int(r["queried"])
+    return out
+
+
+def junk_table(name: str, by_strategy: dict, queries: dict, kinds: dict | None = None) -> str:
     """Per strategy: the share of its selected queries (cycles ≥ 1) answered junk, that of its
-    first draw, and accuracy on the real classes; on data sets whose queries met junk."""
+    first draw, and accuracy on the real classes; on data sets whose queries met junk. With
+    `kinds` ({strategy: {kind: n}}), what the junk among the selected queries was."""
     if not any(j for seeds in queries.values() for cycles in seeds.values()
                for by in cycles.values() for _, j in by.values()):
         return ""
     shares = {strategy: {seed: junk_share(cycles, False) for seed, cycles in seeds.items()}
               for strategy, seeds in queries.items() if strategy not in OWN_BUDGETS and strategy != FULL}
     entropy = mean_ci(shares.get("entropy", {}).values())[0]
+    named = sorted({kind for counts in (kinds or {}).values() for kind in counts})
+    by_kind = f" | of it (all seeds): {' / '.join(named)}" if named else ""
     lines = [f"#### {name}: junk in the queries", "",
              "| strategy | seeds | junk share of selected queries | vs entropy | junk share of cycle 0 "
-             f"| test accuracy at {100 * FRACTIONS[-1]:g}% (real classes) | AUBC |", "|---|---|---|---|---|---|---|"]
+             f"| test accuracy at {100 * FRACTIONS[-1]:g}% (real classes) | AUBC{by_kind} |",
+             "|---|---|---|---|---|---|---|" + ("---|" if named else "")]
     for strategy in sorted(shares, key=lambda s: np.nan_to_num(mean_ci(shares[s].values())[0], nan=2)):
         curves = {s: c for s, c in by_strategy.get(strategy, {}).items() if len(c[0]) == len(FRACTIONS)}
         share = mean_ci(shares[strategy].values())
         ratio = f"{share[0] / entropy:.2f}×" if np.isfinite(entropy) and entropy > 0 else ""
         first = mean_ci(junk_share(c, True) for c in queries[strategy].values())
+        counts = (kinds or {}).get(strategy)
+        of_it = (" | " + " / ".join(str(counts.get(k, 0)) for k in named) if counts else " | ") if named else ""
         lines.append(f"| {strategy} | {len(shares[strategy])} | {_pm(*share)} | {ratio} | {_pm(*first)} | "
                      f"{_pm(*mean_ci(c[2][-1] for c in curves.values()))} | "
-                     f"{_pm(*mean_ci(aubc(c[0], c[2]) for c in curves.values()))} |")
+                     f"{_pm(*mean_ci(aubc(c[0], c[2]) for c in curves.values()))}{of_it} |")
     return "\n".join(lines) + "\n"
 
 

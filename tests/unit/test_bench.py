@@ -157,6 +157,18 @@ def test_a_runs_queries_are_counted_per_cycle_and_chooser_with_their_junk(tmp_pa
     assert run_queries(tmp_path) == [[0, "random", 2, 1], [1, "entropy", 2, 2], [1, "random", 1, 0]]
 
 
+def test_a_runs_junk_answers_are_counted_by_the_junk_kind_their_ids_name(tmp_path):
+    from bench.label_efficiency import run_junk_kinds
+
+    write_run(tmp_path, {0: [("junk-edge-000001", "random"), ("a", "random")],
+                         1: [("junk-fragment-000002", "entropy"), ("junk-fragment-000007", "entropy"),
+                             ("junk-empty-000003", "random"), ("b", "random")]},
+              {"junk-edge-000001": -1, "a": 0, "junk-fragment-000002": -1,
+               "junk-fragment-000007": -1, "junk-empty-000003": 4, "b": -1})
+    # an id the person called a particle is not junk; a particle id answered junk is "unnamed"
+    assert run_junk_kinds(tmp_path) == [[0, "edge", 1], [1, "fragment", 2], [1, "unnamed", 1]]
+
+
 def read_rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -220,7 +232,7 @@ def test_results_of_campaigns_run_in_another_checkout_survive_and_a_rerun_replac
 
 
 def test_the_report_tells_junk_shares_cold_start_gains_and_albls_arms(tmp_path):
-    from bench.label_efficiency import COLD_FRACTIONS, QUERY_COLUMNS
+    from bench.label_efficiency import COLD_FRACTIONS, JUNK_KIND_COLUMNS, QUERY_COLUMNS
 
     results = tmp_path / "label_efficiency.csv"
     with open(results, "w", newline="") as f:
@@ -245,12 +257,19 @@ def test_the_report_tells_junk_shares_cold_start_gains_and_albls_arms(tmp_path):
                 writer.writerow(["toy", strategy, seed, 1, strategy, 100, junk + seed])
             writer.writerow(["toy", "albl", seed, 1, "entropy", 75, 0])
             writer.writerow(["toy", "albl", seed, 1, "random", 25, 0])
+    with open(results.with_name("label_efficiency_junk_kinds.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(JUNK_KIND_COLUMNS)
+        writer.writerows([["toy", "poal", 0, 0, "empty", 9], ["toy", "poal", 0, 1, "fragment", 8],
+                          ["toy", "poal", 1, 1, "fragment", 3], ["toy", "poal", 1, 2, "edge", 1]])
     text = report(results, tmp_path)
     main = text.split("####")[0]
     assert "cold_random" not in main and "| poal |" in main  # own-budget rows: their own table
     junk = next(part for part in text.split("####") if "junk in the queries" in part)
+    assert "| of it (all seeds): edge / fragment |" in junk  # cycle 0's empty box is no selection
     poal = next(line for line in junk.splitlines() if line.startswith("| poal |"))
     assert "0.110 ± " in poal and "| 0.27× |" in poal  # (10, 11, 12) / 100 vs (40, 41, 42) / 100
+    assert poal.endswith("| 1 / 11 |")
     cold = next(part for part in text.split("####") if "cold start" in part)
     assert "| typiclust (seeds) | typiclust − random (paired) | typiclust_density (seeds) |" in cold
     assert ("| 1% | 0.310 ± 0.025 (3) | 0.410 ± 0.025 (3) | +0.100 ± 0.000 * | 0.460 ± 0.025 (3) "
