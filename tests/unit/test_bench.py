@@ -269,6 +269,7 @@ def test_the_report_tells_junk_shares_cold_start_gains_and_albls_arms(tmp_path):
     assert "| of it (all seeds): edge / fragment |" in junk  # cycle 0's empty box is no selection
     poal = next(line for line in junk.splitlines() if line.startswith("| poal |"))
     assert "0.110 ± " in poal and "| 0.27× |" in poal  # (10, 11, 12) / 100 vs (40, 41, 42) / 100
+    assert "| -0.095 ± 0.012 * |" in poal  # 0.10 - 0.20, 0.11 - 0.205, 0.12 - 0.21: paired by seed
     assert poal.endswith("| 1 / 11 |")
     cold = next(part for part in text.split("####") if "cold start" in part)
     assert "| typiclust (seeds) | typiclust − random (paired) | typiclust_density (seeds) |" in cold
