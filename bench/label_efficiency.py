@@ -723,6 +723,9 @@ def report(results: Path, plots: Path, datasets: list[str] | None = None) -> str
                   junk_table(name, by_strategy, queries.get(name, {}), kinds.get(name)),
                   *[arms_table(name, row, seeds) for row, seeds in sorted(queries.get(name, {}).items())
                     if row.startswith("albl") and row != "albl_uniform"]]
+    rerun_file = beside(results, "rerun")
+    newest = with_reruns(curves, read_results(rerun_file)) if rerun_file.exists() else curves
+    parts.append(across_sets_table(newest, datasets))
     classes_file = beside(results, "classes")
     if classes_file.exists():
         parts.append(balance_table(read_class_counts(classes_file), datasets))
@@ -829,6 +832,50 @@ def albl_arms_table(name: str, by_strategy: dict) -> str:
         lines.append(f"| {row} | {len(mine)} | " + " | ".join(_signed(*diffs[arm]) for arm in arms)
                      + f" | {verdict} (best: {best}) |")
     return "\n".join(lines) + "\n"
+
+
+def with_reruns(curves: dict, reruns: dict) -> dict:
+    """`curves` with each seed that `reruns` ran again replaced by its rerun (a row's seeds
+    rerun under the code of the rows it pairs with, kept in a results file of their own)."""
+    merged = {name: {row: dict(seeds) for row, seeds in rows.items()} for name, rows in curves.items()}
+    for name, rows in reruns.items():
+        for row, seeds in rows.items():
+            merged.setdefault(name, {}).setdefault(row, {}).update(seeds)
+    return merged
+
+
+AUTOMATIC = "albl_balance"  # the automatic choice judged across data sets (albl's default)
+
+
+def across_sets_table(curves: dict, datasets: list[str] | None = None, row: str = AUTOMATIC) -> str:
+    """What choosing per task is worth: on each data set where `row` and every albl arm ran,
+    each one's AUBC minus the best arm's there (best by its mean, so in hindsight; paired by
+    seed, * where the 95% CI excludes zero), then each one's worst and mean over the sets. A
+    fixed arm is safe only if it is never far below the best; the automatic row should be."""
+    columns = [*ALBL_ARMS, row]
+    lines = []
+    worst: dict[str, list[float]] = {column: [] for column in columns}
+    for name in datasets or sorted(curves):
+        aubcs = {column: {seed: aubc(c[0], c[2]) for seed, c in curves.get(name, {}).get(column, {}).items()
+                          if len(c[0]) == len(FRACTIONS)} for column in columns}
+        if not all(aubcs.values()):
+            continue
+        best = max(ALBL_ARMS, key=lambda arm: np.mean(list(aubcs[arm].values())))
+        cells = []
+        for column in columns:
+            mean, half = paired(aubcs[best], aubcs[column])
+            worst[column].append(mean)
+            cells.append("best" if column == best else _signed(mean, half))
+        lines.append(f"| {name} | {best} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = f"| data set | best arm | {' | '.join(columns)} |"
+    return "\n".join([
+        f"#### {row} and its arms across data sets: AUBC − the best arm's (paired by seed)", "",
+        head, "|---|---|" + "---|" * len(columns), *lines,
+        "| **worst** | | " + " | ".join(f"{np.nanmin(worst[c]):+.3f}" for c in columns) + " |",
+        "| mean | | " + " | ".join(f"{np.nanmean(worst[c]):+.3f}" for c in columns) + " |",
+    ]) + "\n"
 
 
 def read_details(path: Path) -> list[dict]:

@@ -554,3 +554,30 @@ def test_auroc_is_one_when_every_positive_scores_above_every_negative_and_counts
 def test_junk_kinds_come_from_the_simulators_ids():
     assert kinds_of(["junk-off_centre-000012", "1bxn-000003", "junk-empty-000001"]).tolist() == [
         "off_centre", "particle", "empty"]
+
+
+def test_across_data_sets_each_row_is_judged_by_its_worst_gap_to_the_best_arm():
+    from bench.label_efficiency import across_sets_table
+
+    def rows(**levels):
+        return {row: {s: curve(level, 10 * s) for s in range(3)} for row, level in levels.items()}
+
+    curves = {"balanced": rows(random=0.6, entropy=0.4, ema_kl=0.55, coreset=0.58, albl_balance=0.59),
+              "tailed": rows(random=0.4, entropy=0.3, ema_kl=0.45, coreset=0.5, albl_balance=0.49),
+              "no_albl": rows(random=0.6, entropy=0.4, ema_kl=0.55, coreset=0.58)}
+    text = across_sets_table(curves)
+    assert "| balanced | random | best | -0.200 ± 0.000 * | -0.050 ± 0.000 * | -0.020 ± 0.000 * | -0.010 ± 0.000 * |" in text
+    assert "| tailed | coreset | -0.100 ± 0.000 * |" in text
+    assert "no_albl" not in text  # a set the automatic row did not run on is left out
+    assert "| **worst** | | -0.100 | -0.200 | -0.050 | -0.020 | -0.010 |" in text
+    assert across_sets_table({"no_albl": curves["no_albl"]}) == ""
+
+
+def test_a_rerun_replaces_only_the_seeds_it_ran_again():
+    from bench.label_efficiency import with_reruns
+
+    curves = {"d": {"random": {0: curve(0.5, 0), 1: curve(0.5, 10)}, "entropy": {0: curve(0.4, 0)}}}
+    merged = with_reruns(curves, {"d": {"random": {1: curve(0.6, 0)}, "coreset": {0: curve(0.7, 0)}}})
+    assert merged["d"]["random"][0] == curve(0.5, 0) and merged["d"]["random"][1] == curve(0.6, 0)
+    assert merged["d"]["coreset"][0] == curve(0.7, 0) and merged["d"]["entropy"] == curves["d"]["entropy"]
+    assert curves["d"]["random"][1] == curve(0.5, 10)  # the first results are left as they were
