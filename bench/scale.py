@@ -24,6 +24,11 @@ campaign names it (select, …, and "between stages": start-up, κ, writing), wh
 With --py-spy, py-spy samples the driver during the measured cycle (20 a second, never pausing
 it) and DIR/nROWS/rest_profile.csv gives the driver's wall seconds per function outside training
 and scoring: what "rest" was spent on, function by function.
+With --cold-rest (root only), the kernel's page cache is emptied as the cycle leaves scoring, so
+that "rest" reads from disk at every size: at 10⁶ rows the scoring pass (67 GB) has evicted the
+pool and the pass's first files from a 24 GB machine's cache anyway, where at 10,000 rows all
+is still cached. That isolates what grows with the pool from what the cache holds; the
+emptying's own seconds (with the `sync` before it) are left out of "rest".
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import make_noise_pool_elsewhere  # noqa: E402
+from bench.scattered_reads import drop_page_cache  # noqa: E402
 from bench.scoring_memory import _descendants, _pss  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results" / "scale.csv"
@@ -234,8 +240,36 @@ def pool_of(path: Path, rows: int, box: int):
     return info, True
 
 
+@contextlib.contextmanager
+def cold_after_scoring(enabled: bool):
+    """With `enabled`, the page cache is emptied when the campaign leaves scoring (its first
+    call of `Campaign._stability`, the first step after a pass). Yields a list that receives
+    the seconds the emptying took, to take out of "rest"."""
+    from orchestrator.campaign.loop import Campaign
+
+    spent: list[float] = []
+    if not enabled:
+        yield spent
+        return
+    original = Campaign._stability
+
+    def stability_from_disk(campaign, *args, **kwargs):
+        if not spent:
+            started = time.perf_counter()
+            if not drop_page_cache():
+                raise SystemExit("--cold-rest: only root may empty the page cache (/proc/sys/vm/drop_caches)")
+            spent.append(time.perf_counter() - started)
+        return original(campaign, *args, **kwargs)
+
+    Campaign._stability = stability_from_disk
+    try:
+        yield spent
+    finally:
+        Campaign._stability = original
+
+
 def one_cycle(rows: int, labels: int, select: int, work: Path, spy: bool = False, box: int = 32,
-              pools: Path | None = None) -> list[list]:
+              pools: Path | None = None, cold_rest: bool = False) -> list[list]:
     """The measured rows (one per stage) of a pool of `rows` (deleted after if written here)."""
     from orchestrator.al.oracle import AwaitingLabels
     from orchestrator.campaign.loop import Campaign
@@ -261,7 +295,7 @@ def one_cycle(rows: int, labels: int, select: int, work: Path, spy: bool = False
         sampler = StageSampler(status)
         sampler.start()
         raw_samples = work / "driver_samples.txt" if spy else None
-        with driver_samples(raw_samples):
+        with driver_samples(raw_samples), cold_after_scoring(cold_rest) as emptying:
             started = time.perf_counter()
             try:  # the measured cycle: labels in, next queries out
                 Campaign(cfg, run_dir, info, display=display).run()
@@ -272,7 +306,9 @@ def one_cycle(rows: int, labels: int, select: int, work: Path, spy: bool = False
                 sampler.stop()
     cycle = json.loads((run_dir / "state.json").read_text())["cycles"][0]
     seconds = {"train": cycle["seconds_train"], "score": cycle["seconds_score"], "total": total,
-               "rest": total - cycle["seconds_train"] - cycle["seconds_score"]}
+               "rest": total - cycle["seconds_train"] - cycle["seconds_score"] - sum(emptying)}
+    if emptying:
+        print(f"{rows:,} rows: page cache emptied after scoring in {emptying[0]:.2f} s (not in rest)", flush=True)
     if written_here:
         shutil.rmtree(info.path)
     with open(work / "processes.csv", "w", newline="") as f:  # what each stage's peak was made of
@@ -338,6 +374,9 @@ def main() -> None:
                         help="where the pools are written (default: each size's work folder); a "
                              "complete one of the size found there is used, e.g. one written ahead "
                              "with bench.common.make_noise_pool while other work runs")
+    parser.add_argument("--cold-rest", action="store_true",
+                        help="empty the page cache as the cycle leaves scoring (root only), so that "
+                             "\"rest\" reads from disk at every pool size (use another --results)")
     args = parser.parse_args()
     rows = read_rows(args.results)
     for size in args.rows:
@@ -347,7 +386,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)  # an interrupted size starts again
         work.mkdir(parents=True)
         rows = [r for r in rows if r[0] != size] + one_cycle(size, args.labels, args.select, work, args.py_spy,
-                                                                args.box, args.pools)
+                                                                args.box, args.pools, args.cold_rest)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         with open(args.results, "w", newline="") as f:
             csv.writer(f).writerows([COLUMNS, *sorted(rows)])

@@ -401,6 +401,23 @@ def test_the_scale_benchmark_uses_a_pool_written_ahead_and_rewrites_one_of_anoth
     assert (info.n_rows, written_here, written) == (15, True, [(15, 8), (15, 8)])
 
 
+def test_a_cold_rest_empties_the_page_cache_once_as_the_cycle_leaves_scoring(monkeypatch):
+    import bench.scale
+    from orchestrator.campaign.loop import Campaign
+
+    emptied = []
+    monkeypatch.setattr(Campaign, "_stability", lambda campaign, cycle: f"stability of {cycle}")
+    monkeypatch.setattr(bench.scale, "drop_page_cache", lambda: emptied.append(1) or True)
+    with bench.scale.cold_after_scoring(True) as spent:
+        assert Campaign._stability(None, 0) == "stability of 0"
+        assert Campaign._stability(None, 1) == "stability of 1"
+    assert emptied == [1] and len(spent) == 1  # once: the measured cycle's pass
+    assert Campaign._stability(None, 2) == "stability of 2"  # put back after the cycle
+    with bench.scale.cold_after_scoring(False) as spent:
+        Campaign._stability(None, 0)
+    assert emptied == [1] and spent == []
+
+
 def test_time_between_the_campaigns_stages_is_counted_apart_from_them():
     from bench.scale import add_time
 
