@@ -41,6 +41,11 @@ arms `albl` chose per cycle:
     python bench/label_efficiency.py --datasets shrec13_snr0.05_junk0.2 \
         --strategies poal_entropy random_junk_class entropy_junk_class poal_junk_class
 
+Across the data sets reported, one more table says what choosing per task is worth: on each,
+`albl_balance` and its arms minus the best arm's AUBC (paired by seed), and each one's worst and
+mean gap (`across_sets_table`; seeds rerun under one code version, in
+`label_efficiency_rerun.csv` beside the results, replace their first runs there).
+
 `poal_entropy` is POAL with its paper's informativeness (maximum entropy); the `*_junk_class`
 rows train with `train.junk_class=true` (junk answers train one output more, and what it calls
 junk is not queried); `bench/junk_detection.py` then says which junk kinds each detector sees.
