@@ -21,6 +21,9 @@ grows with the pool. Pools are deleted after their run; finished sizes are skipp
 Raw rows: docs/results/scale.csv; the table is printed. Per size, DIR/nROWS/processes.csv splits
 each stage's peak by process, and DIR/nROWS/stages.csv gives the wall seconds of each stage as the
 campaign names it (select, …, and "between stages": start-up, κ, writing), which is what "rest" was.
+DIR/nROWS/cpu.csv gives the CPU seconds each process on the machine used during each stage
+(the kernel's threads too) and the machine's time by kind (user, system, iowait, steal, idle):
+what the measured driver shared the CPUs with.
 With --py-spy, py-spy samples the driver during the measured cycle (20 a second, never pausing
 it) and DIR/nROWS/rest_profile.csv gives the driver's wall seconds per function outside training
 and scoring: what "rest" was spent on, function by function.
@@ -60,11 +63,15 @@ from bench.scoring_memory import _descendants, _pss  # noqa: E402
 RESULTS = ROOT / "docs" / "results" / "scale.csv"
 COLUMNS = ["rows", "stage", "seconds", "bytes_read", "peak_pss"]
 PROCESS_COLUMNS = ["rows", "stage", "process", "count", "pss"]  # DIR/nROWS/processes.csv
+# DIR/nROWS/cpu.csv: CPU seconds per stage, per process (every process on the machine) and, as
+# "machine:KIND", the machine's (user, system, iowait, steal, idle; summed over its CPUs)
+CPU_COLUMNS = ["rows", "stage", "process", "cpu_seconds"]
 # DIR/nROWS/stages.csv: wall seconds per stage as the campaign's progress names it
 # train, score: the campaign's own stages; rest: everything else of the resumed run (importing
 # the labels, selecting, writing the queries); total: labels submitted → next queries written
 STAGES = ("train", "score", "rest", "total")
 GB = 1e9
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # /proc's CPU times are in these a second
 SPY_HZ = 20  # py-spy's samples a second of the driver (--py-spy)
 # a sampled stack through one of these is the train or score stage's (or the sampler's own start), not "rest"'s
 MEASURED_STAGES = re.compile(r"^(run_training|score_pool|driver_samples) \(")
@@ -124,6 +131,14 @@ class StageSampler(threading.Thread):
         # when none runs): what "rest" was spent on
         self.seconds: dict[str, float] = {}
         self._last: dict[int, int] = {}
+        # per stage: CPU seconds of every process on the machine (ours by name as in
+        # processes.csv, the kernel's threads and others by their comm), and the machine's
+        # CPU seconds by kind (/proc/stat: user, system, iowait, steal, idle): what the
+        # measured driver competed with, and whether it waited on the disk or the host
+        self.cpu: dict[str, collections.Counter] = {}
+        self.machine: dict[str, collections.Counter] = {}
+        self._ticks: dict[int, int] = {}
+        self._machine_ticks: dict[str, int] = {}
 
     def run(self) -> None:
         tick, before = 0, time.perf_counter()
@@ -149,6 +164,23 @@ class StageSampler(threading.Thread):
                 self.peak[stage] = max(self.peak.get(stage, 0), pss)
                 self.peak["total"] = max(self.peak.get("total", 0), pss)
             self.read["total"] = self.read.get("total", 0) + read
+            self._count_cpu(stage, set(processes))
+
+    def _count_cpu(self, stage: str, ours: set[int]) -> None:
+        """Add each process's and the machine's CPU seconds since the last poll to `stage`."""
+        ticks = process_ticks()
+        spent = self.cpu.setdefault(stage, collections.Counter())
+        for pid, (comm, used) in ticks.items():
+            if pid in self._ticks and used > self._ticks[pid]:
+                name = ("driver" if pid == os.getpid() else _process_name(pid)) if pid in ours else comm
+                spent[name] += (used - self._ticks[pid]) / CLOCK_TICKS
+        self._ticks = {pid: used for pid, (_, used) in ticks.items()}
+        machine = machine_ticks()
+        kinds = self.machine.setdefault(stage, collections.Counter())
+        for kind, used in machine.items():
+            if kind in self._machine_ticks:
+                kinds[kind] += (used - self._machine_ticks[kind]) / CLOCK_TICKS
+        self._machine_ticks = machine
 
     def _stage(self) -> str | None:
         try:
@@ -188,6 +220,28 @@ def _process_name(pid: int) -> str:
     if first.startswith("ray::"):
         return first.split(" ")[0]
     return Path(first).name or "?"
+
+
+def process_ticks() -> dict[int, tuple[str, int]]:
+    """{pid: (comm, user + system clock ticks)} of every process on the machine (Linux /proc)."""
+    ticks = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat.rsplit(")", 1)[1].split()
+            ticks[int(entry.name)] = (comm, int(fields[11]) + int(fields[12]))  # utime, stime
+    return ticks
+
+
+def machine_ticks() -> dict[str, int]:
+    """The machine's clock ticks since boot by kind, summed over CPUs (/proc/stat's cpu line)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = values
+    return {"user": user + nice, "system": system + irq + softirq, "iowait": iowait, "steal": steal, "idle": idle}
 
 
 def _rchar(pid: int) -> int | None:
@@ -320,6 +374,12 @@ def one_cycle(rows: int, labels: int, select: int, work: Path, spy: bool = False
         with open(raw_samples) as f, open(work / "rest_profile.csv", "w", newline="") as out:
             csv.writer(out).writerows([["rows", "function", "seconds"]] + [
                 [rows, name, round(spent, 2)] for name, spent in rest_profile(f) if spent >= 0.1])
+    with open(work / "cpu.csv", "w", newline="") as f:  # what ran beside each stage
+        csv.writer(f).writerows([CPU_COLUMNS] + [
+            [rows, stage, name, round(spent, 2)]
+            for stage, by_process in sorted(sampler.cpu.items())
+            for name, spent in [*(("machine:" + kind, s) for kind, s in sampler.machine.get(stage, {}).items()),
+                                *by_process.most_common()] if spent >= 0.01])
     with open(work / "stages.csv", "w", newline="") as f:  # what "rest" was spent on
         csv.writer(f).writerows([["rows", "stage", "seconds"]] + [
             [rows, stage, round(spent, 2)] for stage, spent in sorted(sampler.seconds.items())])

@@ -38,7 +38,7 @@ from orchestrator.al.cold_start import typiclust_initial
 from orchestrator.al.history import read_history
 from orchestrator.al.labels import LabelLedger
 from orchestrator.al.oracle import AwaitingLabels, FileOracle, Query, SimulatedOracle, pick_initial
-from orchestrator.al.stopping import aligned, cohens_kappa, is_stable, mean_uncertainty
+from orchestrator.al.stopping import cohens_kappa, is_stable, mean_uncertainty
 from orchestrator.al.strategies import (Candidates, balanced_order, make_strategy, select_with_record,
                                         top_k_merge)
 from orchestrator.al.training import auxiliary_sample, strategy_training, unlabelled_for_training
@@ -433,17 +433,29 @@ def stability(folder: Path, before: Path | None, unlabelled: np.ndarray, num_cla
     """The mean uncertainty of pass `folder` on the `unlabelled` rows and, when the previous
     model's pass `before` exists, Cohen's κ between the two passes' predictions on them."""
     # the scorer's entropy column, not the probabilities: one number a row to read, not C
-    now = read_scores(folder, ["row", "pred", "entropy"])
+    now = read_scores(folder, ["row", "pred", "entropy"], sort=False)
     rows = now.column("row").to_numpy()
-    keep = np.isin(rows, unlabelled)
+    # rows looked up by number (a byte a pool row), not sorted and searched: O(N) at 10⁶ rows
+    keep = row_mask(unlabelled, rows)[rows]
     result = {"uncertainty": mean_uncertainty(now.column("entropy").to_numpy()[keep], num_classes),
               "unlabelled": int(keep.sum())}
     if before is not None and before.exists():
-        earlier = read_scores(before, ["row", "pred"])
-        a, b = aligned(earlier.column("row").to_numpy(), earlier.column("pred").to_numpy(),
-                       rows, now.column("pred").to_numpy(), unlabelled)
-        result["agreement"] = cohens_kappa(a, b, num_classes)
+        earlier = read_scores(before, ["row", "pred"], sort=False)
+        earlier_rows = earlier.column("row").to_numpy()
+        earlier_pred = np.full(max(rows.max(initial=-1), earlier_rows.max(initial=-1)) + 1, -1, np.int64)
+        earlier_pred[earlier_rows] = earlier.column("pred").to_numpy()
+        rows, pred = rows[keep], now.column("pred").to_numpy()[keep]
+        both = earlier_pred[rows] >= 0  # the unlabelled rows the earlier pass scored too
+        result["agreement"] = cohens_kappa(earlier_pred[rows[both]], pred[both], num_classes)
     return result
+
+
+def row_mask(rows: np.ndarray, looked_up: np.ndarray) -> np.ndarray:
+    """A bool a pool row, True at ``rows``, long enough to index with any of ``looked_up``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    mask = np.zeros(max(rows.max(initial=-1), np.max(looked_up, initial=-1)) + 1, dtype=bool)
+    mask[rows] = True
+    return mask
 
 
 def predicted_junk(folder: Path, labelled: LabelledSet, k: int, threshold: float,
@@ -478,15 +490,15 @@ def best_scored(folder: Path, labelled: LabelledSet, k: int, rng: np.random.Gene
     With ``per_class``, `balanced_top_k` over the predicted classes instead: a running top-k
     per class (k × classes rows), then round-robin over them."""
     names = ["row", "score", "pred", "pred_prob"]
-    rows = read_scores(folder, ["row"]).column("row").to_numpy()
+    rows = read_scores(folder, ["row"], sort=False).column("row").to_numpy()
     # by pool row, not searched for: a lookup a row, where np.isin and searchsorted on each file
-    # took half of this function's second at 10⁶ rows (1 + 8 bytes a pool row, for a moment)
+    # took half of this function's second at 10⁶ rows (1 + 1 + 8 bytes a pool row, for a moment)
     excluded = np.zeros(int(rows.max(initial=-1)) + 1, dtype=bool)
     excluded[labelled.rows[labelled.rows < len(excluded)]] = True
     if skip is not None:
         skip = np.asarray(skip, dtype=np.int64)
         excluded[skip[skip < len(excluded)]] = True
-    candidates = rows[~excluded[rows]]  # sorted, as top_k's positions are
+    candidates = np.flatnonzero(row_mask(rows, rows) & ~excluded)  # in row order, as top_k's positions are
     tiebreak = np.zeros(len(excluded), dtype=np.int64)
     tiebreak[candidates] = rng.permutation(len(candidates))  # top_k's draw: same size, same generator
     best: dict = {}  # per predicted class with per_class, else under None

@@ -311,15 +311,17 @@ def _score_in_process(pool_path: str, scorer, partial: Path, batch_size: int,
         pq.write_table(pa.concat_tables(pending), partial / f"part-{files:05d}.parquet")
 
 
-def read_scores(scores_dir: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """The scores written by `score_pool` (only the asked columns), sorted by pool row."""
+def read_scores(scores_dir: str | Path, columns: Sequence[str] | None = None, sort: bool = True) -> pa.Table:
+    """The scores written by `score_pool` (only the asked columns), sorted by pool row; with
+    ``sort=False`` in the files' order (a reduction that looks rows up by number needs no
+    order, and sorting 10⁶ rows is a third of reading them)."""
     files = sorted(Path(scores_dir).glob("*.parquet"))
     tables = [_read_file(f, columns) for f in files]
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return pa.table({c: pa.array([], pa.int64()) for c in (columns or ["row"])})
     table = pa.concat_tables(tables)
-    return table.sort_by("row")
+    return table.sort_by("row") if sort else table
 
 
 def iter_scores(scores_dir: str | Path, columns: Sequence[str]) -> Iterator[pa.Table]:

@@ -444,6 +444,25 @@ def test_a_stages_peak_memory_is_split_by_process_name_the_driver_named_as_such(
     assert named["gone"] == (1, 0)  # a process that ended between the poll and the naming
 
 
+def test_the_sampler_charges_cpu_seconds_to_the_process_that_spent_them_and_to_the_machine(tmp_path):
+    import os
+    import subprocess
+
+    from bench.scale import StageSampler
+
+    status = tmp_path / "progress.json"
+    status.write_text('{"state": "running", "stage": "select"}')
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"])
+    sampler = StageSampler(status, interval=0.1)
+    sampler._count_cpu("rest", {os.getpid()})  # the first poll only sets where counting starts
+    busy.wait()
+    sampler._count_cpu("rest", {os.getpid()})
+    spent = sampler.cpu["rest"]
+    assert spent[Path(sys.executable).name[:15]] > 0.5  # not ours: named by its comm
+    assert sampler.machine["rest"]["user"] >= spent[Path(sys.executable).name[:15]] - 0.1
+    assert set(sampler.machine["rest"]) == {"user", "system", "iowait", "steal", "idle"}
+
+
 def test_the_wait_for_queries_runs_from_a_cycles_last_label_to_the_next_selection(tmp_path):
     import json
     import os

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.al.stopping import aligned, cohens_kappa, is_stable, mean_uncertainty
+from orchestrator.al.stopping import cohens_kappa, is_stable, mean_uncertainty
 from orchestrator.config import ConfigError, load_config
 
 NAN = float("nan")
@@ -34,13 +34,6 @@ def test_kappa_of_no_rows_is_nan_and_of_unequal_lengths_an_error():
     assert math.isnan(cohens_kappa([], []))
     with pytest.raises(ValueError, match="same rows"):
         cohens_kappa([0, 1], [0])
-
-
-def test_only_rows_both_models_scored_and_still_unlabelled_are_compared():
-    before_rows, before_pred = np.array([1, 2, 3, 5]), np.array([10, 20, 30, 50])
-    now_rows, now_pred = np.array([2, 3, 4, 5]), np.array([21, 31, 41, 51])
-    a, b = aligned(before_rows, before_pred, now_rows, now_pred, keep=np.array([2, 4, 5]))
-    assert (a.tolist(), b.tolist()) == ([20, 50], [21, 51])
 
 
 def test_uncertainty_is_zero_for_certain_rows_and_one_for_uniform_rows():

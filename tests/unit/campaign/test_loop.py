@@ -9,10 +9,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from orchestrator.al.stopping import cohens_kappa, mean_uncertainty
 from orchestrator.al.strategies import balanced_top_k, make_strategy, select, top_k
 from orchestrator.campaign.labelled import LabelledSet
 from orchestrator.campaign.loop import (
-    best_scored, candidates_of, picked_predictions, predicted_junk, skipped_rows,
+    best_scored, candidates_of, picked_predictions, predicted_junk, skipped_rows, stability,
 )
 from orchestrator.distributed.score import read_scores
 
@@ -31,6 +32,38 @@ def write_pass(folder, n=200, files=7, seed=0):
                                  "pred_prob": (part / n).astype(np.float32)}),
                        folder / f"part-{i:05d}.parquet")
     return folder
+
+
+def write_predictions_pass(folder, rows, pred, entropy, files=3, seed=0):
+    """A pass's files holding `rows` (in shuffled order over `files` files) with their
+    predictions and entropies."""
+    folder.mkdir()
+    order = np.random.default_rng(seed).permutation(len(rows))
+    for i, part in enumerate(np.array_split(order, files)):
+        pq.write_table(pa.table({"row": rows[part], "pred": pred[part], "entropy": entropy[part]}),
+                       folder / f"part-{i:05d}.parquet")
+    return folder
+
+
+def test_agreement_compares_two_passes_on_the_unlabelled_rows_both_scored_whatever_their_files_order(tmp_path):
+    rng = np.random.default_rng(5)
+    now_rows, before_rows = np.arange(0, 300), np.arange(50, 320)  # each scored some the other did not
+    now_pred, before_pred = rng.integers(0, 4, 300), rng.integers(0, 4, 320)
+    before_pred[now_rows[now_rows % 3 == 0]] = now_pred[now_rows % 3 == 0]  # agree on a third, at least
+    entropy = rng.random(300)
+    now = write_predictions_pass(tmp_path / "now", now_rows, now_pred, entropy, seed=1)
+    before = write_predictions_pass(tmp_path / "before", before_rows, before_pred[before_rows],
+                                    np.zeros(len(before_rows)), seed=2)
+    unlabelled = np.arange(20, 400, 2)  # also rows neither pass scored
+
+    result = stability(now, before, unlabelled, num_classes=4)
+
+    both = np.arange(50, 300, 2)  # unlabelled, and scored by both
+    assert result["agreement"] == pytest.approx(cohens_kappa(before_pred[both], now_pred[both], 4))
+    scored = np.arange(20, 300, 2)
+    assert result["unlabelled"] == len(scored)
+    assert result["uncertainty"] == pytest.approx(mean_uncertainty(entropy[scored], 4))
+    assert "agreement" not in stability(now, None, unlabelled, num_classes=4)
 
 
 @pytest.mark.parametrize("k", [0, 1, 17, 190, 500])

@@ -15,7 +15,7 @@ import pytest
 from conftest import ARTIFACTS, make_shape_pool
 from orchestrator.al.labels import LabelLedger, LabelRecord
 from orchestrator.al.oracle import Query
-from orchestrator.al.stopping import aligned, cohens_kappa
+from orchestrator.al.stopping import cohens_kappa
 from orchestrator.campaign.files import write_metrics, write_selection
 from orchestrator.campaign.loop import Campaign
 from orchestrator.campaign.report import REPORT, build_report, write_report
@@ -190,8 +190,10 @@ def test_a_campaign_writes_the_report_every_cycle_and_stops_once_its_predictions
     labelled = {int(sid.split("-")[1]) for sid in LabelLedger(tmp_path / "labels.csv", known_ids=None,
                                                                num_classes=3).current()}
     unlabelled = np.setdiff1d(np.arange(60), sorted(labelled))
-    a, b = aligned(before.column("row").to_numpy(), before.column("pred").to_numpy(),
-                   after.column("row").to_numpy(), after.column("pred").to_numpy(), unlabelled)
+    before_pred, after_pred = ({r: p for r, p in zip(t.column("row").to_pylist(), t.column("pred").to_pylist())}
+                               for t in (before, after))
+    both = [r for r in unlabelled if r in before_pred and r in after_pred]
+    a, b = [before_pred[r] for r in both], [after_pred[r] for r in both]
     assert len(a) == state["cycles"][1]["unlabelled"] == 42
     assert state["cycles"][1]["agreement"] == pytest.approx(cohens_kappa(a, b, 3))
     assert (tmp_path / "predictions.parquet").is_file()  # predicted by model 1, where it stopped
