@@ -58,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import make_noise_pool_elsewhere  # noqa: E402
 from bench.scattered_reads import drop_page_cache  # noqa: E402
-from bench.scoring_memory import _descendants, _pss  # noqa: E402
+from bench.scoring_memory import _descendants, _pss, proc_stats  # noqa: E402
 
 RESULTS = ROOT / "docs" / "results" / "scale.csv"
 COLUMNS = ["rows", "stage", "seconds", "bytes_read", "peak_pss"]
@@ -224,17 +224,7 @@ def _process_name(pid: int) -> str:
 
 def process_ticks() -> dict[int, tuple[str, int]]:
     """{pid: (comm, user + system clock ticks)} of every process on the machine (Linux /proc)."""
-    ticks = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:  # gone meanwhile
-                continue
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
-            fields = stat.rsplit(")", 1)[1].split()
-            ticks[int(entry.name)] = (comm, int(fields[11]) + int(fields[12]))  # utime, stime
-    return ticks
+    return {pid: (comm, int(fields[11]) + int(fields[12])) for pid, comm, fields in proc_stats()}  # utime, stime
 
 
 def machine_ticks() -> dict[str, int]:

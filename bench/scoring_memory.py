@@ -70,18 +70,23 @@ class PeakSampler(threading.Thread):
         self.join()
 
 
-def _descendants(root: int) -> list[int]:
-    """Process ids below `root` (Linux /proc): a local Ray started by this driver runs its
-    raylet, and so every worker, as our descendants; other Ray sessions on the machine are not."""
-    children: dict[int, list[int]] = {}
+def proc_stats():
+    """(pid, comm, the fields of /proc/PID/stat after comm) of every process on the machine."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 stat = (entry / "stat").read_text()
             except OSError:  # gone meanwhile
                 continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
+            yield int(entry.name), stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
+
+
+def _descendants(root: int) -> list[int]:
+    """Process ids below `root` (Linux /proc): a local Ray started by this driver runs its
+    raylet, and so every worker, as our descendants; other Ray sessions on the machine are not."""
+    children: dict[int, list[int]] = {}
+    for pid, _, fields in proc_stats():
+        children.setdefault(int(fields[1]), []).append(pid)
     found, stack = [], [root]
     while stack:
         for child in children.get(stack.pop(), []):
