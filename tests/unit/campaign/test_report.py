@@ -20,6 +20,7 @@ from orchestrator.campaign.files import write_metrics, write_selection
 from orchestrator.campaign.loop import Campaign
 from orchestrator.campaign.report import REPORT, build_report, write_report
 from orchestrator.config import config_to_dict, load_config, save_config
+from orchestrator.data.pool import read_volumes
 from orchestrator.distributed.score import read_scores
 from orchestrator.run import main
 
@@ -93,6 +94,34 @@ def test_the_report_names_the_queried_subtomograms_with_their_labels_and_predict
     assert "train-0000 · labelled ball" in page
     assert "train-0005 · labelled junk" in page
     assert "train-0006 · labelled ball · model: slab (0.50)" in page  # cycle 1 predicted (6+1)%3
+
+
+def test_a_later_report_shows_the_tiles_drawn_before_without_reading_the_pool_again(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import orchestrator.campaign.report as report
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    shutil.rmtree(run / "cycles" / "c01" / "tiles")  # cycle 1's never drawn
+    read = []
+
+    def counting(path, rows):
+        read.append(list(rows))
+        return read_volumes(path, rows)
+
+    monkeypatch.setattr(report, "read_volumes", counting)
+    first = build_report(run)
+    second = build_report(run)
+
+    assert read == [list(range(6, 12))[:report.SAMPLE]]  # cycle 1's sample only, and once
+    assert {p.name for p in (run / "cycles" / "c01" / "tiles").iterdir()} == {f"{r}.png" for r in range(6, 12)}
+    def tiles(page):
+        return re.findall(r'<img class="" alt="XY, XZ, YZ slices" src="([^"]+)"', page)
+
+    assert len(tiles(first)) == 18 and tiles(first) == tiles(second)
+    (run / "cycles" / "c00" / "tiles" / "3.png").write_bytes(b"cut short")  # not a PNG: drawn again
+    assert tiles(build_report(run)) == tiles(second) and read[-1] == [3]
 
 
 def test_a_delegating_strategy_says_which_base_strategy_chose_each_cycles_queries(run_dir, tmp_path):
