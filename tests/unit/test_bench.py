@@ -636,3 +636,16 @@ def test_a_rerun_replaces_only_the_seeds_it_ran_again():
     assert merged["d"]["random"][0] == curve(0.5, 0) and merged["d"]["random"][1] == curve(0.6, 0)
     assert merged["d"]["coreset"][0] == curve(0.7, 0) and merged["d"]["entropy"] == curves["d"]["entropy"]
     assert curves["d"]["random"][1] == curve(0.5, 10)  # the first results are left as they were
+
+
+def test_the_read_buffers_bench_scans_every_row_of_a_shard_under_each_setting(tmp_path):
+    from bench.common import make_noise_pool
+    from bench.read_buffers import SETTINGS, scan
+    from orchestrator.data.pool import shard_locations
+
+    info = make_noise_pool(tmp_path / "pool", 40, box=8)
+    shard = shard_locations(info)[1][0]
+    for pre_buffer, readahead in SETTINGS:
+        result = scan(shard, pre_buffer, readahead)
+        assert result["rows"] == 40 and result["pre_buffer"] == pre_buffer
+        assert result["arrow_peak_mb"] >= 0 and result["peak_rss_mb"] > 0
