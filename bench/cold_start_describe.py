@@ -16,7 +16,6 @@ rows: docs/results/cold_start_describe.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import make_noise_pool, start_local_ray  # noqa: E402
+from bench.common import make_noise_pool, start_local_ray, write_results  # noqa: E402
 from orchestrator.al.cold_start import BATCH_ROWS, pool_features  # noqa: E402
 from orchestrator.config import ScoreConfig  # noqa: E402
 from orchestrator.distributed import score as scoring  # noqa: E402
@@ -87,11 +86,7 @@ def main() -> None:
                 start_local_ray(num_cpus=args.cpus)
                 results += measure(rows, Path(scratch), args.actors, batch_size, args.cpus)
                 ray.shutdown()
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(results)
+    write_results(args.results, COLUMNS, results)
     print("\n| rows | Ray's CPUs | batch | way | seconds | ms a row |\n|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['rows']:,} | {r['ray_cpus']} | {r['batch_size']} | {r['way']} | {r['seconds']:.1f} | "

@@ -1,8 +1,9 @@
 """What several benchmarks share: a noise pool, saved T+M weights, the machine's matmul rate,
-a model's forward FLOPs and a quiet local Ray."""
+a model's forward FLOPs, a quiet local Ray and the raw results' CSV."""
 
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 
@@ -14,6 +15,15 @@ from orchestrator.nn.ema import init_mean_model
 from orchestrator.nn.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_results(path: Path, columns: list[str], results: list[dict]) -> None:
+    """A benchmark's raw rows, `columns` in that order, as CSV at `path` (its folder made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(results)
 
 
 def make_noise_pool(path: Path, rows: int, box: int = 32, seed: int = 0) -> PoolInfo:

@@ -11,7 +11,6 @@ labelling page). Pools are noise, deleted after. Raw rows: docs/results/pool_ind
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import make_noise_pool  # noqa: E402
+from bench.common import make_noise_pool, write_results  # noqa: E402
 from orchestrator.campaign.labelled import PoolView  # noqa: E402
 from orchestrator.data.pool import INDEX_FILE, read_index  # noqa: E402
 
@@ -61,11 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pool-index-", dir=args.dir) as scratch:
         results = [r for rows in args.rows for r in measure(rows, Path(scratch))]
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(results)
+    write_results(args.results, COLUMNS, results)
     print("\n| rows | index read from | read_index (s) | PoolView.load (s) |\n|---|---|---|---|")
     for r in results:
         print(f"| {r['rows']:,} | {r['source']} | {r['read_index_s']:.3f} | {r['pool_view_s']:.3f} |")

@@ -14,7 +14,6 @@ after. Raw rows: docs/results/query_pictures.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import shutil
 import sys
@@ -27,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import make_noise_pool  # noqa: E402
+from bench.common import make_noise_pool, write_results  # noqa: E402
 from bench.scattered_reads import drop_page_cache  # noqa: E402
 from orchestrator.al.oracle import Query, _write_slice_pngs  # noqa: E402
 from orchestrator.data.images import slices_png  # noqa: E402
@@ -75,11 +74,7 @@ def main() -> None:
                     print(results[-1], flush=True)
                     shutil.rmtree(folder)
         shutil.rmtree(info.path)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(results)
+    write_results(args.results, COLUMNS, results)
     print("\n| way | cold (s) | warm (s) |\n|---|---|---|")
     for way in WAYS:
         cells = []

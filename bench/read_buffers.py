@@ -15,7 +15,6 @@ the scoring pass does. The pool is noise, deleted after. Raw rows: docs/results/
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -55,22 +54,23 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4096, help="subtomograms in the pool (4,096: one shard)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    from bench.common import make_noise_pool
+    from bench.common import make_noise_pool, write_results
     from orchestrator.data.pool import shard_locations
 
     with tempfile.TemporaryDirectory(prefix="read-buffers-") as scratch:
         info = make_noise_pool(Path(scratch) / "pool", args.rows)
         shard = Path(shard_locations(info)[1][0])
         results = [scan(shard, pre_buffer, readahead) for pre_buffer, readahead in SETTINGS]
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.results, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(results)
-    print("| pre_buffer | batches read ahead | rows | Arrow's peak (MB) | peak RSS (MB) |\n|---|---|---|---|---|")
-    for r in results:
-        print(f"| {'on' if r['pre_buffer'] else 'off'} | {r['batch_readahead']} | {r['rows']:,} | "
-              f"{r['arrow_peak_mb']} | {r['peak_rss_mb']} |")
+    write_results(args.results, COLUMNS, results)
+    print(table(results))
+
+
+def table(results: list[dict]) -> str:
+    """The results as the docs show them, a markdown row per setting."""
+    return "\n".join(["| pre_buffer | batches read ahead | rows | Arrow's peak (MB) | peak RSS (MB) |",
+                      "|---|---|---|---|---|"] + [
+        f"| {'on' if r['pre_buffer'] else 'off'} | {r['batch_readahead']} | {r['rows']:,} | "
+        f"{r['arrow_peak_mb']} | {r['peak_rss_mb']} |" for r in results])
 
 
 if __name__ == "__main__":

@@ -649,3 +649,11 @@ def test_the_read_buffers_bench_scans_every_row_of_a_shard_under_each_setting(tm
         result = scan(shard, pre_buffer, readahead)
         assert result["rows"] == 40 and result["pre_buffer"] == pre_buffer
         assert result["arrow_peak_mb"] >= 0 and result["peak_rss_mb"] > 0
+
+
+def test_the_read_buffers_table_has_a_row_per_setting_saying_on_or_off():
+    from bench.read_buffers import table
+
+    rows = table([{"pre_buffer": True, "batch_readahead": 8, "rows": 4096, "arrow_peak_mb": 406, "peak_rss_mb": 566},
+                  {"pre_buffer": False, "batch_readahead": 2, "rows": 4096, "arrow_peak_mb": 61, "peak_rss_mb": 356}])
+    assert rows.splitlines()[2:] == ["| on | 8 | 4,096 | 406 | 566 |", "| off | 2 | 4,096 | 61 | 356 |"]
